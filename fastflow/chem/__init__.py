@@ -1,0 +1,14 @@
+"""Chemistry: vocabularies, tensors ⇄ RDKit molecules, SDF I/O."""
+
+from fastflow.chem.vocab import (
+    ATOM_INDEX,
+    ATOM_VOCAB,
+    BOND_ORDERS,
+    CHARGE_INDEX,
+    CHARGES,
+    GEOM_COORD_STD,
+    N_ATOM_TYPES,
+    N_BOND_TYPES,
+    N_CHARGE_TYPES,
+    QM9_COORD_STD,
+)
