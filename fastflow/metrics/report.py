@@ -1,0 +1,100 @@
+"""One call for the whole SemlaFlow metric set, and a plain-text table for the CLI."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from rdkit import Chem
+
+from fastflow.chem.graph import MolGraph
+from fastflow.metrics.energy import MAX_ITERS, mmff_evaluate
+from fastflow.metrics.molecules import novelty, uniqueness, validity
+from fastflow.metrics.stability import stability
+
+
+def compute_metrics(
+    graphs: Sequence[MolGraph],
+    mols: Sequence[Chem.Mol | None] | None = None,
+    train_smiles: Iterable[str] | None = None,
+    energy: bool = True,
+    valence_table: str = "semlaflow",
+    max_iters: int = MAX_ITERS,
+) -> dict[str, float]:
+    """SemlaFlow's metrics for a set of generated molecules.
+
+    Arguments:
+        graphs: the raw generated graphs (stability is read from them, unsanitised).
+        mols: ``graphs[i].to_rdkit()`` for each i, if already built (None entries for failures).
+        train_smiles: training-set SMILES for novelty (a ``CanonicalSmilesSet`` skips canonicalisation);
+            without it ``novelty`` is absent.
+        energy: compute the MMFF94 metrics (the slow part: one minimisation per molecule).
+
+    Keys: n, atom_stability, mol_stability, validity, connected_validity, uniqueness, [novelty], and with
+    ``energy``: energy_validity, opt_energy_validity, energy, energy_per_atom, strain, strain_per_atom,
+    opt_rmsd. Validity-type fractions count every molecule; uniqueness and novelty are over valid molecules;
+    energies (kcal/mol) average only the molecules where MMFF succeeded, so read them with energy_validity.
+    NaN marks an average over nothing.
+    """
+    if len(graphs) == 0:
+        raise ValueError("compute_metrics needs at least one molecule")
+    if mols is None:
+        mols = [g.to_rdkit() for g in graphs]
+    elif len(mols) != len(graphs):
+        raise ValueError(f"mols must match graphs one to one: {len(mols)} mols for {len(graphs)} graphs")
+
+    atom_stability, mol_stability = stability(graphs, valence_table)
+    metrics = {
+        "n": len(graphs),
+        "atom_stability": atom_stability,
+        "mol_stability": mol_stability,
+        "validity": validity(mols),
+        "connected_validity": validity(mols, connected=True),
+        "uniqueness": uniqueness(mols),
+    }
+    if train_smiles is not None:
+        metrics["novelty"] = novelty(mols, train_smiles)
+    if energy:
+        metrics.update(energy_metrics(mols, max_iters))
+    return metrics
+
+
+def energy_metrics(mols: Sequence[Chem.Mol | None], max_iters: int = MAX_ITERS) -> dict[str, float]:
+    """MMFF94 metrics; validities count every molecule, averages only those where MMFF succeeded."""
+    results = [mmff_evaluate(m, max_iters) for m in mols]
+    energies = [r for r in results if r.energy is not None]
+    strained = [r for r in results if r.strain is not None]
+    return {
+        "energy_validity": len(energies) / len(results),
+        "opt_energy_validity": sum(r.opt_energy is not None for r in results) / len(results),
+        "energy": _mean(r.energy for r in energies),
+        "energy_per_atom": _mean(r.energy / r.n_atoms for r in energies),
+        "strain": _mean(r.strain for r in strained),
+        "strain_per_atom": _mean(r.strain / r.n_atoms for r in strained),
+        "opt_rmsd": _mean(r.opt_rmsd for r in results if r.opt_rmsd is not None),
+    }
+
+
+def format_metrics_table(rows: dict[str, dict[str, float]]) -> str:
+    """Plain-text table: one line per metric, one column per row name (e.g. "generated", "data")."""
+    names = list(rows)
+    metrics = list(dict.fromkeys(key for values in rows.values() for key in values))
+    cells = [[_format(rows[name].get(metric)) for name in names] for metric in metrics]
+    label_width = max([len("metric"), *map(len, metrics)])
+    widths = [max([len(name), *(len(line[i]) for line in cells)]) for i, name in enumerate(names)]
+    lines = ["  ".join(["metric".ljust(label_width), *(n.rjust(w) for n, w in zip(names, widths))])]
+    lines.append("-" * len(lines[0]))
+    for metric, line in zip(metrics, cells):
+        lines.append("  ".join([metric.ljust(label_width), *(c.rjust(w) for c, w in zip(line, widths))]))
+    return "\n".join(lines)
+
+
+def _format(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")

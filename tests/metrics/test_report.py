@@ -1,0 +1,74 @@
+import math
+
+import pytest
+from rdkit import Chem
+
+from fastflow.chem import ATOM_INDEX, mol_to_graph
+from fastflow.metrics import compute_metrics, format_metrics_table, mmff_energy
+
+from tests.chem.helpers import cdk2_mols, star
+
+GRAPH_KEYS = {"n", "atom_stability", "mol_stability", "validity", "connected_validity", "uniqueness"}
+ENERGY_KEYS = {
+    "energy_validity",
+    "opt_energy_validity",
+    "energy",
+    "energy_per_atom",
+    "strain",
+    "strain_per_atom",
+    "opt_rmsd",
+}
+
+
+def test_real_molecules():
+    graphs = [mol_to_graph(m) for m in cdk2_mols()[:12]]
+    train = [Chem.MolToSmiles(m) for m in cdk2_mols()[:3]]
+    metrics = compute_metrics(graphs, train_smiles=train)
+    assert set(metrics) == GRAPH_KEYS | ENERGY_KEYS | {"novelty"}
+    assert metrics["n"] == 12
+    for key in ("atom_stability", "mol_stability", "validity", "connected_validity", "uniqueness",
+                "energy_validity", "opt_energy_validity"):
+        assert metrics[key] == 1.0, key
+    assert metrics["novelty"] == 0.75
+    assert metrics["strain"] > 0 and metrics["strain_per_atom"] > 0 and math.isfinite(metrics["energy"])
+    assert metrics["energy_per_atom"] == pytest.approx(
+        sum(mmff_energy(g.to_rdkit()) / g.n_atoms for g in graphs) / 12
+    )
+
+
+def test_failures_count_in_denominators_only():
+    graphs = [mol_to_graph(m) for m in cdk2_mols()[:3]]
+    bad = star("C", 4)
+    bad.atom_types[0] = ATOM_INDEX["<PAD>"]
+    metrics = compute_metrics(graphs + [bad, graphs[0]])
+    assert "novelty" not in metrics
+    assert metrics["validity"] == metrics["energy_validity"] == 4 / 5
+    assert metrics["mol_stability"] == 4 / 5
+    assert metrics["uniqueness"] == 3 / 4
+    full = compute_metrics(graphs + [graphs[0]])
+    assert metrics["energy"] == pytest.approx(full["energy"])  # the failed molecule is left out
+
+
+def test_mols_argument_and_errors():
+    graphs = [mol_to_graph(m) for m in cdk2_mols()[:2]]
+    metrics = compute_metrics(graphs, mols=[None, None], energy=False)
+    assert set(metrics) == GRAPH_KEYS
+    assert metrics["validity"] == 0.0 and math.isnan(metrics["uniqueness"])
+    with pytest.raises(ValueError, match="one to one"):
+        compute_metrics(graphs, mols=[None])
+    with pytest.raises(ValueError, match="at least one"):
+        compute_metrics([])
+
+
+def test_format_metrics_table():
+    table = format_metrics_table(
+        {
+            "generated": {"n": 10, "validity": 0.91234, "novelty": float("nan")},
+            "data": {"n": 5, "validity": 1.0},
+        }
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "generated", "data"]
+    assert lines[2].split() == ["n", "10", "5"]
+    assert lines[3].split() == ["validity", "0.9123", "1.0000"]
+    assert lines[4].split() == ["novelty", "-", "-"]
