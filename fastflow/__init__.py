@@ -1,0 +1,20 @@
+"""fastflow: fast sampling for SE(3)-equivariant flow-matching molecule generators (Semla / SemlaFlow).
+
+Public API:
+    Semla, SemlaConfig                 the SemlaFlow generator (upstream-checkpoint compatible) and its presets
+    load_semlaflow_checkpoint(path)    an upstream Lightning checkpoint's EMA generator, in eval mode
+    sample(model, n_molecules, ...)    SemlaFlow's sampler: per-molecule random streams, RDKit molecules out
+    compute_metrics(graphs, mols)      stability, validity, uniqueness, novelty, MMFF energy / strain
+"""
+
+from fastflow.metrics import compute_metrics
+from fastflow.models import Semla, SemlaConfig
+from fastflow.models.checkpoint import load_pretrained_dir, load_semlaflow_checkpoint, save_pretrained
+from fastflow.sampling import SampleResult, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SampleResult", "Semla", "SemlaConfig", "compute_metrics", "load_pretrained_dir", "load_semlaflow_checkpoint",
+    "sample", "save_pretrained", "__version__",
+]

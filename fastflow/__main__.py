@@ -1,0 +1,5 @@
+import sys
+
+from fastflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""The one place the sampling loop calls the network: ``step_fn(model, state, cond) -> Prediction``.
+
+The default :func:`model_step` runs the model once on the whole batch. Caches and fused paths replace it (pass
+``step_fn=`` to :func:`fastflow.sampling.sample`) without touching the loop: a step function may compute the
+prediction, forecast it, or recompute only some molecules, and says how many molecule evaluations it spent in
+``Prediction.nfe``. Everything a step function may need is in :class:`FlowState` — the solver time, the step
+index and count (to force the last step, which *is* the sample), and the request indices of the molecules (to
+keep per-molecule state across steps and notice a new batch).
+
+Shapes: B molecules, N atoms (padded), V atom tokens, K bond classes, C charge classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FlowState:
+    """Integration state x_t of one batch, in model units (coordinates divided by the coordinate scale).
+
+    coords ``[B,N,3]``; atomics ``[B,N,V]`` one-hot; bonds ``[B,N,N,K]`` one-hot; mask ``[B,N]`` bool (real
+    atoms); t ``[B]`` (the model's dtype); step k and n_steps (the model is called for k = 0 … n_steps − 1);
+    mol_index ``[B]`` the molecules' indices in the request. Padding atoms and pairs hold zeros (all-zero
+    one-hots).
+    """
+
+    coords: torch.Tensor
+    atomics: torch.Tensor
+    bonds: torch.Tensor
+    mask: torch.Tensor
+    t: torch.Tensor
+    step: int
+    n_steps: int
+    mol_index: torch.Tensor
+
+
+@dataclass
+class SelfCond:
+    """Self-conditioning inputs: the previous step's x̂₁ ``[B,N,3]`` and softmaxed types ``[B,N,V]`` and bonds
+    ``[B,N,N,K]``; zeros at the first step."""
+
+    coords: torch.Tensor
+    atomics: torch.Tensor
+    bonds: torch.Tensor
+
+
+@dataclass
+class Prediction:
+    """Network output: x̂₁ ``[B,N,3]`` (model units), type ``[B,N,V]``, bond ``[B,N,N,K]`` and charge
+    ``[B,N,C]`` logits; nfe = molecule evaluations of the network spent on it (B for a full call, 0 for a
+    forecast)."""
+
+    coords: torch.Tensor
+    type_logits: torch.Tensor
+    bond_logits: torch.Tensor
+    charge_logits: torch.Tensor
+    nfe: int
+
+
+StepFn = Callable[[nn.Module, FlowState, Optional[SelfCond]], Prediction]
+
+
+def model_step(model: nn.Module, state: FlowState, cond: Optional[SelfCond]) -> Prediction:
+    """Call a SemlaGenerator-style model once on the whole batch: ``model(coords, cat(t, atomics),
+    edge_feats=bonds, cond_coords=, cond_atomics=, cond_bonds=, atom_mask=)``."""
+    t = state.t.view(-1, 1, 1).expand(-1, state.coords.size(1), 1)
+    inv_feats = torch.cat((t, state.atomics), dim=-1)
+    coords, type_logits, bond_logits, charge_logits = model(
+        state.coords,
+        inv_feats,
+        edge_feats=state.bonds,
+        cond_coords=None if cond is None else cond.coords,
+        cond_atomics=None if cond is None else cond.atomics,
+        cond_bonds=None if cond is None else cond.bonds,
+        atom_mask=state.mask,
+    )
+    return Prediction(coords, type_logits, bond_logits, charge_logits, nfe=state.coords.size(0))
