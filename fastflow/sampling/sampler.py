@@ -272,8 +272,10 @@ def _check_sizes(n_molecules, seed, sizes, size_distribution, max_atoms) -> torc
         sizes = sizes.long()
     if (sizes < 1).any():
         raise ValueError(f"every molecule needs at least 1 atom; got size {int(sizes.min())}")
-    if max_atoms is not None and (sizes > max_atoms).any():
-        raise ValueError(f"size {int(sizes.max())} exceeds the model's max_atoms={max_atoms}")
+    # The size embedding has max_atoms rows, indexed by the atom count: the largest usable size is max_atoms-1.
+    if max_atoms is not None and (sizes >= max_atoms).any():
+        raise ValueError(f"size {int(sizes.max())} is too large: the model embeds sizes up to "
+                         f"max_atoms-1 = {max_atoms - 1}")
     return sizes.cpu()
 
 

@@ -158,7 +158,7 @@ def test_plan_batches_sorted_balanced_and_complete():
     (dict(n_molecules=0), ValueError, "n_molecules"),
     (dict(sizes=[3, 4]), ValueError, "one atom count per molecule"),
     (dict(sizes=[3, 0, 4]), ValueError, "at least 1 atom"),
-    (dict(sizes=[3, 33, 4]), ValueError, "max_atoms=32"),
+    (dict(sizes=[3, 32, 4]), ValueError, "max_atoms-1 = 31"),
     (dict(schedule="cosine"), ValueError, "unknown schedule"),
     (dict(steps=0), ValueError, "steps must be"),
     (dict(batch_size=0), ValueError, "batch_size"),
