@@ -1,0 +1,50 @@
+# fastflow: `make demo` samples molecules with the default model; `make test` runs the test suite.
+# Both create .venv, install torch (CPU 2.13.0 when the venv has none) and build fastflow's C++ extension.
+#
+# GPU users: put your CUDA torch into the venv first (e.g. `python -m venv .venv && .venv/bin/pip install torch
+# --index-url https://download.pytorch.org/whl/cu128`), or point VENV at an environment that has it; the
+# Makefile never replaces an existing torch. `make install TRITON=1` adds Triton for the GPU kernels.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+N ?= 100
+STEPS ?= 100
+SEED ?= 0
+
+.PHONY: install install-dev demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "setuptools>=64" wheel ninja
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(wildcard csrc/*)
+	$(BIN)/pip install -q --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(BIN)/fastflow sample --n $(N) --steps $(STEPS) --seed $(SEED) --out demo.sdf
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/bench_cache_forecast.py
+	$(BIN)/python bench/bench_semla_forward.py
+
+clean:
+	rm -rf build *.egg-info fastflow/_C*.so demo.sdf

@@ -1,0 +1,28 @@
+// Schemas of all fastflow ops, and the tiny Python module `fastflow._C`.
+//
+// `_C` has no functions: importing it loads this shared library, which runs the static TORCH_LIBRARY
+// registrations; the ops are then called through the dispatcher as torch.ops.fastflow.<op>. Using only
+// the dispatcher keeps the library free of libtorch_python, so it builds with py_limited_api (one wheel
+// per torch version, not per Python version). Kernels live in one file per op family (cache_forecast.cpp).
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+// fastflow/_extension.py reads this string from the file *before* loading it: a library built against
+// another torch fails at load time with an unreadable undefined-symbol error, or loads and misbehaves.
+extern "C" __attribute__((used)) const char fastflow_built_with_torch[] =
+    "fastflow-built-with-torch=" TORCH_VERSION;
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fastflow, m) {
+  // Each op's fake (meta) kernel is registered in its Python module, named before its def so that tracing
+  // a loaded-but-not-imported op tells the user which module to import.
+
+  // forecast = sum_k coeffs[k] * history[k]
+  m.set_python_module("fastflow.ops.cache_forecast");
+  m.def("cache_forecast(Tensor[] history, float[] coeffs) -> Tensor");
+}

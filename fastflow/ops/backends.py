@@ -1,0 +1,89 @@
+"""Which implementation of a fastflow op runs: `reference`, `cpp`, `triton`, or `auto`.
+
+- reference: plain PyTorch, any device; the numerical ground truth.
+- cpp: C++ kernels of fastflow._C (csrc/), CPU tensors.
+- triton: Triton kernels (triton_kernels/), CUDA tensors (CPU tensors under TRITON_INTERPRET=1, for tests).
+- auto: cpp on CPU, triton on CUDA; if that fast path is missing, the reference, with one warning per reason.
+
+An explicit request that cannot be honoured raises; nothing falls back silently.
+"""
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from fastflow import _extension
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+_warned: set[str] = set()  # reasons already warned about by `auto`
+
+
+def resolve_backend(name: str | None, device: torch.device | str) -> str:
+    """The concrete backend (`cpp`, `triton` or `reference`) that `name` selects for tensors on `device`."""
+    name = name or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    device = torch.device(device)
+    if name == "reference":
+        return name
+    if name == "auto":
+        fast = {"cpu": "cpp", "cuda": "triton"}.get(device.type)
+        reason = _unavailable_reason(fast, device) if fast else f"no fast backend for {device.type} tensors"
+        if reason is None:
+            return fast
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"fastflow: backend 'auto' uses the PyTorch reference ops: {reason}", stacklevel=3)
+        return "reference"
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} requested but {reason}")
+    return name
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Concrete backends that can run on tensors on `device`."""
+    device = torch.device(device)
+    return [name for name in ("cpp", "triton", "reference") if _unavailable_reason(name, device) is None]
+
+
+def describe_backends() -> dict:
+    """What runs where, for reports: availability (or the reason not) of each backend, and `auto`'s pick."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    return {
+        "cpp": {
+            "device": "cpu",
+            "reason_unavailable": _unavailable_reason("cpp", cpu),
+            "extension": _extension.extension_status(),
+        },
+        "triton": {"device": "cuda", "reason_unavailable": _unavailable_reason("triton", cuda)},
+        "auto": {
+            "cpu": "cpp" if _unavailable_reason("cpp", cpu) is None else "reference",
+            "cuda": "triton" if _unavailable_reason("triton", cuda) is None else "reference",
+        },
+    }
+
+
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    if name == "reference":
+        return None
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on cpu tensors, got {device.type} tensors"
+        if not _extension.load_extension():
+            return _extension.extension_status()["reason"]
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (`pip install triton`)"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "no cuda device is available"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (
+            f"the triton backend runs on cuda tensors (cpu only under TRITON_INTERPRET=1), got {device.type}"
+        )
+    raise ValueError(f"unknown backend {name!r}")
