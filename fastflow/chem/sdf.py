@@ -57,4 +57,6 @@ def read_sdf(path: str | os.PathLike, sanitize: bool = True) -> list[Chem.Mol | 
     """All records of an SDF file, hydrogens kept; a record RDKit cannot parse comes back as None."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no SDF file at {path}")
+    if Path(path).stat().st_size == 0:  # a run where no molecule could be built; RDKit refuses empty files
+        return []
     return list(Chem.SDMolSupplier(str(path), removeHs=False, sanitize=sanitize))
