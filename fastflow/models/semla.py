@@ -53,8 +53,14 @@ def attention_mask(adj_matrix: torch.Tensor) -> torch.Tensor:
 
 def length(vectors: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """Euclidean length along ``dim`` (3 components). sqrt(Σx²) rather than ``linalg.vector_norm``, which is
-    several times slower on CPU for these short, often strided, axes."""
-    return vectors.square().sum(dim=dim, keepdim=keepdim).sqrt()
+    several times slower on CPU for these short, often strided, axes.
+
+    Under autograd, zero vectors (padding atoms, i = j differences) get a zero gradient, as with
+    ``vector_norm``: the plain sqrt'(0) = inf would turn 0 · inf into NaN gradients."""
+    squared = vectors.square().sum(dim=dim, keepdim=keepdim)
+    if not squared.requires_grad:
+        return squared.sqrt()
+    return torch.where(squared > 0, squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt(), 0.0)
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:

@@ -9,10 +9,13 @@ from fastflow.sampling.integrator import discrete_flow_probs, euler_coords, inte
 from fastflow.sampling.prior import sample_prior, zero_com
 from fastflow.sampling.sampler import QM9_SIZE_COUNTS, SampleResult, draw_sizes, plan_batches, sample
 from fastflow.sampling.schedule import SCHEDULES, time_grid
-from fastflow.sampling.step import FlowState, Prediction, SelfCond, StepFn, model_step
+from fastflow.sampling.step import (
+    FlowState, Prediction, SelfCond, StepContext, StepFn, current_step, model_step, step_context,
+)
 
 __all__ = [
-    "QM9_SIZE_COUNTS", "SCHEDULES", "FlowState", "Prediction", "SampleResult", "SelfCond", "StepFn",
+    "QM9_SIZE_COUNTS", "SCHEDULES", "FlowState", "Prediction", "SampleResult", "SelfCond", "StepContext",
+    "StepFn", "current_step", "step_context",
     "discrete_flow_probs", "draw_sizes", "euler_coords", "integrate_step", "model_step", "plan_batches",
     "sample", "sample_categorical", "sample_prior", "time_grid", "zero_com",
 ]

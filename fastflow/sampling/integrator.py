@@ -75,4 +75,5 @@ def integrate_step(state: FlowState, coords: torch.Tensor, type_probs: torch.Ten
                            bond_probs.dtype)
 
     t_next = torch.full_like(state.t, float(grid[k + 1]))
-    return FlowState(new_coords, atomics, bonds, mask, t_next, k + 1, state.n_steps, state.mol_index)
+    t_after = torch.full_like(state.t, float(grid[k + 2])) if k + 2 < len(grid) else None
+    return FlowState(new_coords, atomics, bonds, mask, t_next, k + 1, state.n_steps, state.mol_index, t_after)

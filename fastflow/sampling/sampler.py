@@ -215,7 +215,8 @@ def _sample_batch(model, step_fn, mol_index, sizes, keys, grid, self_cond, noise
     coords, atomics, bonds, mask = sample_prior(keys, sizes, int(sizes.max()), scale_ot, dtype=dtype)
     pair_mask = mask.unsqueeze(-1) & mask.unsqueeze(-2)
     t = torch.zeros(len(sizes), dtype=dtype, device=coords.device)
-    state = FlowState(coords, atomics, bonds, mask, t, 0, steps, mol_index)
+    t_next = torch.full_like(t, float(grid[1]))
+    state = FlowState(coords, atomics, bonds, mask, t, 0, steps, mol_index, t_next)
     cond = None
     if self_cond:
         cond = SelfCond(torch.zeros_like(coords), torch.zeros_like(atomics), torch.zeros_like(bonds))

@@ -7,13 +7,20 @@ prediction, forecast it, or recompute only some molecules, and says how many mol
 index and count (to force the last step, which *is* the sample), and the request indices of the molecules (to
 keep per-molecule state across steps and notice a new batch).
 
+A hook installed *inside* the model (``fastflow.patch_model``'s cache wraps ``model.forward``) sees only the
+model's inputs. :func:`model_step` therefore publishes the current :class:`StepContext` while it calls the model:
+the hook reads the state from :func:`current_step` and writes the molecule evaluations it really spent into
+``StepContext.nfe``. Custom loops can do the same with ``with step_context(state) as ctx: model(...)``.
+
 Shapes: B molecules, N atoms (padded), V atom tokens, K bond classes, C charge classes.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -25,8 +32,9 @@ class FlowState:
 
     coords ``[B,N,3]``; atomics ``[B,N,V]`` one-hot; bonds ``[B,N,N,K]`` one-hot; mask ``[B,N]`` bool (real
     atoms); t ``[B]`` (the model's dtype); step k and n_steps (the model is called for k = 0 … n_steps − 1);
-    mol_index ``[B]`` the molecules' indices in the request. Padding atoms and pairs hold zeros (all-zero
-    one-hots).
+    mol_index ``[B]`` the molecules' indices in the request; t_next ``[B]`` the time after this step (None after
+    the last one), so that multistep forecasters integrate over the real step. Padding atoms and pairs hold zeros
+    (all-zero one-hots).
     """
 
     coords: torch.Tensor
@@ -37,6 +45,7 @@ class FlowState:
     step: int
     n_steps: int
     mol_index: torch.Tensor
+    t_next: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -65,18 +74,46 @@ class Prediction:
 StepFn = Callable[[nn.Module, FlowState, Optional[SelfCond]], Prediction]
 
 
+@dataclass
+class StepContext:
+    """The solver step a model call belongs to; nfe starts at B and a cache hook lowers it."""
+
+    state: FlowState
+    nfe: int
+
+
+_CURRENT_STEP: ContextVar[Optional[StepContext]] = ContextVar("fastflow_step", default=None)
+
+
+def current_step() -> Optional[StepContext]:
+    """The step whose model call is running (None outside :func:`step_context`)."""
+    return _CURRENT_STEP.get()
+
+
+@contextmanager
+def step_context(state: FlowState) -> Iterator[StepContext]:
+    """Publish ``state`` to hooks inside the model for the duration of one model call."""
+    context = StepContext(state, nfe=state.coords.size(0))
+    token = _CURRENT_STEP.set(context)
+    try:
+        yield context
+    finally:
+        _CURRENT_STEP.reset(token)
+
+
 def model_step(model: nn.Module, state: FlowState, cond: Optional[SelfCond]) -> Prediction:
     """Call a SemlaGenerator-style model once on the whole batch: ``model(coords, cat(t, atomics),
     edge_feats=bonds, cond_coords=, cond_atomics=, cond_bonds=, atom_mask=)``."""
     t = state.t.view(-1, 1, 1).expand(-1, state.coords.size(1), 1)
     inv_feats = torch.cat((t, state.atomics), dim=-1)
-    coords, type_logits, bond_logits, charge_logits = model(
-        state.coords,
-        inv_feats,
-        edge_feats=state.bonds,
-        cond_coords=None if cond is None else cond.coords,
-        cond_atomics=None if cond is None else cond.atomics,
-        cond_bonds=None if cond is None else cond.bonds,
-        atom_mask=state.mask,
-    )
-    return Prediction(coords, type_logits, bond_logits, charge_logits, nfe=state.coords.size(0))
+    with step_context(state) as context:
+        coords, type_logits, bond_logits, charge_logits = model(
+            state.coords,
+            inv_feats,
+            edge_feats=state.bonds,
+            cond_coords=None if cond is None else cond.coords,
+            cond_atomics=None if cond is None else cond.atomics,
+            cond_bonds=None if cond is None else cond.bonds,
+            atom_mask=state.mask,
+        )
+    return Prediction(coords, type_logits, bond_logits, charge_logits, nfe=context.nfe)

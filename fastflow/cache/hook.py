@@ -1,0 +1,363 @@
+"""The cache hook: wraps one model instance's ``forward`` (and, for block caching, one submodule's).
+
+Each call of the model is one solver step. The hook reads the solver time from the inputs (t = inv_feats[:, 0,
+0], the sampler's call signature), the step and molecule identities from the sampler's
+:func:`~fastflow.sampling.step.current_step` when present, starts a new trajectory when the batch changes or
+time does not move forward, then evaluates or forecasts:
+
+- whole generator (default): on a forecast step the model does not run at all; under the adaptive policy only
+  the molecules above tolerance run, as a sub-batch cropped to their largest size, so a molecule's decisions
+  and outputs do not depend on its batch-mates (up to fp32 rounding of the forward);
+- block: the model runs and the block's output is forecast; downstream modules recompute. With
+  ``skip_prefix`` the Semla layers before the block are skipped too (they pass their inputs through and the
+  block's forecast replaces their result).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from fastflow.cache.config import CacheConfig
+from fastflow.cache.forecasters import Forecaster
+from fastflow.cache.policies import AdaptiveTolerance, FixedInterval, calibration_ratio, relative_error
+from fastflow.cache.state import TrajectoryState
+from fastflow.ops.cache_forecast import cache_forecast
+from fastflow.sampling.step import current_step
+
+
+class CacheStats:
+    """Counters since the patch or the last reset(); molecules keyed by request index (batch row without the
+    sampler). Evaluations and forecasts count molecules × calls of the cached module."""
+
+    def __init__(self):
+        self.evaluations = defaultdict(int)
+        self.forecasts = defaultdict(int)
+        self.estimates: list[torch.Tensor] = []
+        self.calibration: list[torch.Tensor] = []
+        self.trajectories = 0
+
+    def count(self, mol_index: torch.Tensor, evaluated: torch.Tensor) -> None:
+        for i, e in zip(mol_index.tolist(), evaluated.tolist()):
+            (self.evaluations if e else self.forecasts)[i] += 1
+
+    def summary(self) -> dict:
+        evaluations, forecasts = sum(self.evaluations.values()), sum(self.forecasts.values())
+        molecules = sorted(set(self.evaluations) | set(self.forecasts))
+        return {
+            "evaluations": evaluations,
+            "forecasts": forecasts,
+            "hit_rate": forecasts / max(evaluations + forecasts, 1),
+            "trajectories": self.trajectories,
+            "evaluations_per_molecule": {i: self.evaluations[i] for i in molecules},
+            "error_estimates": _quantiles(self.estimates),
+            "calibration_ratios": _quantiles(self.calibration),
+        }
+
+
+def _quantiles(values: list[torch.Tensor]) -> dict:
+    values = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    values = values[torch.isfinite(values)]
+    if not len(values):
+        return {"count": 0}
+    q = torch.quantile(values, torch.tensor([0.5, 0.95], dtype=values.dtype)).tolist()
+    return {
+        "count": len(values),
+        "mean": values.mean().item(),
+        "p50": q[0],
+        "p95": q[1],
+        "max": values.max().item(),
+    }
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path`` ("dynamics.layers.5"), or a clear error naming what exists."""
+    names = dict(model.named_modules())
+    if path not in names:
+        close = [name for name in names if name and name.split(".")[-1] == path.split(".")[-1]][:8]
+        raise ValueError(
+            f"no module at path {path!r} in {type(model).__name__}"
+            + (f"; modules with that name: {close}" if close else "")
+        )
+    return names[path]
+
+
+class CacheHook:
+    """Installs the cache on ``model`` (see the module docstring); ``remove()`` restores the instance."""
+
+    def __init__(self, model: nn.Module, config: CacheConfig, backend: str):
+        self.model, self.config, self.backend = model, config, backend
+        self.forecaster = Forecaster(config.forecaster, config.order)
+        if config.adaptive:
+            self.policy = AdaptiveTolerance(config.tolerance, config.interval, config.warmup, config.cooldown)
+        else:
+            self.policy = FixedInterval(config.interval, config.warmup, config.cooldown)
+        self.block = None if config.block is None else resolve_module(model, config.block)
+        self.prefix = self._prefix() if config.skip_prefix else []
+        self.signature = inspect.signature(model.forward)
+        self.trajectory: TrajectoryState | None = None
+        self.stats = CacheStats()
+        self._call = None  # (trajectory, t, t_next, evaluate) during a model call in block mode
+        self._block_calls = 0
+        self._saved: list[tuple[nn.Module, object]] = []
+
+    # -- installation ------------------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        self._wrap(self.model, self._model_forward)
+        if self.block is not None:
+            self._wrap(self.block, self._block_forward)
+        for layer in self.prefix:
+            self._wrap(layer, self._bypass_forward)
+
+    def remove(self) -> None:
+        for module, saved in reversed(self._saved):
+            if saved is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = saved
+        self._saved = []
+
+    def reset(self) -> None:
+        self.trajectory, self.stats = None, CacheStats()
+
+    def _wrap(self, module: nn.Module, handler) -> None:
+        """Set the instance's ``forward`` (never the class's) to ``handler(original, *args, **kwargs)``."""
+        self._saved.append((module, module.__dict__.get("forward")))
+        original = module.forward
+
+        @functools.wraps(original)  # inspect.signature sees the original's
+        def forward(*args, **kwargs):
+            return handler(original, *args, **kwargs)
+
+        module.forward = forward
+
+    def _prefix(self) -> list[nn.Module]:
+        from fastflow.models.semla import EquiMessagePassingLayer
+
+        parent_path, _, index = self.config.block.rpartition(".")
+        parent = resolve_module(self.model, parent_path) if parent_path else self.model
+        if (
+            not isinstance(parent, nn.ModuleList)
+            or not index.isdigit()
+            or not all(isinstance(m, EquiMessagePassingLayer) for m in parent[: int(index) + 1])
+        ):
+            raise ValueError(
+                f"skip_prefix needs a block inside an nn.ModuleList of Semla layers "
+                f"(e.g. 'dynamics.layers.5'), got {self.config.block!r}"
+            )
+        return list(parent[: int(index)])
+
+    # -- the model call ----------------------------------------------------------------------------------------
+
+    def _model_forward(self, original, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        coords, inv_feats = list(bound.arguments.values())[:2]
+        mask = bound.arguments.get("atom_mask")
+        mask = (
+            torch.ones(coords.shape[:2], dtype=torch.bool, device=coords.device)
+            if mask is None
+            else mask.bool()
+        )
+        t = inv_feats[:, 0, 0].to("cpu", torch.float64, copy=True)  # by value: callers may reuse the tensor
+        context = current_step()
+        trajectory = self._trajectory(coords, mask, t, context)
+        step = context.state.step if context is not None else trajectory.calls
+        n_steps = context.state.n_steps if context is not None else None
+        t_next = self._t_next(context, trajectory, t)
+        trajectory.calls, trajectory.last_t = trajectory.calls + 1, t
+
+        if self.block is not None:
+            evaluate = bool(trajectory.n_stored.min() == 0) or self.policy.evaluate(step, n_steps)
+            self._call, self._block_calls = (trajectory, t, t_next, evaluate), 0
+            try:
+                output = original(*args, **kwargs)
+            finally:
+                self._call = None
+            if self._block_calls != 1:
+                raise RuntimeError(
+                    f"the cached block {self.config.block!r} ran {self._block_calls} times in one "
+                    "model call; a block cache needs a module that runs exactly once per call"
+                )
+            self.stats.count(trajectory.mol_index, torch.full_like(trajectory.n_stored, int(evaluate)))
+            return output
+
+        evaluate, forecast, pending = self._plan(trajectory, step, n_steps, t, t_next)
+        rows = evaluate.nonzero().flatten()
+        if len(rows) == len(evaluate):
+            output = original(*args, **kwargs)
+            fresh = _flatten(output)
+            trajectory.structure = None if torch.is_tensor(output) else len(output)
+        else:
+            merged = forecast
+            if len(rows):
+                fresh = self._evaluate_rows(original, bound, rows, mask)
+                # Out of place: the adaptive policy calibrates against the pure forecast below.
+                merged = [f.index_put((rows,), computed.to(f.dtype)) for f, computed in zip(forecast, fresh)]
+            output = _unflatten([m.to(coords.dtype) for m in merged], trajectory.structure)
+        if len(rows):
+            fresh = [_zero_padding(f, mask[rows]) for f in fresh]
+            self._store(trajectory, rows, fresh, t, step, pending)
+        trajectory.forecasts_in_a_row[~evaluate] += 1
+        self.stats.count(trajectory.mol_index, evaluate)
+        if context is not None:
+            context.nfe = len(rows)
+        return output
+
+    def _trajectory(self, coords, mask, t, context) -> TrajectoryState:
+        signature = (tuple(coords.shape[:2]), coords.dtype, coords.device)
+        mol_index = (
+            context.state.mol_index.to("cpu", copy=True) if context is not None else torch.arange(len(t))
+        )
+        trajectory = self.trajectory
+        if (
+            trajectory is None
+            or (context is not None and context.state.step == 0)
+            or not trajectory.continues(signature, mask, mol_index, t)
+        ):
+            trajectory = self.trajectory = TrajectoryState(signature, mask, mol_index, self.forecaster.points)
+            self.stats.trajectories += 1
+        return trajectory
+
+    @staticmethod
+    def _t_next(context, trajectory, t) -> torch.Tensor:
+        """The end of this step: from the sampler, else assume the step just taken repeats."""
+        if context is not None and context.state.t_next is not None:
+            return context.state.t_next.double().cpu()
+        return t if trajectory.last_t is None else 2 * t - trajectory.last_t
+
+    def _plan(self, trajectory, step, n_steps, t, t_next):
+        """Which molecules to evaluate (bool ``[B]``), the forecast of all outputs (None if not needed) and, for
+        the adaptive policy, (forecast, raw estimate) to calibrate against the evaluations."""
+        B = len(t)
+        if trajectory.n_stored.min() == 0 or (
+            not self.config.adaptive and self.policy.evaluate(step, n_steps)
+        ):
+            return torch.ones(B, dtype=torch.bool), None, None
+        if not self.config.adaptive:
+            return torch.zeros(B, dtype=torch.bool), self._forecast(trajectory, t, t_next), None
+        high = self._forecast(trajectory, t, t_next)
+        low = self._forecast(trajectory, t, t_next, lower=True)
+        raw = relative_error(low, high)
+        raw[trajectory.n_stored < 2] = float("nan")  # one evaluation: no second order to compare
+        estimate = raw * trajectory.calibration
+        evaluate = self.policy.evaluate(step, n_steps, trajectory.forecasts_in_a_row, estimate)
+        self.stats.estimates.append(estimate[~evaluate])
+        return evaluate, high, (high, raw)
+
+    def _forecast(self, trajectory, t, t_next, lower=False) -> list[torch.Tensor]:
+        """Forecasts ``[B, ...]`` of every output at the highest order each molecule's history allows (``lower``:
+        one order less, the error estimator's companion; zeros where there is none). Molecules that share
+        times share one op call per output."""
+        groups = defaultdict(list)
+        for b in range(len(t)):
+            n = min(int(trajectory.n_stored[b]), self.forecaster.points)
+            groups[(n, tuple(trajectory.times[:n, b].tolist()), float(t[b]), float(t_next[b]))].append(b)
+        outputs = [torch.zeros_like(h[0]) for h in trajectory.history] if len(groups) > 1 or lower else None
+        for (n, times, t_b, t_next_b), rows in groups.items():
+            forecaster = self.forecaster.with_points(n)
+            forecaster = forecaster.lower() if lower else forecaster
+            if forecaster is None:
+                continue
+            n, coeffs = forecaster.points, forecaster.coefficients(times, t_b, t_next_b).tolist()
+            if outputs is None:  # one group: the whole batch in one pass per output
+                return [cache_forecast(list(h[:n]), coeffs, backend=self.backend) for h in trajectory.history]
+            rows = torch.tensor(rows)
+            for out, h in zip(outputs, trajectory.history):
+                out[rows] = cache_forecast([h[k, rows] for k in range(n)], coeffs, backend=self.backend)
+        return outputs
+
+    def _evaluate_rows(self, original, bound, rows, mask) -> list[torch.Tensor]:
+        """The model on molecules ``rows`` only, cropped to their largest size; outputs padded back to N."""
+        N = mask.size(1)
+        n = int(mask[rows].any(0).nonzero().max()) + 1
+        sub = self.signature.bind(*bound.args, **bound.kwargs)
+        for name, value in sub.arguments.items():
+            if torch.is_tensor(value):
+                sub.arguments[name] = _crop(value, rows, len(mask), N, n)
+        return [_pad(out, N, n) for out in _flatten(original(*sub.args, **sub.kwargs))]
+
+    def _store(self, trajectory, rows, fresh, t, step, pending=None) -> None:
+        for i, out in enumerate(fresh):
+            if not bool(torch.isfinite(out).all()):
+                bad = (~torch.isfinite(out)).flatten(1).any(1)
+                molecules = trajectory.mol_index[rows][bad.cpu()].tolist()
+                raise FloatingPointError(
+                    f"fastflow cache: output {i} of the model is NaN/inf at step {step} (t = {float(t[0]):.4f}) "
+                    f"for molecules {molecules[:10]}; refusing to store it, forecasts would spread it"
+                )
+        if (
+            pending is not None
+        ):  # calibrate: true error of the forecast over the estimate, where there was one
+            high, raw = pending
+            known = torch.isfinite(raw[rows])
+            actual = relative_error([h[rows] for h in high], fresh)
+            ratio = calibration_ratio(actual[known], raw[rows][known])
+            trajectory.calibration[rows[known]] = ratio
+            self.stats.calibration.append(ratio)
+        trajectory.store(rows, fresh, t)
+
+    # -- block mode --------------------------------------------------------------------------------------------
+
+    def _block_forward(self, original, *args, **kwargs):
+        if self._call is None:  # called outside a model call: not a solver step
+            return original(*args, **kwargs)
+        trajectory, t, t_next, evaluate = self._call
+        self._block_calls += 1
+        if evaluate:
+            output = original(*args, **kwargs)
+            trajectory.structure = None if torch.is_tensor(output) else len(output)
+            self._store(trajectory, torch.arange(len(t)), _flatten(output), t, trajectory.calls - 1)
+            return output
+        forecast = self._forecast(trajectory, t, t_next)
+        trajectory.forecasts_in_a_row += 1
+        return _unflatten([f.to(trajectory.signature[1]) for f in forecast], trajectory.structure)
+
+    def _bypass_forward(self, original, coords, node_feats, *args, **kwargs):
+        if self._call is not None and not self._call[3]:
+            return coords, node_feats  # the block's forecast replaces what these layers would compute
+        return original(coords, node_feats, *args, **kwargs)
+
+
+def _flatten(output) -> list[torch.Tensor]:
+    return [output] if torch.is_tensor(output) else list(output)
+
+
+def _unflatten(tensors: list[torch.Tensor], structure):
+    return tensors[0] if structure is None else tuple(tensors)
+
+
+def _is_pair(x: torch.Tensor, n: int) -> bool:
+    """``[B, n, n, ...]`` per-pair tensors (bonds) as opposed to ``[B, n, ...]`` per-atom ones."""
+    return x.dim() >= 4 and x.size(1) == n and x.size(2) == n
+
+
+def _crop(x: torch.Tensor, rows, B, N, n) -> torch.Tensor:
+    if x.dim() == 0 or x.size(0) != B:
+        return x
+    x = x[rows]
+    if x.dim() >= 2 and x.size(1) == N:
+        x = x[:, :n, :n] if _is_pair(x, N) else x[:, :n]
+    return x
+
+
+def _pad(x: torch.Tensor, N, n) -> torch.Tensor:
+    if x.dim() < 2 or x.size(1) != n or n == N:
+        return x
+    pair = _is_pair(x, n)
+    out = x.new_zeros((x.size(0), N, N) + x.shape[3:] if pair else (x.size(0), N) + x.shape[2:])
+    (out[:, :n, :n] if pair else out[:, :n]).copy_(x)
+    return out
+
+
+def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with padding atoms / pairs set to 0 (``torch.where``: NaN in padding does not survive), so stored
+    histories and error norms only see the molecule itself."""
+    if x.dim() < 2 or x.size(1) != mask.size(1):
+        return x
+    keep = mask.unsqueeze(-1) & mask.unsqueeze(-2) if _is_pair(x, mask.size(1)) else mask
+    return torch.where(keep.view(keep.shape + (1,) * (x.dim() - keep.dim())), x, 0)
