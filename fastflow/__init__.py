@@ -3,6 +3,7 @@
 Public API:
     Semla, SemlaConfig                 the SemlaFlow generator (upstream-checkpoint compatible) and its presets
     load_semlaflow_checkpoint(path)    an upstream Lightning checkpoint's EMA generator, in eval mode
+    load_pretrained()                  the packaged QM9 model (fastflow/assets/qm9-small), in eval mode
     sample(model, n_molecules, ...)    SemlaFlow's sampler: per-molecule random streams, RDKit molecules out
     compute_metrics(graphs, mols)      stability, validity, uniqueness, novelty, MMFF energy / strain
     patch_model(model, kernels, cache) install fused modules and the predictive feature cache (CacheConfig)
@@ -11,6 +12,7 @@ Public API:
 from fastflow.metrics import compute_metrics
 from fastflow.models import Semla, SemlaConfig
 from fastflow.models.checkpoint import load_pretrained_dir, load_semlaflow_checkpoint, save_pretrained
+from fastflow.pretrained import load_pretrained
 from fastflow.sampling import SampleResult, sample
 from fastflow.cache import CacheConfig
 from fastflow.patch import PatchHandle, patch_model
@@ -19,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SampleResult", "Semla", "SemlaConfig", "compute_metrics", "load_pretrained_dir", "load_semlaflow_checkpoint",
-    "sample", "save_pretrained", "__version__",
+    "sample", "save_pretrained", "__version__", "load_pretrained",
     "CacheConfig", "PatchHandle", "patch_model",
 ]

@@ -12,8 +12,10 @@ import torch
 from fastflow.models import PRESETS
 
 DEFAULT_RANDOM_PRESET = "small"
-JSON_KEYS = ("n", "steps", "nfe", "seconds", "molecules_per_second", "atom_stability", "mol_stability",
-             "validity", "connected_validity", "uniqueness", "energy_per_atom", "strain_per_atom")
+JSON_KEYS = ("n", "steps", "nfe", "cache_hit_rate", "seconds", "molecules_per_second", "atom_stability",
+             "mol_stability", "validity", "connected_validity", "uniqueness", "energy_per_atom", "strain_per_atom")
+CACHE_CHOICES = ("none", "reuse", "taylor", "ab", "adaptive")
+ADAPTIVE_DEFAULT_INTERVAL = 6  # the adaptive policy's cap on the gap between evaluations
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", choices=sorted(PRESETS), default=None,
                        help="a randomly initialised model of this preset (for speed checks, not chemistry)")
     model.add_argument("--checkpoint", type=Path, default=None,
-                       help="an upstream SemlaFlow Lightning .ckpt, or a fastflow model directory")
+                       help="an upstream SemlaFlow Lightning .ckpt, or a fastflow model directory "
+                            "(default: the packaged QM9 model)")
     sample.add_argument("--batch-size", type=int, default=128, help="molecules per batch (default 128)")
     sample.add_argument("--device", default=None, help="cpu or cuda (default: the model's device, cpu)")
     sample.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -38,29 +41,67 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     sample.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal)")
+    add_cache_arguments(sample)
     sample.set_defaults(handler=run_sample)
+    add_train_parser(commands)
+    add_data_parser(commands)
+    add_eval_parser(commands)
     return parser
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cache, --interval, --order, --tolerance (see :func:`cache_config`)."""
+    group = parser.add_argument_group("predictive feature cache")
+    group.add_argument("--cache", choices=CACHE_CHOICES, default="none",
+                       help="forecast skipped network evaluations: reuse, taylor, ab (Adams-Bashforth) every "
+                            "--interval steps, or adaptive (taylor, per molecule, --tolerance) (default none)")
+    group.add_argument("--interval", type=int, default=None,
+                       help=f"D: evaluate every D steps (default 2); adaptive: at most D-1 forecasts in a row "
+                            f"(default {ADAPTIVE_DEFAULT_INTERVAL})")
+    group.add_argument("--order", type=int, default=None, help="forecaster order (default: taylor 2, ab 3)")
+    group.add_argument("--tolerance", type=float, default=None,
+                       help="adaptive: relative forecast error above which a molecule is re-evaluated")
+
+
+def cache_config(args):
+    """The CacheConfig that --cache/--interval/--order/--tolerance ask for (None for --cache none)."""
+    from fastflow.cache import CacheConfig
+
+    adaptive = args.cache == "adaptive"
+    if args.cache == "none":
+        if (args.interval, args.order, args.tolerance) != (None, None, None):
+            raise ValueError("--interval/--order/--tolerance need --cache")
+        return None
+    if adaptive != (args.tolerance is not None):
+        raise ValueError("--tolerance goes with --cache adaptive, and --cache adaptive needs --tolerance")
+    interval = args.interval if args.interval is not None else ADAPTIVE_DEFAULT_INTERVAL if adaptive else 2
+    return CacheConfig(forecaster="taylor" if adaptive else args.cache, order=args.order, interval=interval,
+                       tolerance=args.tolerance)
 
 
 def load_model(args) -> tuple[torch.nn.Module, str]:
     """The model the user asked for, and a one-line description of it."""
     from fastflow.models import Semla, SemlaConfig
     from fastflow.models.checkpoint import load_pretrained_dir, load_semlaflow_checkpoint
+    from fastflow.pretrained import DEFAULT_MODEL, has_pretrained, load_pretrained
 
     if args.checkpoint is not None:
         if args.checkpoint.is_dir():
             return load_pretrained_dir(args.checkpoint), f"fastflow model {args.checkpoint}"
         return load_semlaflow_checkpoint(args.checkpoint), f"SemlaFlow checkpoint {args.checkpoint}"
+    if args.config is None and has_pretrained():
+        return load_pretrained(), f"packaged model {DEFAULT_MODEL} (fastflow.load_pretrained())"
     preset = args.config or DEFAULT_RANDOM_PRESET
     torch.manual_seed(args.seed)
     model = Semla(SemlaConfig.preset(preset)).eval()
-    return model, (f"RANDOMLY INITIALISED '{preset}' model (no trained default model ships with this version "
-                   "yet): the molecules are noise; use --checkpoint for a trained one")
+    return model, (f"RANDOMLY INITIALISED '{preset}' model: the molecules are noise; use --checkpoint (or no "
+                   "--config, for the packaged model) for a trained one")
 
 
 def run_sample(args) -> int:
     from fastflow.chem.sdf import write_sdf
     from fastflow.metrics import compute_metrics, format_metrics_table
+    from fastflow.patch import patch_model
     from fastflow.sampling import sample
 
     if args.threads is not None:
@@ -69,13 +110,18 @@ def run_sample(args) -> int:
     if args.device is not None:
         model = model.to(args.device)
     print(f"model: {description}", file=sys.stderr)
+    cache = cache_config(args)
+    handle = patch_model(model, cache=cache) if cache is not None else None
     result = sample(model, args.n, steps=args.steps, schedule=args.schedule, seed=args.seed,
-                    batch_size=args.batch_size, progress=args.progress)
+                    batch_size=args.batch_size, progress=args.progress,
+                    size_distribution=getattr(model, "size_counts", None))
     metrics = compute_metrics(result.graphs, result.molecules, energy=not args.no_energy)
     summary = {
         **metrics,
         "steps": args.steps,
         "nfe": result.stats["nfe"],
+        "cache": args.cache if cache is None else repr(cache),
+        "cache_hit_rate": handle.stats()["hit_rate"] if handle is not None else 0.0,
         "seconds": result.stats["sampling_seconds"],
         "molecules_per_second": result.stats["molecules_per_second"],
         "seed": args.seed,
@@ -94,6 +140,147 @@ def run_sample(args) -> int:
         print(f"{args.n} molecules, {args.steps} steps, {result.stats['nfe']} network evaluations, "
               f"{summary['seconds']:.2f} s ({summary['molecules_per_second']:.1f} molecules/s, "
               f"{summary['threads']} threads)")
+    return 0
+
+
+def add_train_parser(commands) -> None:
+    from fastflow.training.trainer import TrainConfig
+
+    train = commands.add_parser("train", help="train a Semla generator on QM9 (resumable), or export its weights")
+    train.add_argument("--config", choices=sorted(PRESETS), default="small", help="model preset (default small)")
+    train.add_argument("--data", choices=("qm9",), default="qm9", help="training set (default qm9)")
+    train.add_argument("--out", type=Path, default=Path("runs/qm9-small"), help="run directory")
+    train.add_argument("--steps", type=int, default=None, help="stop at this total step count")
+    train.add_argument("--minutes", type=float, default=None, help="stop after this many minutes of this call")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoint (with the run's saved settings)")
+    train.add_argument("--export", type=Path, default=None, metavar="DIR",
+                       help="write the EMA weights of --out's checkpoint as a model folder to DIR, then exit")
+    train.add_argument("--export-to", type=Path, default=None, metavar="DIR",
+                       help="while training, export the EMA weights to DIR after each validation and at the end")
+    train.add_argument("--batch-cost", type=int, default=TrainConfig.batch_cost,
+                       help=f"padded atoms per batch (default {TrainConfig.batch_cost})")
+    train.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr})")
+    train.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps,
+                       help=f"linear warm-up steps (default {TrainConfig.warmup_steps})")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--ot", action="store_true", help="equivariant OT between prior and data (Hungarian + Kabsch)")
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    train.add_argument("--val-minutes", type=float, default=TrainConfig.val_minutes,
+                       help="minutes between validation samples of the EMA model (0: none)")
+    train.add_argument("--checkpoint-minutes", type=float, default=TrainConfig.checkpoint_minutes,
+                       help="minutes between checkpoints")
+    train.add_argument("--cache-dir", type=Path, default=None, help="preprocessed data cache (default ~/.cache/fastflow)")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    train.set_defaults(handler=run_train)
+
+
+def run_train(args) -> int:
+    from fastflow.data import MissingDataPackage, load_qm9, qm9_split
+    from fastflow.pretrained import export_pretrained
+    from fastflow.training import Objective, TrainConfig, Trainer
+    from fastflow.training.trainer import CHECKPOINT
+
+    if args.export is not None:
+        directory = export_pretrained(args.out / CHECKPOINT, args.export)
+        print(f"exported the EMA weights of {args.out / CHECKPOINT} to {directory}", file=sys.stderr)
+        return 0
+    if args.steps is None and args.minutes is None:
+        raise ValueError("give --steps and/or --minutes")
+    torch.set_num_threads(args.threads)
+    try:
+        dataset = qm9_split(load_qm9(args.cache_dir), "train")
+    except MissingDataPackage as error:
+        print(f"fastflow train: error: {error}", file=sys.stderr)
+        return 2
+    if args.resume:
+        trainer = Trainer.resume(dataset, args.out)
+    elif (args.out / CHECKPOINT).exists():
+        raise ValueError(f"{args.out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
+    else:
+        config = TrainConfig(preset=args.config, batch_cost=args.batch_cost, lr=args.lr,
+                             warmup_steps=args.warmup_steps, seed=args.seed,
+                             objective=Objective(equivariant_ot=args.ot), val_minutes=args.val_minutes,
+                             checkpoint_minutes=args.checkpoint_minutes)
+        trainer = Trainer(config, dataset, args.out)
+    print(f"training from step {trainer.step}; log: {args.out / 'log.jsonl'}", file=sys.stderr)
+    print(json.dumps(trainer.run(args.steps, args.minutes, progress=args.progress, export_dir=args.export_to)))
+    return 0
+
+
+def add_data_parser(commands) -> None:
+    data = commands.add_parser("data", help="preprocess a training set into the on-disk cache")
+    data.add_argument("dataset", choices=("qm9",), help="qm9: the qm9pack wheel's 130,831 DFT geometries")
+    data.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default ~/.cache/fastflow)")
+    data.set_defaults(handler=run_data)
+
+
+def run_data(args) -> int:
+    from fastflow.data import MissingDataPackage, default_cache_dir, load_qm9
+
+    try:
+        data = load_qm9(args.cache_dir)
+    except MissingDataPackage as error:
+        print(f"fastflow data: error: {error}", file=sys.stderr)
+        return 2
+    splits = ", ".join(f"{name} {len(indices)}" for name, indices in data["split"].items())
+    print(f"QM9: {data['n_read']} read, {data['n_failed']} dropped (bond perception or sanitisation failed), "
+          f"{data['n_read'] - data['n_failed']} kept; split {splits}; cache in {args.cache_dir or default_cache_dir()}")
+    return 0
+
+
+def add_eval_parser(commands) -> None:
+    evaluate = commands.add_parser("eval", help="metrics of generated molecules next to held-out QM9 test molecules")
+    evaluate.add_argument("--n", type=int, default=1000, help="molecules to generate, and test molecules (default 1000)")
+    evaluate.add_argument("--steps", type=int, default=100, help="ODE solver steps (default 100)")
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    evaluate.add_argument("--checkpoint", type=Path, default=None,
+                          help="a fastflow model directory, a training run's checkpoint.pt (EMA weights) or an "
+                               "upstream .ckpt (default: the packaged model)")
+    evaluate.add_argument("--batch-size", type=int, default=128, help="molecules per batch (default 128)")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    evaluate.add_argument("--no-energy", action="store_true", help="skip the MMFF energy and strain metrics")
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="QM9 cache (default ~/.cache/fastflow)")
+    evaluate.add_argument("--json", action="store_true",
+                          help="one JSON object: the keys of `sample --json`, and data_* for the data row")
+    evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                          help="progress bar (default: when stderr is a terminal)")
+    evaluate.set_defaults(handler=run_eval, config=None)
+
+
+def run_eval(args) -> int:
+    from fastflow.data import MissingDataPackage, load_qm9
+    from fastflow.metrics import format_metrics_table
+    from fastflow.pretrained import ema_model
+    from fastflow.training import load_checkpoint
+    from fastflow.training.evaluate import evaluate
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.checkpoint is not None and args.checkpoint.suffix == ".pt":
+        model, description = ema_model(load_checkpoint(args.checkpoint)), f"EMA weights of {args.checkpoint}"
+    else:
+        model, description = load_model(args)
+    print(f"model: {description}", file=sys.stderr)
+    try:
+        data = load_qm9(args.cache_dir)
+    except MissingDataPackage as error:
+        print(f"fastflow eval: no data row and no novelty: {error}", file=sys.stderr)
+        data = None
+    rows = evaluate(model, args.n, args.steps, args.seed, data, energy=not args.no_energy,
+                    batch_size=args.batch_size, progress=args.progress)
+    generated = rows["generated"]
+    if args.json:
+        summary = {**generated, "steps": args.steps, "seed": args.seed, "model": description,
+                   "threads": torch.get_num_threads()}
+        summary.update({f"data_{key}": value for key, value in rows.get("data", {}).items()})
+        print(json.dumps({key: summary.get(key) for key in JSON_KEYS} | summary, default=float))
+    else:
+        table_keys = [key for key in generated if key not in ("nfe", "seconds", "molecules_per_second")]
+        print(format_metrics_table({name: {k: row.get(k) for k in table_keys} for name, row in rows.items()}))
+        print(f"{args.n} molecules, {args.steps} steps, {generated['nfe']} network evaluations, "
+              f"{generated['seconds']:.2f} s ({generated['molecules_per_second']:.1f} molecules/s, "
+              f"{torch.get_num_threads()} threads); data row: {args.n} QM9 test molecules")
     return 0
 
 
