@@ -5,8 +5,9 @@ For a batch of data molecules x₁ (coordinates in model units, zero CoM, random
 - prior x₀ from :func:`fastflow.sampling.prior.sample_prior` (zero-CoM normals; atom and bond tokens uniform
   over all classes, bonds drawn per ordered pair), keyed by random per-molecule keys;
 - optional equivariant OT: Hungarian matching of prior to data atoms, then the Kabsch rotation of the prior;
-- t ~ Beta(2, 1); x_t = t·x₁ + (1 − t)·x₀ + 0.2·ε; each atom / ordered pair token takes its data value with
-  probability t, else its prior draw ("unmask" interpolation of the ``uniform-sample`` flow);
+- t ~ Beta(2, 1); x_t = t·x₁ + (1 − t)·x₀ + 0.2·ε, re-centred to zero CoM like the sampler's states; each
+  atom / ordered pair token takes its data value with probability t, else its prior draw ("unmask"
+  interpolation of the ``uniform-sample`` flow);
 - self-conditioning half the time: a no-grad pass whose x̂₁ and softmaxed types / bonds become the inputs;
 - loss: coordinate MSE on x̂₁ + cross-entropies for atom types (× 0.2), bonds over all pairs of real atoms,
   diagonal included (× 0.5 for QM9) and charges (× 1).
