@@ -1,11 +1,6 @@
 import pytest
-import torch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to OpenMP spinning on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def one_thread(single_thread):
+    """Every test here runs on tiny tensors: one thread (see tests/conftest.py)."""
