@@ -245,12 +245,14 @@ def add_eval_parser(commands) -> None:
                           help="one JSON object: the keys of `sample --json`, and data_* for the data row")
     evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                           help="progress bar (default: when stderr is a terminal)")
+    add_cache_arguments(evaluate)
     evaluate.set_defaults(handler=run_eval, config=None)
 
 
 def run_eval(args) -> int:
     from fastflow.data import MissingDataPackage, load_qm9
     from fastflow.metrics import format_metrics_table
+    from fastflow.patch import patch_model
     from fastflow.pretrained import ema_model
     from fastflow.training import load_checkpoint
     from fastflow.training.evaluate import evaluate
@@ -267,11 +269,15 @@ def run_eval(args) -> int:
     except MissingDataPackage as error:
         print(f"fastflow eval: no data row and no novelty: {error}", file=sys.stderr)
         data = None
+    cache = cache_config(args)
+    handle = patch_model(model, cache=cache) if cache is not None else None
     rows = evaluate(model, args.n, args.steps, args.seed, data, energy=not args.no_energy,
                     batch_size=args.batch_size, progress=args.progress)
     generated = rows["generated"]
     if args.json:
         summary = {**generated, "steps": args.steps, "seed": args.seed, "model": description,
+                   "cache": args.cache if cache is None else repr(cache),
+                   "cache_hit_rate": handle.stats()["hit_rate"] if handle is not None else 0.0,
                    "threads": torch.get_num_threads()}
         summary.update({f"data_{key}": value for key, value in rows.get("data", {}).items()})
         print(json.dumps({key: summary.get(key) for key in JSON_KEYS} | summary, default=float))

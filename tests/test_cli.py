@@ -34,3 +34,11 @@ def test_bad_requests_exit_with_a_message(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "fastflow", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "sample" in result.stdout
+
+
+def test_eval_with_cache_counts_real_evaluations(capsys):
+    code = main(["eval", "--n", "3", "--steps", "4", "--seed", "0", "--no-energy", "--json",
+                 "--cache", "taylor", "--order", "1", "--interval", "2"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["nfe"] < 3 * 4 and summary["cache_hit_rate"] > 0
