@@ -16,7 +16,7 @@ import torch
 
 from fastflow.chem.vocab import ATOM_VOCAB, BOND_ORDERS, CHARGES
 from fastflow.models import Semla, SemlaConfig
-from fastflow.models.checkpoint import CheckpointError, load_pretrained_dir, save_pretrained
+from fastflow.models.checkpoint import CheckpointError, load_pretrained_dir, load_weights, save_pretrained
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = "qm9-small"
@@ -44,10 +44,7 @@ def load_pretrained(name: str = DEFAULT_MODEL, map_location: str | torch.device 
     saved_vocab = json.loads((directory / "vocab.json").read_text())
     if saved_vocab != vocabulary():
         raise CheckpointError(f"{directory} was trained with another vocabulary than this fastflow's")
-    model = load_pretrained_dir(directory, map_location)
-    counts = json.loads((directory / "size_counts.json").read_text())
-    model.size_counts = {int(n): count for n, count in counts.items()}
-    return model
+    return load_pretrained_dir(directory, map_location)
 
 
 def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLike | None = None) -> Path:
@@ -71,6 +68,6 @@ def ema_model(state: dict) -> Semla:
     """The EMA generator of a training checkpoint dict (``fastflow.training.load_checkpoint``), in eval mode;
     ``size_counts`` as for :func:`load_pretrained`."""
     model = Semla(SemlaConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["ema"])
+    load_weights(model, state["ema"], source="the training checkpoint's EMA weights")
     model.size_counts = {n: int(c) for n, c in enumerate(state["size_counts"].tolist()) if c}
     return model.eval()

@@ -96,7 +96,8 @@ def save_pretrained(model: Semla, directory: str | os.PathLike) -> Path:
 
 
 def load_pretrained_dir(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Semla:
-    """Load a model written by :func:`save_pretrained`, in eval mode."""
+    """Load a model written by :func:`save_pretrained`, in eval mode; with a ``size_counts.json`` beside it
+    (written by ``fastflow train --export``), ``model.size_counts`` holds that size histogram."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -116,6 +117,9 @@ def load_pretrained_dir(directory: str | os.PathLike, map_location: str | torch.
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
     model = Semla(config)
     load_weights(model, weights, source=str(weights_path))
+    counts_path = directory / "size_counts.json"
+    if counts_path.is_file():  # the training split's atom-count histogram, what the sampler draws sizes from
+        model.size_counts = {int(n): count for n, count in json.loads(counts_path.read_text()).items()}
     return model.to(map_location).eval()
 
 

@@ -114,6 +114,9 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     with torch.no_grad():
         for got, expected in zip(loaded(**inputs), model(**inputs)):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not hasattr(loaded, "size_counts")
+    (tmp_path / "m" / "size_counts.json").write_text('{"3": 5, "4": 2}')
+    assert load_pretrained_dir(tmp_path / "m").size_counts == {3: 5, 4: 2}
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_pretrained_dir(tmp_path / "m")
