@@ -9,13 +9,11 @@ bench/results/cache_forecast-<host>-<date>.json with machine metadata.
 import argparse
 import json
 import platform
-import statistics
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from fastflow.benchmarks.timing import machine_metadata, median_seconds
 from fastflow.ops import available_backends, cache_forecast
 
 B, N = 32, 29  # a batch of QM9-sized molecules
@@ -27,30 +25,6 @@ CASES = {  # what the predictive cache stores per step
     "block features [B,N,384]": (B, N, 384),
 }
 ORDERS = (2, 3, 4)
-
-
-def median_seconds(fns: dict, repeats: int, warmup: int = 5) -> dict:
-    """Median wall time of each fn; repeats are interleaved so a noisy machine slows every fn alike."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def cpu_model():
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main():
@@ -71,7 +45,7 @@ def main():
             moved_bytes = (K + 1) * history[0].numel() * history[0].element_size()
             seconds = median_seconds(
                 {b: lambda b=b, h=history, c=coeffs: cache_forecast(h, c, backend=b) for b in backends},
-                args.repeats,
+                args.repeats, warmup=5,
             )
             fast = [b for b in backends if b != "reference"]
             row = {
@@ -87,15 +61,7 @@ def main():
             line += "  " + " ".join(f"{b} {seconds['reference'] / seconds[b]:.1f}x" for b in fast)
             print(line)
 
-    metadata = {
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "repeats": args.repeats,
-    }
+    metadata = {**machine_metadata(device), "repeats": args.repeats}
     out = Path(__file__).parent / "results" / f"cache_forecast-{platform.node()}-{metadata['date'][:10]}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"benchmark": "cache_forecast", "metadata": metadata, "rows": rows}, indent=1))

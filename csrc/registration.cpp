@@ -25,4 +25,12 @@ TORCH_LIBRARY(fastflow, m) {
   // forecast = sum_k coeffs[k] * history[k]
   m.set_python_module("fastflow.ops.cache_forecast");
   m.def("cache_forecast(Tensor[] history, float[] coeffs) -> Tensor");
+
+  // One Semla layer's pair messages + node attention + coordinate attention (see the Python module)
+  m.set_python_module("fastflow.ops.semla_attention");
+  m.def(
+      "semla_attention(Tensor node_terms_i, Tensor node_terms_j, Tensor gram_coords, Tensor gram_weight, "
+      "Tensor out_weight, Tensor out_bias, Tensor values, Tensor attn_coords, Tensor adjacency, "
+      "Tensor? edge_feats, Tensor? edge_norm_weight, Tensor? edge_norm_bias, Tensor? edge_weight, "
+      "float edge_norm_eps, float coord_eps) -> (Tensor, Tensor, Tensor)");
 }

@@ -15,6 +15,7 @@ DEFAULT_RANDOM_PRESET = "small"
 JSON_KEYS = ("n", "steps", "nfe", "cache_hit_rate", "seconds", "molecules_per_second", "atom_stability",
              "mol_stability", "validity", "connected_validity", "uniqueness", "energy_per_atom", "strain_per_atom")
 CACHE_CHOICES = ("none", "reuse", "taylor", "ab", "adaptive")
+KERNELS = ("auto", "cpp", "triton", "reference")
 ADAPTIVE_DEFAULT_INTERVAL = 6  # the adaptive policy's cap on the gap between evaluations
 
 
@@ -27,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=100, help="ODE solver steps (default 100)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sample.add_argument("--schedule", choices=("log", "linear"), default="log", help="time schedule (default log)")
-    sample.add_argument("--out", type=Path, default=None, help="SDF file to write (optional)")
+    sample.add_argument("--out", type=Path, default=None,
+                        help="where to write the molecules (optional): a path ending in .sdf is one SDF file; any "
+                             "other path is a shard directory (resumable; required under torchrun, whose ranks "
+                             "share its shards; see --shard-size and `fastflow merge`)")
+    sample.add_argument("--shard-size", type=int, default=None,
+                        help="molecules per shard of a shard directory (default 1000; part of the request)")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="discard the shards of a directory that holds another request and start over")
     model = sample.add_mutually_exclusive_group()
     model.add_argument("--config", choices=sorted(PRESETS), default=None,
                        help="a randomly initialised model of this preset (for speed checks, not chemistry)")
@@ -46,11 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_data_parser(commands)
     add_eval_parser(commands)
+    add_bench_parser(commands)
+    add_merge_parser(commands)
     return parser
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """--cache, --interval, --order, --tolerance (see :func:`cache_config`)."""
+    """--kernels, and --cache, --interval, --order, --tolerance (see :func:`cache_config`)."""
+    parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                        help="fused Semla kernels: auto (C++ on CPU, Triton on CUDA), cpp, triton, or reference "
+                             "(the unfused PyTorch model) (default auto)")
     group = parser.add_argument_group("predictive feature cache")
     group.add_argument("--cache", choices=CACHE_CHOICES, default="none",
                        help="forecast skipped network evaluations: reuse, taylor, ab (Adams-Bashforth) every "
@@ -61,6 +74,13 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--order", type=int, default=None, help="forecaster order (default: taylor 2, ab 3)")
     group.add_argument("--tolerance", type=float, default=None,
                        help="adaptive: relative forecast error above which a molecule is re-evaluated")
+
+
+def patch_from_args(model, args):
+    """patch_model with the --kernels and --cache options; the handle reports the backend and cache stats."""
+    from fastflow.patch import patch_model
+
+    return patch_model(model, kernels=args.kernels, cache=cache_config(args))
 
 
 def cache_config(args):
@@ -101,17 +121,20 @@ def load_model(args) -> tuple[torch.nn.Module, str]:
 def run_sample(args) -> int:
     from fastflow.chem.sdf import write_sdf
     from fastflow.metrics import compute_metrics, format_metrics_table
-    from fastflow.patch import patch_model
     from fastflow.sampling import sample
+    from fastflow.sampling.sharded import sample_command, shard_directory
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    directory = shard_directory(args.out, args.shard_size)
+    if directory is not None:  # a shard directory, alone or under torchrun
+        return sample_command(args, directory)
     model, description = load_model(args)
     if args.device is not None:
         model = model.to(args.device)
     print(f"model: {description}", file=sys.stderr)
-    cache = cache_config(args)
-    handle = patch_model(model, cache=cache) if cache is not None else None
+    handle = patch_from_args(model, args)
+    cache = handle.cache
     result = sample(model, args.n, steps=args.steps, schedule=args.schedule, seed=args.seed,
                     batch_size=args.batch_size, progress=args.progress,
                     size_distribution=getattr(model, "size_counts", None))
@@ -121,7 +144,8 @@ def run_sample(args) -> int:
         "steps": args.steps,
         "nfe": result.stats["nfe"],
         "cache": args.cache if cache is None else repr(cache),
-        "cache_hit_rate": handle.stats()["hit_rate"] if handle is not None else 0.0,
+        "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
+        "kernels": handle.report()["kernels"]["backend"],
         "seconds": result.stats["sampling_seconds"],
         "molecules_per_second": result.stats["molecules_per_second"],
         "seed": args.seed,
@@ -252,7 +276,6 @@ def add_eval_parser(commands) -> None:
 def run_eval(args) -> int:
     from fastflow.data import MissingDataPackage, load_qm9
     from fastflow.metrics import format_metrics_table
-    from fastflow.patch import patch_model
     from fastflow.pretrained import ema_model
     from fastflow.training import load_checkpoint
     from fastflow.training.evaluate import evaluate
@@ -269,15 +292,16 @@ def run_eval(args) -> int:
     except MissingDataPackage as error:
         print(f"fastflow eval: no data row and no novelty: {error}", file=sys.stderr)
         data = None
-    cache = cache_config(args)
-    handle = patch_model(model, cache=cache) if cache is not None else None
+    handle = patch_from_args(model, args)
+    cache = handle.cache
     rows = evaluate(model, args.n, args.steps, args.seed, data, energy=not args.no_energy,
                     batch_size=args.batch_size, progress=args.progress)
     generated = rows["generated"]
     if args.json:
         summary = {**generated, "steps": args.steps, "seed": args.seed, "model": description,
                    "cache": args.cache if cache is None else repr(cache),
-                   "cache_hit_rate": handle.stats()["hit_rate"] if handle is not None else 0.0,
+                   "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
+        "kernels": handle.report()["kernels"]["backend"],
                    "threads": torch.get_num_threads()}
         summary.update({f"data_{key}": value for key, value in rows.get("data", {}).items()})
         print(json.dumps({key: summary.get(key) for key in JSON_KEYS} | summary, default=float))
@@ -287,6 +311,64 @@ def run_eval(args) -> int:
         print(f"{args.n} molecules, {args.steps} steps, {generated['nfe']} network evaluations, "
               f"{generated['seconds']:.2f} s ({generated['molecules_per_second']:.1f} molecules/s, "
               f"{torch.get_num_threads()} threads); data row: {args.n} QM9 test molecules")
+    return 0
+
+
+def add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="measure fastflow's speed-ups on this machine")
+    which = bench.add_subparsers(dest="benchmark", required=True)
+    kernels = which.add_parser("kernels", help="fused Semla kernels vs the reference: op, forward, sampling")
+    kernels.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["semlaflow", "small"],
+                         help="model configs (default semlaflow small)")
+    kernels.add_argument("--backend", choices=("auto", "cpp", "triton"), default="auto",
+                         help="fused backend to measure (default auto)")
+    kernels.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
+    kernels.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                         help="also time torch.compile of the reference (default on)")
+    kernels.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                         help="peak memory of one forward, in fresh processes (default on)")
+    kernels.add_argument("--sampling-molecules", type=int, default=64,
+                         help="molecules for the end-to-end sampling rows (0: skip) (default 64)")
+    kernels.add_argument("--sampling-steps", type=int, default=100, help="solver steps (default 100)")
+    kernels.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    kernels.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    kernels.set_defaults(handler=run_bench_kernels)
+    caching = which.add_parser("caching", help="speed-quality Pareto front of the predictive feature cache")
+    from fastflow.benchmarks import caching as caching_benchmark
+
+    caching_benchmark.add_arguments(caching)
+    caching.set_defaults(handler=lambda args: caching_benchmark.run(args) and 0)
+
+
+def run_bench_kernels(args) -> int:
+    from fastflow.benchmarks.kernels import run
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    run(presets=tuple(args.presets), backend=args.backend, repeats=args.repeats, compile_reference=args.compile,
+        memory=args.memory, sampling_molecules=args.sampling_molecules, sampling_steps=args.sampling_steps,
+        out=args.out)
+    return 0
+
+
+def add_merge_parser(commands) -> None:
+    merge = commands.add_parser("merge", help="combine a shard directory into one SDF and one metrics table")
+    merge.add_argument("directory", type=Path, help="the --out DIR of `fastflow sample` (alone or under torchrun)")
+    merge.add_argument("--out", type=Path, default=None, help="merged SDF file (default DIR/molecules.sdf)")
+    merge.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    merge.set_defaults(handler=run_merge)
+
+
+def run_merge(args) -> int:
+    """Exit status 0 when merged, 1 when shards are missing (listed on stderr), 2 for other errors."""
+    from fastflow.sampling.sharded import MissingShards, merge, print_summary
+
+    try:
+        summary = merge(args.directory, args.out)
+    except MissingShards as error:
+        print(f"fastflow merge: incomplete: {error}", file=sys.stderr)
+        return 1
+    print_summary(summary, args.json, JSON_KEYS)
     return 0
 
 

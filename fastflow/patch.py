@@ -1,8 +1,10 @@
-"""``patch_model``: the one place that knows both models and kernels. It swaps fused modules in (none yet: they
-arrive with issue 5) and installs the predictive feature cache (:mod:`fastflow.cache`).
+"""``patch_model``: the one place that knows both models and kernels. It swaps fused modules (:mod:`fastflow.nn`)
+in for the Semla layers and feed-forwards, and installs the predictive feature cache (:mod:`fastflow.cache`).
 
-The instance is mutated, never its class: hooks are instance attributes ``forward``, and ``unpatch()`` deletes
-them again. Patching twice with the same arguments returns the same handle.
+The instance is mutated, never its class: swapped children are put back by ``unpatch()``, and hooks are instance
+attributes ``forward`` that ``unpatch()`` deletes again. Patching twice with the same arguments returns the same
+handle. Fused modules adopt the original modules' parameters under the same names, so ``state_dict()`` is the
+same before and after.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import torch
 from torch import nn
 
 from fastflow.cache import CacheConfig, CacheHook
+from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer
 from fastflow.ops.backends import resolve_backend
 
-KERNELS = ("auto", "reference")
-FUSED_KERNELS = ("cpp", "triton", "fused")  # arrive with the fused-kernels issue
+KERNELS = ("auto", "cpp", "triton", "reference")
 _ATTRIBUTE = "_fastflow_patch"
 
 
@@ -25,10 +27,18 @@ class PatchHandle:
 
     def __init__(self, model: nn.Module, kernels: str, cache: CacheConfig | None):
         self.model, self.kernels, self.cache = model, kernels, cache
-        self._hook = None if cache is None else CacheHook(model, cache, backend=kernels)
+        # "reference" swaps nothing; otherwise the backend the fused ops run (raises if an explicit one is missing,
+        # warns once if "auto" has no fast backend on this device).
+        self.backend = "reference" if kernels == "reference" else resolve_backend(kernels, _device(model))
+        self.swaps, self.left_alone = [], []
+        if kernels != "reference":
+            self.swaps, self.left_alone = _plan_swaps(model, self.backend)
+        self._hook = None if cache is None else CacheHook(model, cache, backend=self.backend)
         self.active = False
 
     def _install(self) -> None:
+        for swap in self.swaps:
+            swap.parent._modules[swap.name] = swap.fused
         if self._hook is not None:
             self._hook.install()
         setattr(self.model, _ATTRIBUTE, self)
@@ -40,6 +50,8 @@ class PatchHandle:
             return
         if self._hook is not None:
             self._hook.remove()
+        for swap in reversed(self.swaps):
+            swap.parent._modules[swap.name] = swap.original
         delattr(self.model, _ATTRIBUTE)
         self.active = False
 
@@ -60,8 +72,12 @@ class PatchHandle:
             "active": self.active,
             "kernels": {
                 "requested": self.kernels,
-                "swapped": [],
-                "note": "no fused Semla modules yet (issue 5): every module runs its reference path",
+                "backend": self.backend,
+                "swapped": [
+                    {"module": swap.path, "from": type(swap.original).__name__, "to": type(swap.fused).__name__}
+                    for swap in self.swaps
+                ],
+                "left_alone": self.left_alone,
             },
         }
         if self.cache is not None:
@@ -82,7 +98,7 @@ class PatchHandle:
                     name for name, m in self.model.named_modules() if any(m is p for p in hook.prefix)
                 ],
                 "history": "float32 (float64 for float64 models), stored by value",
-                "cache_forecast_backend": resolve_backend(self.kernels, _device(self.model)),
+                "cache_forecast_backend": self.backend,
             }
         return report
 
@@ -93,19 +109,16 @@ class PatchHandle:
 def patch_model(model: nn.Module, kernels: str = "auto", cache: CacheConfig | None = None) -> PatchHandle:
     """Speed up ``model`` in place and return the handle that undoes it.
 
-    kernels: "auto" (fused modules where available — none yet — and the fastest backend for the cache's op) or
-        "reference" (no swaps, PyTorch reference op). "cpp", "triton", "fused" arrive with issue 5.
+    kernels: "auto" (fused modules on the fastest backend for the model's device: C++ on CPU, Triton on CUDA;
+        one warning if that backend is missing, then the PyTorch reference ops), "cpp" or "triton" (that backend
+        or an error), or "reference" (no swaps; the cache's op runs in PyTorch).
     cache: None, or a :class:`~fastflow.cache.CacheConfig`.
 
-    With ``cache=None`` (or interval 1) the outputs equal the unpatched model's bit for bit.
+    With ``kernels="reference"`` and ``cache=None`` the outputs equal the unpatched model's bit for bit; with fused
+    kernels they match within fp32 rounding (relative error ≤ 1e-5).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model needs a torch.nn.Module, got {type(model).__name__}")
-    if kernels in FUSED_KERNELS:
-        raise NotImplementedError(
-            f"kernels={kernels!r}: the fused Semla kernels arrive with issue 5; use "
-            f"kernels='auto' or 'reference' for now"
-        )
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels={kernels!r}; expected one of {KERNELS}")
     if cache is not None and not isinstance(cache, CacheConfig):
@@ -124,6 +137,70 @@ def patch_model(model: nn.Module, kernels: str = "auto", cache: CacheConfig | No
     handle = PatchHandle(model, kernels, cache)
     handle._install()
     return handle
+
+
+class _Swap:
+    """One child module replaced by its fused stand-in."""
+
+    def __init__(self, path: str, parent: nn.Module, name: str, original: nn.Module, fused: nn.Module):
+        self.path, self.parent, self.name, self.original, self.fused = path, parent, name, original, fused
+
+
+# Modules recognised by class name (fastflow's and upstream SemlaFlow's share them) and checked by structure.
+_FUSABLE = {"EquiMessagePassingLayer": "layer", "NodeFeedForward": "feed_forward", "BondRefine": "bond_refine"}
+_FUSED = {"layer": FusedSemlaLayer, "feed_forward": FusedNodeFeedForward, "bond_refine": FusedBondRefine}
+
+
+def _plan_swaps(model: nn.Module, backend: str) -> tuple[list[_Swap], list[dict]]:
+    """The fused stand-ins for every recognised Semla module (outermost first), and the modules left alone."""
+    swaps, left_alone, inside = [], [], []
+    for path, module in model.named_modules():
+        kind = _FUSABLE.get(type(module).__name__)
+        if kind is None or any(path.startswith(prefix + ".") for prefix in inside):
+            continue
+        reason = _unsupported_reason(module, kind)
+        if reason is not None:
+            left_alone.append({"module": path, "class": type(module).__name__, "reason": reason})
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        fused = FusedSemlaLayer(module, backend=backend) if kind == "layer" else _FUSED[kind](module)
+        swaps.append(_Swap(path, parent, name, module, fused))
+        inside.append(path)
+    return swaps, left_alone
+
+
+def _unsupported_reason(module: nn.Module, kind: str) -> str | None:
+    """Why ``module`` does not have the structure the fused module reads, or None."""
+    try:
+        if kind == "bond_refine":
+            M = module.node_proj.out_features
+            if module.message_mlp[0].in_features != 2 * M + 2 + module.edge_norm.normalized_shape[0]:
+                return "message MLP input is not [m_i, m_j, |x_i - x_j|², x_i·x_j, LN(e_ij)]"
+            return None
+        if kind == "feed_forward":
+            ff = module
+            width = ff.equivariant_mlp.attn_proj.weight.shape
+            if ff.invariant_mlp.node_ff[0].in_features != ff.node_norm.normalized_shape[0] + width[0]:
+                return "invariant MLP input is not [h, |X_s|]"
+            return None
+        messages, coord_attn = module.message_ff, module.coord_attn
+        M, S, H = messages.node_proj.out_features, module.n_coord_sets, module.n_attn_heads
+        E_in, E_out = module.d_edge_in or 0, module.d_edge_out or 0
+        first, second = messages.message_mlp[0], messages.message_mlp[2]
+        if first.in_features != 2 * M + S + E_in:
+            return f"message MLP reads {first.in_features} features, expected 2·{M} + {S} + {E_in}"
+        if second.out_features != H + S + E_out:
+            return f"message MLP writes {second.out_features} channels, expected {H} + {S} + {E_out}"
+        if coord_attn.coord_proj.weight.shape != (S, S) or coord_attn.attn_proj.weight.shape != (S, S):
+            return "coordinate attention projects to a different number of sets"
+        if module.node_attn.in_proj.out_features != module.node_attn.d_model:
+            return "node attention width differs from d_model"
+        if getattr(messages.coord_norm, "norm", "none") not in (None, "none"):
+            return "message coordinates are not centred-only"
+    except (AttributeError, IndexError, TypeError) as error:
+        return f"unexpected structure ({error})"
+    return None
 
 
 def _device(model: nn.Module) -> torch.device:

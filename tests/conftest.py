@@ -10,3 +10,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def upstream_fixture():
+    """Weights, inputs and outputs of upstream SemlaFlow's tiny generator (tests/models/fixtures/generate_*.py)."""
+    from safetensors.torch import load_file
+
+    from tests.models.conftest import FIXTURES
+
+    return load_file(FIXTURES / "upstream_semla_tiny.safetensors")

@@ -88,10 +88,15 @@ def size_counts(distribution: SizeDistribution) -> torch.Tensor:
     return counts
 
 
-def draw_sizes(n_molecules: int, seed: int, distribution: SizeDistribution = QM9_SIZE_COUNTS) -> torch.Tensor:
-    """Atom counts ``[n_molecules]`` drawn from a histogram; molecule i's size depends only on (seed, i)."""
+def draw_sizes(n_molecules: int, seed: int, distribution: SizeDistribution = QM9_SIZE_COUNTS,
+               indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Atom counts ``[n_molecules]`` drawn from a histogram; molecule i's size depends only on (seed, i).
+
+    ``indices`` (``[n_molecules]``, default ``0 … n_molecules−1``): the request indices to draw for, so a shard
+    of a request gets the same sizes as the whole request.
+    """
     counts = size_counts(distribution)
-    keys = rng.molecule_keys(seed, torch.arange(n_molecules))
+    keys = rng.molecule_keys(seed, torch.arange(n_molecules) if indices is None else indices)
     u = rng.uniform(rng.combine(keys, rng.SIZE)).to(torch.float64)
     cdf = counts.cumsum(0)
     return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=len(counts) - 1)
@@ -135,6 +140,7 @@ def sample(
     scale_ot: bool = False,
     progress: Optional[bool] = None,
     step_fn: StepFn = model_step,
+    indices: Optional[Union[Sequence[int], torch.Tensor]] = None,
 ) -> SampleResult:
     """Sample ``n_molecules`` molecules from a SemlaFlow-style generator.
 
@@ -154,6 +160,10 @@ def sample(
         scale_ot: multiply prior coordinates by 0.2·log(n + 1) (per molecule, see :mod:`.prior`).
         progress: tqdm bar; default on when stderr is a terminal.
         step_fn: ``step_fn(model, state, cond) -> Prediction``, the hook for caches (see :mod:`.step`).
+        indices: the request indices of the ``n_molecules`` molecules (distinct integers >= 0; default
+            ``0 … n_molecules−1``). Molecule j is sampled as molecule ``indices[j]`` of a larger request — its
+            size, prior and every draw keyed by that index — so shards of a request sampled apart equal the
+            whole request sampled at once (up to fp32 rounding). Results stay in the order of ``indices``.
     """
     started = time.perf_counter()
     config = getattr(model, "config", None)
@@ -164,13 +174,15 @@ def sample(
         raise ValueError(f"n_molecules must be an integer >= 1, got {n_molecules!r}")
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    sizes = _check_sizes(n_molecules, seed, sizes, size_distribution, getattr(config, "max_atoms", None))
+    indices = _check_indices(n_molecules, indices)
+    max_atoms = getattr(config, "max_atoms", None)
+    sizes = _check_sizes(n_molecules, seed, sizes, size_distribution, max_atoms, indices)
     if max_batch_atoms is not None and max_batch_atoms < int(sizes.max()):
         raise ValueError(f"max_batch_atoms={max_batch_atoms} is smaller than the largest molecule "
                          f"({int(sizes.max())} atoms)")
     device = _check_device(model, device)
     batches = plan_batches(sizes, batch_size, max_batch_atoms)
-    keys = rng.molecule_keys(seed, torch.arange(n_molecules))
+    keys = rng.molecule_keys(seed, indices)
 
     outputs: list = [None] * n_molecules
     nfe = 0
@@ -182,8 +194,8 @@ def sample(
         with torch.no_grad(), bar:
             for index in batches:
                 batch_out, batch_nfe = _sample_batch(
-                    model, step_fn, index.to(device), sizes[index].to(device), keys[index].to(device), grid,
-                    self_cond, noise_level, scale_ot, coord_scale, bar)
+                    model, step_fn, indices[index].to(device), sizes[index].to(device), keys[index].to(device),
+                    grid, self_cond, noise_level, scale_ot, coord_scale, bar)
                 nfe += batch_nfe
                 for i, out in zip(index.tolist(), batch_out):
                     outputs[i] = out
@@ -257,12 +269,27 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_sizes(n_molecules, seed, sizes, size_distribution, max_atoms) -> torch.Tensor:
+def _check_indices(n_molecules, indices) -> torch.Tensor:
+    if indices is None:
+        return torch.arange(n_molecules)
+    indices = torch.as_tensor(indices)
+    if indices.dim() != 1 or len(indices) != n_molecules:
+        raise ValueError(f"indices must list one request index per molecule ({n_molecules}), got shape "
+                         f"{tuple(indices.shape)}")
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise ValueError("indices must be integers")
+    indices = indices.long().cpu()
+    if (indices < 0).any() or len(torch.unique(indices)) != n_molecules:
+        raise ValueError("indices must be distinct integers >= 0")
+    return indices
+
+
+def _check_sizes(n_molecules, seed, sizes, size_distribution, max_atoms, indices=None) -> torch.Tensor:
     if sizes is not None and size_distribution is not None:
         raise ValueError("give either sizes or size_distribution, not both")
     if sizes is None:
         distribution = QM9_SIZE_COUNTS if size_distribution is None else size_distribution
-        sizes = draw_sizes(n_molecules, seed, distribution)
+        sizes = draw_sizes(n_molecules, seed, distribution, indices)
     else:
         sizes = torch.as_tensor(sizes)
         if sizes.dim() != 1 or len(sizes) != n_molecules:

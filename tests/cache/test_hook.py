@@ -29,7 +29,7 @@ def assert_same_samples(a, b):
 
 def run(model, cache, **kwargs):
     """Sample with a fresh patch; returns (result, stats)."""
-    handle = patch_model(model, cache=cache)
+    handle = patch_model(model, kernels="reference", cache=cache)
     try:
         return sample(model, **kwargs), handle.stats()
     finally:
@@ -133,7 +133,7 @@ def test_adaptive_policy_is_batch_independent(model64):
 def test_nothing_leaks_across_calls(model):
     """One patch reused over many requests of varying batch and molecule sizes equals a fresh patch per request."""
     cache = CacheConfig(interval=3, tolerance=0.5)
-    handle = patch_model(model, cache=cache)
+    handle = patch_model(model, kernels="reference", cache=cache)
     reused = [
         sample(model, n, steps=5, seed=s, sizes=sizes, batch_size=b)
         for n, s, sizes, b in [(3, 0, [4, 6, 5], 3), (2, 1, [9, 3], 1), (3, 0, [4, 6, 5], 2), (1, 2, [7], 1)]

@@ -1,5 +1,4 @@
 import torch
-import pytest
 from pathlib import Path
 
 from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
@@ -39,10 +38,3 @@ def perturbed_model(config, seed=0, dtype=torch.float32):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
-
-
-@pytest.fixture
-def upstream_fixture():
-    from safetensors.torch import load_file
-
-    return load_file(FIXTURES / "upstream_semla_tiny.safetensors")

@@ -1,0 +1,497 @@
+// CPU kernel of fastflow::semla_attention: one Semla layer's pair messages, node attention and coordinate
+// attention (the math and the reference: fastflow/ops/semla_attention.py).
+//
+// Flash-attention style. The B*N rows (b, i) are cut into tiles of Ti consecutive rows, Ti*N ≈ kTilePairs
+// pairs (a tile may span molecules: the GEMMs do not care), and each thread evaluates whole tiles in
+// thread-local buffers that stay in L2:
+//   1. K[(i,j), :] = [G_ij (S Gram entries) | LN(e_ij) (E_in)]            pairs × (S + E_in)
+//   2. hidden = a_i + c_j + K · [Wg | We]^T, then silu                    one GEMM, pairs × F
+//   3. z = b2 + hidden · W2^T; e'_ij = z_ij[H + P:]                      one GEMM, pairs × (H + P + E_out)
+//   4. per row i: softmax over the edges j of the H + P logit columns (max, then exp, Σexp, Σexp²),
+//      o_i = sqrt(Σα²) Σ α_j v_j and u_i = sqrt(Σβ²) Σ β_j d_ij / (|d_ij| + eps).
+// No [B, N, N, ·] tensor but e' is written. The GEMMs are ATen's CPU kernels called directly (at::cpu::addmm_,
+// MKL/oneDNN sgemm, no dispatcher); inside at::parallel_for they run on the calling thread, which is what
+// we want. The hand loops of steps 1, 2, 4 run over contiguous rows; they are compiled three times
+// (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, baseline) and picked at load time (GCC target_clones), because
+// the extension itself is built for the baseline ISA. float32 uses a polynomial exp and a Newton rsqrt that
+// vectorise (relative error ~1e-7); float64 uses std::exp and std::sqrt.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// -DFASTFLOW_CLONES= (empty) or -DFASTFLOW_CLONES='__attribute__((target("arch=x86-64-v3")))' builds one variant
+// only, to test it on a machine that would pick another.
+#ifndef FASTFLOW_CLONES
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#define FASTFLOW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTFLOW_CLONES
+#endif
+#endif
+#if defined(__GNUC__)
+#define FASTFLOW_INLINE inline __attribute__((always_inline))
+#else
+#define FASTFLOW_INLINE inline
+#endif
+
+namespace fastflow {
+namespace {
+
+constexpr int64_t kTilePairs = 512;  // pairs (i, j) per tile: the GEMMs' M; buffers ~ 0.5 MiB at F = 128
+
+// ---- element functions that vectorise ----
+
+// exp(x): Cephes' expf polynomial on [-ln2/2, ln2/2] times 2^n; relative error < 2e-7 on [-87, 88], x clamped to
+// [lo, hi] = [-87, 88] first. The bounds are arguments read from Problem at run time on purpose: with literal
+// bounds GCC splits the loop on the clamp (its outcome is a constant there) and no longer vectorises it
+// (the AVX2 and baseline builds ran silu and the softmax scalar).
+FASTFLOW_INLINE float exp_fast(float x, float lo, float hi) {
+  x = std::min(std::max(x, lo), hi);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;              // x - n ln2, ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+FASTFLOW_INLINE double exp_fast(double x, float /*lo*/, float /*hi*/) { return std::exp(x); }
+
+// sqrt(q) for q >= 0 as q * rsqrt(q): bit-trick guess (3.5%) and three Newton steps (~1 ulp); sqrt(0) = 0.
+// std::sqrt does not vectorise here: without -fno-math-errno it may set errno.
+FASTFLOW_INLINE float sqrt_fast(float q) {
+  int32_t bits;
+  std::memcpy(&bits, &q, sizeof(bits));
+  bits = 0x5f3759df - (bits >> 1);
+  float r;
+  std::memcpy(&r, &bits, sizeof(r));
+  const float h = 0.5f * q;
+  r = r * (1.5f - h * r * r);
+  r = r * (1.5f - h * r * r);
+  r = r * (1.5f - h * r * r);
+  return q * r;
+}
+FASTFLOW_INLINE double sqrt_fast(double q) { return std::sqrt(q); }
+
+// Σ x and Σ x² over a short row (an edge feature vector) with 128 bytes of independent partial sums and a tree
+// at the end: an `omp simd` reduction keeps one vector and then adds its lanes one by one, a long dependency
+// chain per pair.
+template <typename T>
+FASTFLOW_INLINE T sum_of(const T* x, int64_t n) {
+  constexpr int L = 128 / sizeof(T);
+  T acc[L] = {};
+  int64_t q = 0;
+  for (; q + L <= n; q += L) {
+    for (int l = 0; l < L; ++l) acc[l] += x[q + l];
+  }
+  for (int l = 0; q + l < n; ++l) acc[l] += x[q + l];
+  for (int w = L / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  }
+  return acc[0];
+}
+
+template <typename T>
+FASTFLOW_INLINE T sum_of_squares(const T* x, int64_t n) {
+  constexpr int L = 128 / sizeof(T);
+  T acc[L] = {};
+  int64_t q = 0;
+  for (; q + L <= n; q += L) {
+    for (int l = 0; l < L; ++l) acc[l] += x[q + l] * x[q + l];
+  }
+  for (int l = 0; q + l < n; ++l) acc[l] += x[q + l] * x[q + l];
+  for (int w = L / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  }
+  return acc[0];
+}
+
+// ---- the problem ----
+
+template <typename T>
+struct Problem {
+  int64_t B, N, F, S, H, D, P, E_in, E_out;
+  int64_t Z;   // H + P + E_out: columns of z
+  int64_t Kd;  // S + E_in: columns of K
+  const T* a;      // [B, N, F]
+  const T* c;      // [B, N, F]
+  const T* Xt;     // gram_coords as [B, N, 3, S]
+  const T* bias;   // [Z]
+  const T* vt;     // values as [B, N, D, H]
+  const T* Yt;     // attn_coords as [B, N, 3, P]
+  const bool* adj; // [B, N, N]
+  const T* edge;   // [B, N, N, E_in] or null
+  const T* ln_w;   // [E_in]
+  const T* ln_b;   // [E_in]
+  T ln_eps, coord_eps;
+  float exp_lo = -87.0f, exp_hi = 88.0f;  // exp_fast's clamp (see there)
+  T* node_out;   // [B, N, H * D]
+  T* coord_out;  // [B, N, P, 3]
+  T* edge_out;   // [B, N, N, E_out]
+};
+
+// Scratch of one row's softmax and aggregation.
+template <typename T>
+struct RowScratch {
+  std::vector<T> max, sum, sum_sq, scale, node_acc, coord_acc;
+  std::vector<int64_t> edges;
+  explicit RowScratch(const Problem<T>& pr)
+      : max(pr.H + pr.P), sum(pr.H + pr.P), sum_sq(pr.H + pr.P), scale(pr.H + pr.P),
+        node_acc(pr.H * pr.D), coord_acc(3 * pr.P), edges(pr.N) {}
+};
+
+// Step 1 and the first half of step 2 for the rows [r0, r1): K = [G | LN(e)], hidden = a_i + c_j.
+template <typename T>
+FASTFLOW_INLINE void pair_inputs_impl(const Problem<T>& pr, int64_t r0, int64_t r1, T* K, T* hidden) {
+  const int64_t N = pr.N, F = pr.F, S = pr.S, E = pr.E_in, Kd = pr.Kd;
+  const T* __restrict ln_w = pr.ln_w;
+  const T* __restrict ln_b = pr.ln_b;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / N;
+    const T* a_i = pr.a + r * F;
+    const T* xi = pr.Xt + r * 3 * S;
+    for (int64_t j = 0; j < N; ++j) {
+      const int64_t pair = (r - r0) * N + j;
+      T* k = K + pair * Kd;
+      const T* xj = pr.Xt + (b * N + j) * 3 * S;
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) k[s] = xi[s] * xj[s] + xi[S + s] * xj[S + s] + xi[2 * S + s] * xj[2 * S + s];
+      if (E > 0) {  // LayerNorm of e_ij (biased variance, as F.layer_norm), two passes
+        const T* e = pr.edge + (r * N + j) * E;
+        T* ln = k + S;
+        const T mean = sum_of(e, E) / static_cast<T>(E);
+#pragma omp simd
+        for (int64_t q = 0; q < E; ++q) ln[q] = e[q] - mean;
+        const T rstd = T(1) / std::sqrt(sum_of_squares(ln, E) / static_cast<T>(E) + pr.ln_eps);
+#pragma omp simd
+        for (int64_t q = 0; q < E; ++q) ln[q] = ln[q] * rstd * ln_w[q] + ln_b[q];
+      }
+      const T* c_j = pr.c + (b * N + j) * F;
+      T* h = hidden + pair * F;
+#pragma omp simd
+      for (int64_t f = 0; f < F; ++f) h[f] = a_i[f] + c_j[f];
+    }
+  }
+}
+
+// Second half of step 2 and the bias of step 3: hidden = silu(hidden) in place, z rows = b2.
+template <typename T>
+FASTFLOW_INLINE void silu_and_bias_impl(const Problem<T>& pr, int64_t pairs, T* hidden, T* z) {
+  const int64_t n = pairs * pr.F;
+  const float lo = pr.exp_lo, hi = pr.exp_hi;
+#pragma omp simd
+  for (int64_t q = 0; q < n; ++q) hidden[q] = hidden[q] / (T(1) + exp_fast(-hidden[q], lo, hi));
+  const int64_t Z = pr.Z;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    T* zp = z + pair * Z;
+#pragma omp simd
+    for (int64_t q = 0; q < Z; ++q) zp[q] = pr.bias[q];
+  }
+}
+
+// Step 4 for the rows [r0, r1) of a tile whose z is in `z` (overwritten by the exponentials); e' copied out.
+template <typename T>
+FASTFLOW_INLINE void attend_impl(const Problem<T>& pr, int64_t r0, int64_t r1, T* z, RowScratch<T>& scratch) {
+  const int64_t N = pr.N, H = pr.H, D = pr.D, P = pr.P, Z = pr.Z, C = H + P, HD = H * D;
+  if (pr.E_out > 0) {
+    const int64_t E = pr.E_out;
+    T* out = pr.edge_out + r0 * N * E;  // the tile's rows of e' are one contiguous block
+    for (int64_t pair = 0; pair < (r1 - r0) * N; ++pair) {
+      const T* zp = z + pair * Z + C;
+      T* o = out + pair * E;
+#pragma omp simd
+      for (int64_t q = 0; q < E; ++q) o[q] = zp[q];
+    }
+  }
+  T* m = scratch.max.data();
+  T* s1 = scratch.sum.data();
+  T* s2 = scratch.sum_sq.data();
+  T* scale = scratch.scale.data();
+  T* node_acc = scratch.node_acc.data();
+  T* ax = scratch.coord_acc.data();
+  T* ay = ax + P;
+  T* az = ay + P;
+  int64_t* edges = scratch.edges.data();
+  const float lo = pr.exp_lo, hi = pr.exp_hi;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / N;
+    T* zr = z + (r - r0) * N * Z;  // z of the pairs (i, 0..N-1)
+
+    // The edges of row i; a row without any takes its softmax over every j (the reference's additive mask).
+    const bool* adj = pr.adj + r * N;
+    int64_t n_edges = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      edges[n_edges] = j;
+      n_edges += adj[j] ? 1 : 0;
+    }
+    if (n_edges == 0) {
+      for (int64_t j = 0; j < N; ++j) edges[j] = j;
+      n_edges = N;
+    }
+
+    // Softmax statistics of the H + P logit columns: max, then exp in place, Σexp and Σexp².
+    std::fill(m, m + C, -std::numeric_limits<T>::infinity());
+    for (int64_t t = 0; t < n_edges; ++t) {
+      const T* zj = zr + edges[t] * Z;
+#pragma omp simd
+      for (int64_t q = 0; q < C; ++q) m[q] = std::max(m[q], zj[q]);
+    }
+    std::fill(s1, s1 + C, T(0));
+    std::fill(s2, s2 + C, T(0));
+    for (int64_t t = 0; t < n_edges; ++t) {
+      T* zj = zr + edges[t] * Z;
+#pragma omp simd
+      for (int64_t q = 0; q < C; ++q) {
+        const T e = exp_fast(zj[q] - m[q], lo, hi);
+        zj[q] = e;
+        s1[q] += e;
+        s2[q] += e * e;
+      }
+    }
+    // α = e / Σe, so sqrt(Σα²) Σ α_j x_j = sqrt(Σe²) / (Σe)² · Σ e_j x_j.
+#pragma omp simd
+    for (int64_t q = 0; q < C; ++q) scale[q] = std::sqrt(s2[q]) / (s1[q] * s1[q]);
+
+    // Node attention: o_i,h = scale_h Σ_j e_j,h v_j,h, accumulated as [D, H] from values laid out [B, N, D, H]
+    // so that the inner loop runs over the heads (d_head is often too short to vectorise); four edges per pass
+    // over the accumulator.
+    std::fill(node_acc, node_acc + HD, T(0));
+    int64_t t = 0;
+    for (; t + 4 <= n_edges; t += 4) {
+      const T* e0 = zr + edges[t] * Z;
+      const T* e1 = zr + edges[t + 1] * Z;
+      const T* e2 = zr + edges[t + 2] * Z;
+      const T* e3 = zr + edges[t + 3] * Z;
+      const T* v0 = pr.vt + (b * N + edges[t]) * HD;
+      const T* v1 = pr.vt + (b * N + edges[t + 1]) * HD;
+      const T* v2 = pr.vt + (b * N + edges[t + 2]) * HD;
+      const T* v3 = pr.vt + (b * N + edges[t + 3]) * HD;
+      for (int64_t d = 0; d < D; ++d) {
+        T* acc = node_acc + d * H;
+        const int64_t o = d * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h)
+          acc[h] += (e0[h] * v0[o + h] + e1[h] * v1[o + h]) + (e2[h] * v2[o + h] + e3[h] * v3[o + h]);
+      }
+    }
+    for (; t < n_edges; ++t) {
+      const T* e0 = zr + edges[t] * Z;
+      const T* v0 = pr.vt + (b * N + edges[t]) * HD;
+      for (int64_t d = 0; d < D; ++d) {
+        T* acc = node_acc + d * H;
+        const int64_t o = d * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) acc[h] += e0[h] * v0[o + h];
+      }
+    }
+    T* node_out = pr.node_out + r * HD;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t h = 0; h < H; ++h) node_out[h * D + d] = node_acc[d * H + h] * scale[h];
+    }
+
+    // Coordinate attention: u_i,p = scale_p Σ_j e_j,p (Y_p,i - Y_p,j) / (|Y_p,i - Y_p,j| + eps); the j = i
+    // term is 0 · (1 / eps) = 0 as in the reference.
+    std::fill(ax, ax + 3 * P, T(0));
+    const T* yi = pr.Yt + r * 3 * P;
+    const T eps = pr.coord_eps;
+    for (int64_t t = 0; t < n_edges; ++t) {
+      const int64_t j = edges[t];
+      const T* ej = zr + j * Z + H;
+      const T* yj = pr.Yt + (b * N + j) * 3 * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) {
+        const T dx = yi[p] - yj[p];
+        const T dy = yi[P + p] - yj[P + p];
+        const T dz = yi[2 * P + p] - yj[2 * P + p];
+        const T w = ej[p] / (sqrt_fast(dx * dx + dy * dy + dz * dz) + eps);
+        ax[p] += w * dx;
+        ay[p] += w * dy;
+        az[p] += w * dz;
+      }
+    }
+    T* coord_out = pr.coord_out + r * P * 3;
+    const T* scale_p = scale + H;
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) {
+      coord_out[3 * p] = ax[p] * scale_p[p];
+      coord_out[3 * p + 1] = ay[p] * scale_p[p];
+      coord_out[3 * p + 2] = az[p] * scale_p[p];
+    }
+  }
+}
+
+// The hand loops, compiled per ISA (templates are not cloned reliably by GCC: these plain overloads are, and
+// the always_inline templates above are compiled into each clone).
+FASTFLOW_CLONES void pair_inputs(const Problem<float>& pr, int64_t r0, int64_t r1, float* K, float* hidden) {
+  pair_inputs_impl(pr, r0, r1, K, hidden);
+}
+FASTFLOW_CLONES void pair_inputs(const Problem<double>& pr, int64_t r0, int64_t r1, double* K, double* hidden) {
+  pair_inputs_impl(pr, r0, r1, K, hidden);
+}
+FASTFLOW_CLONES void silu_and_bias(const Problem<float>& pr, int64_t pairs, float* hidden, float* z) {
+  silu_and_bias_impl(pr, pairs, hidden, z);
+}
+FASTFLOW_CLONES void silu_and_bias(const Problem<double>& pr, int64_t pairs, double* hidden, double* z) {
+  silu_and_bias_impl(pr, pairs, hidden, z);
+}
+FASTFLOW_CLONES void attend(const Problem<float>& pr, int64_t r0, int64_t r1, float* z, RowScratch<float>& s) {
+  attend_impl(pr, r0, r1, z, s);
+}
+FASTFLOW_CLONES void attend(const Problem<double>& pr, int64_t r0, int64_t r1, double* z, RowScratch<double>& s) {
+  attend_impl(pr, r0, r1, z, s);
+}
+
+template <typename T>
+void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const at::Tensor& w_out_t) {
+  const int64_t N = pr.N, rows = pr.B * pr.N;
+  // Ti rows per tile, Ti * N ≈ kTilePairs, spread evenly over the rows.
+  const int64_t target = std::max<int64_t>(1, std::min<int64_t>(rows, (kTilePairs + N / 2) / N));
+  const int64_t n_tiles = (rows + target - 1) / target;
+  const int64_t tile_rows = (rows + n_tiles - 1) / n_tiles;
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    const int64_t max_pairs = tile_rows * N;
+    at::Tensor K = at::empty({max_pairs, pr.Kd}, options);
+    at::Tensor hidden = at::empty({max_pairs, pr.F}, options);
+    at::Tensor z = at::empty({max_pairs, pr.Z}, options);
+    RowScratch<T> scratch(pr);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r0 = tile * tile_rows, r1 = std::min(rows, r0 + tile_rows);
+      if (r0 >= r1) continue;
+      const int64_t pairs = (r1 - r0) * N;
+      at::Tensor K_t = pairs == max_pairs ? K : K.narrow(0, 0, pairs);
+      at::Tensor hidden_t = pairs == max_pairs ? hidden : hidden.narrow(0, 0, pairs);
+      at::Tensor z_t = pairs == max_pairs ? z : z.narrow(0, 0, pairs);
+      pair_inputs(pr, r0, r1, K.mutable_data_ptr<T>(), hidden.mutable_data_ptr<T>());
+      if (pr.Kd > 0) at::cpu::addmm_(hidden_t, K_t, w_in_t);
+      silu_and_bias(pr, pairs, hidden.mutable_data_ptr<T>(), z.mutable_data_ptr<T>());
+      at::cpu::addmm_(z_t, hidden_t, w_out_t);
+      attend(pr, r0, r1, z.mutable_data_ptr<T>(), scratch);
+    }
+  });
+}
+
+// ---- the op ----
+
+void check_tensor(const char* name, const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), "semla_attention (cpu kernel): ", name, " must be on cpu, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "semla_attention: ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  bool ok = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t d = 0; ok && d < shape.size(); ++d) ok = shape[d] < 0 || t.size(d) == shape[d];
+  if (!ok) {
+    std::vector<std::string> want;
+    for (int64_t s : shape) want.push_back(s < 0 ? "*" : std::to_string(s));
+    std::string expected = "[";
+    for (size_t d = 0; d < want.size(); ++d) expected += (d ? ", " : "") + want[d];
+    TORCH_CHECK(false, "semla_attention: ", name, " must have shape ", expected, "], got ", t.sizes());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
+    const at::Tensor& node_terms_i, const at::Tensor& node_terms_j, const at::Tensor& gram_coords,
+    const at::Tensor& gram_weight, const at::Tensor& out_weight, const at::Tensor& out_bias,
+    const at::Tensor& values, const at::Tensor& attn_coords, const at::Tensor& adjacency,
+    const std::optional<at::Tensor>& edge_feats, const std::optional<at::Tensor>& edge_norm_weight,
+    const std::optional<at::Tensor>& edge_norm_bias, const std::optional<at::Tensor>& edge_weight,
+    double edge_norm_eps, double coord_eps) {
+  const auto dtype = node_terms_i.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "semla_attention: node_terms_i must be float32 or float64, got ", dtype);
+  TORCH_CHECK(node_terms_i.dim() == 3, "semla_attention: node_terms_i must have shape [B, N, F], got ",
+              node_terms_i.sizes());
+  const int64_t B = node_terms_i.size(0), N = node_terms_i.size(1), F = node_terms_i.size(2);
+  TORCH_CHECK(B > 0 && N > 0, "semla_attention: empty batch (node_terms_i has shape ", node_terms_i.sizes(), ")");
+  check_tensor("node_terms_i", node_terms_i, dtype, {B, N, F});
+  check_tensor("node_terms_j", node_terms_j, dtype, {B, N, F});
+  check_tensor("gram_coords", gram_coords, dtype, {B, -1, N, 3});
+  const int64_t S = gram_coords.size(1);
+  check_tensor("gram_weight", gram_weight, dtype, {F, S});
+  check_tensor("values", values, dtype, {B, N, -1, -1});
+  const int64_t H = values.size(2), D = values.size(3);
+  check_tensor("attn_coords", attn_coords, dtype, {B, -1, N, 3});
+  const int64_t P = attn_coords.size(1);
+  check_tensor("out_weight", out_weight, dtype, {-1, F});
+  const int64_t Z = out_weight.size(0);
+  TORCH_CHECK(Z >= H + P, "semla_attention: out_weight must have at least H + P = ", H + P, " rows, got ", Z);
+  check_tensor("out_bias", out_bias, dtype, {Z});
+  check_tensor("adjacency", adjacency, at::kBool, {B, N, N});
+  const int given = edge_feats.has_value() + edge_norm_weight.has_value() + edge_norm_bias.has_value() +
+                    edge_weight.has_value();
+  TORCH_CHECK(given == 0 || given == 4, "semla_attention: edge_feats, edge_norm_weight, edge_norm_bias and "
+              "edge_weight are given together or not at all");
+  int64_t E_in = 0;
+  if (given == 4) {
+    check_tensor("edge_feats", *edge_feats, dtype, {B, N, N, -1});
+    E_in = edge_feats->size(3);
+    check_tensor("edge_norm_weight", *edge_norm_weight, dtype, {E_in});
+    check_tensor("edge_norm_bias", *edge_norm_bias, dtype, {E_in});
+    check_tensor("edge_weight", *edge_weight, dtype, {F, E_in});
+  }
+  TORCH_CHECK(std::isfinite(edge_norm_eps) && std::isfinite(coord_eps),
+              "semla_attention: edge_norm_eps and coord_eps must be finite");
+
+  // Per-call layouts: coordinates with the set index last, so that the hand loops run over contiguous sets.
+  const at::Tensor a = node_terms_i.contiguous(), c = node_terms_j.contiguous();
+  const at::Tensor Xt = gram_coords.permute({0, 2, 3, 1}).contiguous();  // [B, N, 3, S]
+  const at::Tensor Yt = attn_coords.permute({0, 2, 3, 1}).contiguous();  // [B, N, 3, P]
+  const at::Tensor vt = values.transpose(2, 3).contiguous();  // [B, N, D, H]
+  const at::Tensor bias = out_bias.contiguous(), adj = adjacency.contiguous();
+  at::Tensor edge, ln_w, ln_b;
+  at::Tensor w_in = gram_weight;  // [F, S + E_in]: K · w_in^T is the Gram and edge term of hidden
+  if (E_in > 0) {
+    edge = edge_feats->contiguous();
+    ln_w = edge_norm_weight->contiguous();
+    ln_b = edge_norm_bias->contiguous();
+    w_in = at::cat({gram_weight, *edge_weight}, 1);
+  }
+  const at::Tensor w_in_t = w_in.t(), w_out_t = out_weight.t();  // transposed views; the GEMM reads either
+
+  at::Tensor node_agg = at::empty({B, N, H * D}, a.options());
+  at::Tensor coord_agg = at::empty({B, N, P, 3}, a.options());
+  at::Tensor edge_out = at::empty({B, N, N, Z - H - P}, a.options());
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "semla_attention_cpu", [&] {
+    Problem<scalar_t> pr;
+    pr.B = B, pr.N = N, pr.F = F, pr.S = S, pr.H = H, pr.D = D, pr.P = P, pr.E_in = E_in, pr.E_out = Z - H - P;
+    pr.Z = Z, pr.Kd = S + E_in;
+    pr.a = a.const_data_ptr<scalar_t>();
+    pr.c = c.const_data_ptr<scalar_t>();
+    pr.Xt = Xt.const_data_ptr<scalar_t>();
+    pr.bias = bias.const_data_ptr<scalar_t>();
+    pr.vt = vt.const_data_ptr<scalar_t>();
+    pr.Yt = Yt.const_data_ptr<scalar_t>();
+    pr.adj = adj.const_data_ptr<bool>();
+    pr.edge = E_in > 0 ? edge.const_data_ptr<scalar_t>() : nullptr;
+    pr.ln_w = E_in > 0 ? ln_w.const_data_ptr<scalar_t>() : nullptr;
+    pr.ln_b = E_in > 0 ? ln_b.const_data_ptr<scalar_t>() : nullptr;
+    pr.ln_eps = static_cast<scalar_t>(edge_norm_eps);
+    pr.coord_eps = static_cast<scalar_t>(coord_eps);
+    pr.node_out = node_agg.mutable_data_ptr<scalar_t>();
+    pr.coord_out = coord_agg.mutable_data_ptr<scalar_t>();
+    pr.edge_out = edge_out.mutable_data_ptr<scalar_t>();
+    semla_attention_tiles<scalar_t>(pr, w_in_t, w_out_t);
+  });
+  return {node_agg, coord_agg, edge_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastflow, CPU, m) { m.impl("semla_attention", &semla_attention_cpu); }
+
+}  // namespace fastflow

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``fastflow bench`` and the scripts in ``bench/``: they print tables and return JSON rows."""
