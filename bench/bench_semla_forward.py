@@ -1,9 +1,10 @@
-"""One Semla generator forward: fastflow's reference model, side by side with upstream SemlaFlow when available.
+"""One Semla generator forward: fastflow's reference model and upstream SemlaFlow, each unpatched and patched.
 
-    python bench/bench_semla_forward.py [--preset semlaflow] [--repeats 5]
+    python bench/bench_semla_forward.py [--preset semlaflow] [--repeats 5] [--kernels auto]
 
 Upstream is timed only if ``semlaflow`` is importable (a checkout of github.com/rssrwn/semla-flow on PYTHONPATH);
-both models then run the same weights on the same inputs, alternating, so the ratio is measured side by side.
+all models then run the same weights on the same inputs, alternating, so the ratios are measured side by side.
+"+kernels" is ``fastflow.patch_model(model, kernels=...)``: the fused modules swapped into either implementation.
 Prints a table and writes ``bench/results/semla_forward.json``.
 """
 
@@ -11,35 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
+from fastflow.benchmarks.timing import machine_metadata
+from fastflow.benchmarks.kernels import random_inputs
 from fastflow.models import Semla, SemlaConfig
+from fastflow.patch import patch_model
 
-CASES = [(32, 18), (8, 44)]  # (molecules, atoms): QM9-like and GEOM-like batches
-
-
-def random_inputs(config: SemlaConfig, batch: int, atoms: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    B, N, V, K = batch, atoms, N_ATOM_TYPES, N_BOND_TYPES
-    one_hot = torch.nn.functional.one_hot
-    inputs = {
-        "coords": torch.randn(B, N, 3, generator=g),
-        "inv_feats": torch.cat([torch.rand(B, 1, 1, generator=g).expand(B, N, 1),
-                                one_hot(torch.randint(2, V, (B, N), generator=g), V).float()], -1),
-        "edge_feats": one_hot(torch.randint(0, K, (B, N, N), generator=g), K).float(),
-        "atom_mask": torch.ones(B, N, dtype=torch.long),
-    }
-    if config.self_cond:
-        inputs.update(cond_coords=torch.randn(B, N, 3, generator=g),
-                      cond_atomics=torch.softmax(torch.randn(B, N, V, generator=g), -1),
-                      cond_bonds=torch.softmax(torch.randn(B, N, N, K, generator=g), -1))
-    return inputs
+CASES = [(32, 18), (8, 44), (2, 100)]  # (molecules, atoms): QM9-like, GEOM-like, one large pair
 
 
 def upstream_generator(config: SemlaConfig):
@@ -60,6 +44,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="semlaflow")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernels", default="auto", help="fused backend for the patched rows (default auto)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "semla_forward.json")
     args = parser.parse_args()
 
@@ -69,6 +54,11 @@ def main():
     if upstream is not None:
         upstream.load_state_dict(models["fastflow"].state_dict())
         models["upstream"] = upstream
+    for name in list(models):
+        patched = Semla(config).eval() if name == "fastflow" else upstream_generator(config)
+        patched.load_state_dict(models["fastflow"].state_dict())
+        patch_model(patched, kernels=args.kernels)
+        models[f"{name}+kernels"] = patched
 
     rows = []
     for batch, atoms in CASES:
@@ -84,21 +74,23 @@ def main():
                     times[name].append(time.perf_counter() - start)
         row = {"molecules": batch, "atoms": atoms}
         row.update({f"{name}_ms": 1e3 * statistics.median(ts) for name, ts in times.items()})
-        if "upstream_ms" in row:
-            row["speedup"] = row["upstream_ms"] / row["fastflow_ms"]
+        for name in models:
+            if "upstream_ms" in row:
+                row[f"{name}_speedup_vs_upstream"] = row["upstream_ms"] / row[f"{name}_ms"]
         rows.append(row)
 
-    header = ["molecules", "atoms", "fastflow_ms"] + (["upstream_ms", "speedup"] if upstream is not None else [])
+    header = ["molecules", "atoms"] + [f"{name}_ms" for name in models]
+    if upstream is not None:
+        header += [f"{name}_speedup_vs_upstream" for name in models if name != "upstream"]
     print(f"Semla forward, preset {args.preset!r}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("  ".join(f"{h:>12}" for h in header))
+    print("  ".join(f"{h.replace('_speedup_vs_upstream', ' x'):>18}" for h in header))
     for row in rows:
-        print("  ".join(f"{row[h]:>12.2f}" if isinstance(row[h], float) else f"{row[h]:>12}" for h in header))
+        print("  ".join(f"{row[h]:>18.2f}" if isinstance(row[h], float) else f"{row[h]:>18}" for h in header))
     if upstream is None:
         print("(upstream semlaflow not importable: only fastflow timed)")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": args.preset, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "repeats": args.repeats}
+    meta = {"preset": args.preset, "repeats": args.repeats, "kernels": args.kernels, **machine_metadata()}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 

@@ -33,4 +33,21 @@ TORCH_LIBRARY(fastflow, m) {
       "Tensor out_weight, Tensor out_bias, Tensor values, Tensor attn_coords, Tensor adjacency, "
       "Tensor? edge_feats, Tensor? edge_norm_weight, Tensor? edge_norm_bias, Tensor? edge_weight, "
       "float edge_norm_eps, float coord_eps) -> (Tensor, Tensor, Tensor)");
+
+  // e3nn-compatible tensor products: a sum of Clebsch-Gordan paths (see the Python module)
+  m.set_python_module("fastflow.ops.tensor_product");
+  m.def(
+      "tensor_product(Tensor x1, Tensor x2, Tensor weights, Tensor paths, Tensor cg_index, Tensor cg_value, "
+      "Tensor cg_offsets, int dim_out) -> Tensor");
+  m.def(
+      "tensor_product_backward(Tensor grad_out, Tensor x1, Tensor x2, Tensor weights, Tensor paths, "
+      "Tensor cg_index, Tensor cg_value, Tensor cg_offsets) -> (Tensor, Tensor, Tensor)");
+  // out[n] = sum over edges e with edge_dst[e] == n of tensor_product(node_feats[edge_src[e]], edge_attrs[e], w[e])
+  m.def(
+      "tp_conv(Tensor node_feats, Tensor edge_attrs, Tensor weights, Tensor edge_src, Tensor edge_dst, "
+      "int n_nodes, Tensor paths, Tensor cg_index, Tensor cg_value, Tensor cg_offsets, int dim_out) -> Tensor");
+  m.def(
+      "tp_conv_backward(Tensor grad_out, Tensor node_feats, Tensor edge_attrs, Tensor weights, Tensor edge_src, "
+      "Tensor edge_dst, Tensor paths, Tensor cg_index, Tensor cg_value, Tensor cg_offsets) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -7,14 +7,15 @@
 //   1. K[(i,j), :] = [G_ij (S Gram entries) | LN(e_ij) (E_in)]            pairs × (S + E_in)
 //   2. hidden = a_i + c_j + K · [Wg | We]^T, then silu                    one GEMM, pairs × F
 //   3. z = b2 + hidden · W2^T; e'_ij = z_ij[H + P:]                      one GEMM, pairs × (H + P + E_out)
-//   4. per row i: softmax over the edges j of the H + P logit columns (max, then exp, Σexp, Σexp²),
+//   4. per row i: softmax over the edges j of the H + P logit columns (max, then exp in place, Σexp, Σexp²),
 //      o_i = sqrt(Σα²) Σ α_j v_j and u_i = sqrt(Σβ²) Σ β_j d_ij / (|d_ij| + eps).
-// No [B, N, N, ·] tensor but e' is written. The GEMMs are ATen's CPU kernels called directly (at::cpu::addmm_,
-// MKL/oneDNN sgemm, no dispatcher); inside at::parallel_for they run on the calling thread, which is what
-// we want. The hand loops of steps 1, 2, 4 run over contiguous rows; they are compiled three times
-// (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, baseline) and picked at load time (GCC target_clones), because
-// the extension itself is built for the baseline ISA. float32 uses a polynomial exp and a Newton rsqrt that
-// vectorise (relative error ~1e-7); float64 uses std::exp and std::sqrt.
+// No [B, N, N, ·] tensor but e' is written. The GEMMs are ATen's CPU addmm kernel called directly
+// (at::cpu::addmm_: MKL sgemm/dgemm, no dispatcher); inside at::parallel_for they run on the calling thread,
+// which is what we want. The hand loops of steps 1, 2, 4 run over contiguous channels (Gram sets, features,
+// logit columns, heads, coordinate sets); they are compiled three times (x86-64-v4 = AVX-512, x86-64-v3 =
+// AVX2 + FMA, baseline) and picked at load time (GCC target_clones), because the extension itself is built
+// for the baseline ISA. float32 uses a polynomial exp and a Newton rsqrt that vectorise (relative error
+// ~1e-7); float64 uses std::exp and std::sqrt. At the SemlaFlow sizes the two GEMMs take ~70% of the time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
@@ -30,7 +31,7 @@
 // -DFASTFLOW_CLONES= (empty) or -DFASTFLOW_CLONES='__attribute__((target("arch=x86-64-v3")))' builds one variant
 // only, to test it on a machine that would pick another.
 #ifndef FASTFLOW_CLONES
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
 #define FASTFLOW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTFLOW_CLONES
@@ -388,6 +389,23 @@ void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const
 
 // ---- the op ----
 
+// x viewed as [batch, rows, cols] (contiguous after .contiguous()) → [batch, cols, rows]. A plain loop: ATen's
+// permuted copy of these small tensors cost ~2% of the op.
+at::Tensor batched_transpose(const at::Tensor& x, int64_t batch, int64_t rows, int64_t cols) {
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty({batch, cols, rows}, in.options());
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "semla_attention_transpose", [&] {
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < batch; ++n, src += rows * cols, dst += rows * cols) {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+      }
+    }
+  });
+  return out;
+}
+
 void check_tensor(const char* name, const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape) {
   TORCH_CHECK(t.device().is_cpu(), "semla_attention (cpu kernel): ", name, " must be on cpu, got ", t.device());
   TORCH_CHECK(t.scalar_type() == dtype, "semla_attention: ", name, " must have dtype ", dtype, ", got ",
@@ -446,11 +464,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
   TORCH_CHECK(std::isfinite(edge_norm_eps) && std::isfinite(coord_eps),
               "semla_attention: edge_norm_eps and coord_eps must be finite");
 
-  // Per-call layouts: coordinates with the set index last, so that the hand loops run over contiguous sets.
+  // Per-call layouts: coordinate sets and heads last, so that the hand loops run over contiguous sets and heads.
   const at::Tensor a = node_terms_i.contiguous(), c = node_terms_j.contiguous();
-  const at::Tensor Xt = gram_coords.permute({0, 2, 3, 1}).contiguous();  // [B, N, 3, S]
-  const at::Tensor Yt = attn_coords.permute({0, 2, 3, 1}).contiguous();  // [B, N, 3, P]
-  const at::Tensor vt = values.transpose(2, 3).contiguous();  // [B, N, D, H]
+  const at::Tensor Xt = batched_transpose(gram_coords, B, S, N * 3);  // [B, N, 3, S]
+  const at::Tensor Yt = batched_transpose(attn_coords, B, P, N * 3);  // [B, N, 3, P]
+  const at::Tensor vt = batched_transpose(values, B * N, H, D);       // [B, N, D, H]
   const at::Tensor bias = out_bias.contiguous(), adj = adjacency.contiguous();
   at::Tensor edge, ln_w, ln_b;
   at::Tensor w_in = gram_weight;  // [F, S + E_in]: K · w_in^T is the Gram and edge term of hidden

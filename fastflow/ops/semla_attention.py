@@ -109,7 +109,7 @@ def check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weigh
     def check(name, tensor, shape):
         if not torch.is_tensor(tensor) or tensor.dim() != len(shape) or any(
                 want is not None and have != want for have, want in zip(tensor.shape, shape)):
-            fail(name, ["·" if want is None else want for want in shape], tensor)
+            fail(name, "[" + ", ".join("·" if want is None else str(want) for want in shape) + "]", tensor)
 
     check("node_terms_i", node_terms_i, (None, None, None))
     B, N, F_ = node_terms_i.shape

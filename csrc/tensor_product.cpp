@@ -1,0 +1,1060 @@
+// CPU kernels of fastflow::tensor_product, tensor_product_backward, tp_conv and tp_conv_backward (the math, the
+// descriptor tensors and the reference: fastflow/ops/tensor_product.py).
+//
+// Layout. Every loop runs over a multiplicity index (u, v or w) innermost, so the rows of x1, x2 and the output
+// are used in e3nn's "ir_mul" order within each irrep block (element [i][u] at pos + i·mul + u) rather than the
+// "mul_ir" order of the tensors (off + u·d + i). A Layout lists the distinct blocks the paths read or write and
+// where each sits in a transposed row. If every block has mul = 1 or d = 1 the two orders agree, and rows are
+// used as they are (the edge attributes of a message-passing layer, 1x0e+1x1o+1x2e, are such a row).
+//
+// tp_conv sorts the edges by destination (a counting sort, stable, so the sum over a node's edges runs in edge
+// order: deterministic) and runs over destination nodes in parallel, each node's messages summed in a
+// thread-local accumulator and written once: no atomics and no [E, dim_out] intermediate. The node features are
+// transposed to ir_mul once. The backward sorts by source: a source node's edges give its grad_node_feats row,
+// each edge its own grad_edge_attrs and grad_weights rows. Shared weights get their gradient as one partial sum
+// per chunk of rows, the chunks fixed by the problem size alone and summed in order, so the result does not
+// depend on the thread count. tensor_product is the same code with edge z = row z.
+//
+// Per path and row (a = x1 block [d1][mul1], b = x2 block [d2][mul2], o = output block [d_out][mul_out], entries
+// (i, j, k, c) the path's nonzero CG coefficients):
+//   uvu: y[j][u] = Σ_v W[u,v] b[j][v], then o[k][u] += Σ c a[i][u] y[j][u]
+//   uvv: z[i][v] = Σ_u W[u,v] a[i][u], then o[k][v] += Σ c z[i][v] b[j][v]
+//   uuu: o[k][u] += Σ c (W[u] a[i][u]) b[j][u]
+//   uuw: t[k][u] = Σ c a[i][u] b[j][u], then o[k][w] += Σ_u W[u,w] t[k][u]
+//   uvw: per v, t[k][u] = Σ c a[i][u] b[j][v], then o[k][w] += Σ_u W[u,v,w] t[k][u]
+// and uvu with mul2 = 1 (the common message-passing case) first folds b into M[i][k] = Σ_j c b[j] over the
+// distinct (i, k) pairs of the path, then o[k][u] += W[u] Σ_i M[i][k] a[i][u] keeps each output vector in
+// registers. The hot loops are compiled three times (x86-64-v4, x86-64-v3, baseline) and picked at load time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+// -DFASTFLOW_TP_CLONES= (empty) builds one variant only, e.g. to test the baseline on a machine with AVX-512.
+#ifndef FASTFLOW_TP_CLONES
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
+#define FASTFLOW_TP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTFLOW_TP_CLONES
+#endif
+#endif
+#if defined(__GNUC__)
+#define FASTFLOW_TP_INLINE inline __attribute__((always_inline))
+#else
+#define FASTFLOW_TP_INLINE inline
+#endif
+
+namespace fastflow {
+namespace {
+
+enum Mode : int64_t { kUVW = 0, kUVU = 1, kUVV = 2, kUUW = 3, kUUU = 4 };
+constexpr const char* kModeNames[] = {"uvw", "uvu", "uvv", "uuw", "uuu"};
+constexpr int I = 0, J = 1, K = 2;  // which index of a CG entry a contraction operand uses
+
+// ---- the descriptor ----
+
+struct Block {
+  int64_t off, mul, dim, pos;  // mul_ir offset in the tensor row; pos: offset in the ir_mul row
+};
+
+struct Layout {
+  std::vector<Block> blocks;
+  int64_t width = 0;    // elements of a row in this layout
+  bool trivial = true;  // ir_mul = mul_ir for every block: rows are used as they are (pos = off)
+
+  int64_t add(int64_t off, int64_t mul, int64_t dim) {
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      if (blocks[b].off == off && blocks[b].mul == mul && blocks[b].dim == dim) return static_cast<int64_t>(b);
+    }
+    blocks.push_back({off, mul, dim, 0});
+    return static_cast<int64_t>(blocks.size()) - 1;
+  }
+
+  void finish(int64_t row_dim) {
+    trivial = std::all_of(blocks.begin(), blocks.end(), [](const Block& b) { return b.mul == 1 || b.dim == 1; });
+    width = trivial ? row_dim : 0;
+    for (Block& b : blocks) {
+      b.pos = trivial ? b.off : width;
+      if (!trivial) width += b.mul * b.dim;
+    }
+  }
+};
+
+struct Path {
+  int64_t mode, mul1, d1, mul2, d2, mul_out, d_out;
+  int64_t block1, block2, block_out;  // into the layouts, then
+  int64_t pos1, pos2, pos_out;        // the blocks' positions in the ir_mul rows
+  int64_t w_off, w_size;
+  bool has_weight;
+  int64_t begin, end;            // its CG entries
+  int64_t pair_begin, pair_end;  // its distinct (i, k) pairs, grouped by k (uvu with mul2 = 1 only)
+};
+
+template <typename T>
+struct Entry {
+  int32_t idx[3];  // i, j, k
+  int32_t pair;    // index of (i, k) among the path's pairs (uvu with mul2 = 1), else 0
+  T c;
+};
+
+struct Pair {
+  int32_t i, k;
+};
+
+template <typename T>
+struct Descriptor {
+  std::vector<Path> paths;
+  std::vector<Entry<T>> entries;
+  std::vector<Pair> pairs;
+  Layout in1, in2, out;
+  std::vector<T> ones;       // W of the paths without weights
+  int64_t scratch = 0;       // per-row scratch elements of the widest path
+  int64_t max_pairs = 0;     // M values of the path with the most pairs
+};
+
+// Checks the descriptor tensors against the rows they describe and converts them; every message names the op
+// and the argument.
+template <typename T>
+Descriptor<T> parse_descriptor(const char* op, const at::Tensor& paths_t, const at::Tensor& cg_index_t,
+                               const at::Tensor& cg_value_t, const at::Tensor& cg_offsets_t, int64_t dim1,
+                               int64_t dim2, int64_t dim_out, int64_t n_weights) {
+  const at::Tensor paths = paths_t.contiguous(), cg_index = cg_index_t.contiguous();
+  const at::Tensor cg_value = cg_value_t.contiguous(), cg_offsets = cg_offsets_t.contiguous();
+  const int64_t P = paths.size(0), C = cg_index.size(0);
+  const int64_t* pa = paths.const_data_ptr<int64_t>();
+  const int64_t* ci = cg_index.const_data_ptr<int64_t>();
+  const T* cv = cg_value.const_data_ptr<T>();
+  const int64_t* co = cg_offsets.const_data_ptr<int64_t>();
+  TORCH_CHECK(co[0] == 0 && co[P] == C, op, ": cg_offsets must start at 0 and end at the number of cg_index rows (",
+              C, "), got ", co[0], " and ", co[P]);
+
+  Descriptor<T> D;
+  int64_t max_ones = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t* r = pa + 12 * p;
+    Path q{};
+    q.mode = r[0];
+    TORCH_CHECK(q.mode >= 0 && q.mode <= 4, op, ": paths[", p, "] has mode ", q.mode,
+                "; modes are 0..4 (uvw, uvu, uvv, uuw, uuu)");
+    const int64_t off1 = r[1], off2 = r[4], off_out = r[7];
+    q.mul1 = r[2], q.d1 = r[3], q.mul2 = r[5], q.d2 = r[6], q.mul_out = r[8], q.d_out = r[9];
+    q.w_off = r[10];
+    TORCH_CHECK(r[11] == 0 || r[11] == 1, op, ": paths[", p, "] has has_weight ", r[11], ", expected 0 or 1");
+    q.has_weight = r[11] == 1;
+    const char* mode = kModeNames[q.mode];
+    TORCH_CHECK(q.mul1 >= 0 && q.mul2 >= 0 && q.mul_out >= 0 && q.d1 >= 1 && q.d2 >= 1 && q.d_out >= 1 &&
+                    q.d1 < (1 << 30) && q.d2 < (1 << 30) && q.d_out < (1 << 30),
+                op, ": paths[", p, "] needs multiplicities >= 0 and irrep dimensions >= 1, got mul1 ", q.mul1,
+                ", d1 ", q.d1, ", mul2 ", q.mul2, ", d2 ", q.d2, ", mul_out ", q.mul_out, ", d_out ", q.d_out);
+    TORCH_CHECK(off1 >= 0 && off1 + q.mul1 * q.d1 <= dim1, op, ": paths[", p, "] reads x1 columns ", off1, ":",
+                off1 + q.mul1 * q.d1, ", outside the ", dim1, " columns of x1");
+    TORCH_CHECK(off2 >= 0 && off2 + q.mul2 * q.d2 <= dim2, op, ": paths[", p, "] reads x2 columns ", off2, ":",
+                off2 + q.mul2 * q.d2, ", outside the ", dim2, " columns of x2");
+    TORCH_CHECK(off_out >= 0 && off_out + q.mul_out * q.d_out <= dim_out, op, ": paths[", p,
+                "] writes output columns ", off_out, ":", off_out + q.mul_out * q.d_out, ", outside dim_out = ",
+                dim_out);
+    switch (q.mode) {
+      case kUVW: q.w_size = q.mul1 * q.mul2 * q.mul_out; break;
+      case kUVU:
+        TORCH_CHECK(q.mul_out == q.mul1, op, ": paths[", p, "] (uvu) needs mul_out == mul1, got ", q.mul_out,
+                    " and ", q.mul1);
+        q.w_size = q.mul1 * q.mul2;
+        break;
+      case kUVV:
+        TORCH_CHECK(q.mul_out == q.mul2, op, ": paths[", p, "] (uvv) needs mul_out == mul2, got ", q.mul_out,
+                    " and ", q.mul2);
+        q.w_size = q.mul1 * q.mul2;
+        break;
+      case kUUW:
+        TORCH_CHECK(q.mul2 == q.mul1, op, ": paths[", p, "] (uuw) needs mul2 == mul1, got ", q.mul2, " and ",
+                    q.mul1);
+        q.w_size = q.mul1 * q.mul_out;
+        break;
+      default:
+        TORCH_CHECK(q.mul2 == q.mul1 && q.mul_out == q.mul1, op, ": paths[", p,
+                    "] (uuu) needs mul1 == mul2 == mul_out, got ", q.mul1, ", ", q.mul2, ", ", q.mul_out);
+        q.w_size = q.mul1;
+    }
+    if (q.has_weight) {
+      TORCH_CHECK(q.w_off >= 0 && q.w_off + q.w_size <= n_weights, op, ": paths[", p, "] (", mode,
+                  ") uses weights ", q.w_off, ":", q.w_off + q.w_size, ", outside the ", n_weights,
+                  " weights per row of weights");
+    } else {
+      max_ones = std::max(max_ones, q.w_size);
+    }
+    q.begin = co[p], q.end = co[p + 1];
+    TORCH_CHECK(q.begin <= q.end, op, ": cg_offsets must be non-decreasing, got cg_offsets[", p, "] = ", q.begin,
+                " > cg_offsets[", p + 1, "] = ", q.end);
+    q.block1 = D.in1.add(off1, q.mul1, q.d1);
+    q.block2 = D.in2.add(off2, q.mul2, q.d2);
+    q.block_out = D.out.add(off_out, q.mul_out, q.d_out);
+    const int64_t max_d = std::max({q.d1, q.d2, q.d_out}), max_mul = std::max({q.mul1, q.mul2, q.mul_out});
+    D.scratch = std::max(D.scratch, max_d * max_mul);
+    D.paths.push_back(q);
+  }
+
+  D.entries.resize(C);
+  for (Path& q : D.paths) {
+    const bool folded = q.mode == kUVU && q.mul2 == 1;
+    q.pair_begin = q.pair_end = static_cast<int64_t>(D.pairs.size());
+    for (int64_t e = q.begin; e < q.end; ++e) {
+      const int64_t i = ci[3 * e], j = ci[3 * e + 1], k = ci[3 * e + 2];
+      TORCH_CHECK(i >= 0 && i < q.d1 && j >= 0 && j < q.d2 && k >= 0 && k < q.d_out, op, ": cg_index[", e,
+                  "] = (", i, ", ", j, ", ", k, ") is outside the (d1, d2, d_out) = (", q.d1, ", ", q.d2, ", ",
+                  q.d_out, ") of its path");
+      D.entries[e] = {{static_cast<int32_t>(i), static_cast<int32_t>(j), static_cast<int32_t>(k)}, 0, cv[e]};
+    }
+    if (folded) {  // the distinct (i, k), grouped by k
+      for (int64_t k = 0; k < q.d_out; ++k) {
+        for (int64_t e = q.begin; e < q.end; ++e) {
+          if (D.entries[e].idx[K] != k) continue;
+          int64_t pair = q.pair_begin;
+          while (pair < q.pair_end && D.pairs[pair].i != D.entries[e].idx[I]) ++pair;
+          if (pair == q.pair_end) {
+            D.pairs.push_back({D.entries[e].idx[I], static_cast<int32_t>(k)});
+            ++q.pair_end;
+          }
+          // pairs of earlier k are skipped by the search above only if they differ in i; restrict it to this k
+          D.entries[e].pair = static_cast<int32_t>(pair - q.pair_begin);
+        }
+      }
+      D.max_pairs = std::max(D.max_pairs, q.pair_end - q.pair_begin);
+    }
+  }
+  D.in1.finish(dim1);
+  D.in2.finish(dim2);
+  D.out.finish(dim_out);
+  for (Path& q : D.paths) {
+    q.pos1 = D.in1.blocks[q.block1].pos;
+    q.pos2 = D.in2.blocks[q.block2].pos;
+    q.pos_out = D.out.blocks[q.block_out].pos;
+  }
+  D.ones.assign(max_ones, T(1));
+  D.scratch *= 2;
+  return D;
+}
+
+// ---- row layouts ----
+
+template <typename T>
+FASTFLOW_TP_INLINE void to_ir_mul(const Layout& L, const T* __restrict row, T* __restrict t) {
+  for (const Block& b : L.blocks) {
+    const T* src = row + b.off;
+    T* dst = t + b.pos;
+    for (int64_t u = 0; u < b.mul; ++u) {
+      for (int64_t i = 0; i < b.dim; ++i) dst[i * b.mul + u] = src[u * b.dim + i];
+    }
+  }
+}
+
+// row = the ir_mul row t in mul_ir order; columns outside every block are 0, overlapping blocks add up.
+template <typename T>
+FASTFLOW_TP_INLINE void from_ir_mul(const Layout& L, const T* __restrict t, T* __restrict row, int64_t dim) {
+  if (L.trivial) {
+    std::memcpy(row, t, dim * sizeof(T));
+    return;
+  }
+  std::memset(row, 0, dim * sizeof(T));
+  for (const Block& b : L.blocks) {
+    const T* src = t + b.pos;
+    T* dst = row + b.off;
+    for (int64_t u = 0; u < b.mul; ++u) {
+      for (int64_t i = 0; i < b.dim; ++i) dst[u * b.dim + i] += src[i * b.mul + u];
+    }
+  }
+}
+
+// ---- contractions over CG entries, vectorised over the multiplicity ----
+
+// out[O][u] += c · A[Ai][u] · B[Bi][u]   (rows of out, A, B at strides so, sa, sb)
+template <int O, int Ai, int Bi, typename T>
+FASTFLOW_TP_INLINE void contract(T* out, int64_t so, const T* A, int64_t sa, const T* B, int64_t sb, int64_t n,
+                                 const Entry<T>* e, const Entry<T>* e_end) {
+  for (; e != e_end; ++e) {
+    T* __restrict o = out + e->idx[O] * so;
+    const T* __restrict x = A + e->idx[Ai] * sa;
+    const T* __restrict y = B + e->idx[Bi] * sb;
+    const T c = e->c;
+#pragma omp simd
+    for (int64_t u = 0; u < n; ++u) o[u] += c * x[u] * y[u];
+  }
+}
+
+// out[O][u] += c · s[Bi·ss] · A[Ai][u]   (s: one scalar per B index)
+template <int O, int Ai, int Bi, typename T>
+FASTFLOW_TP_INLINE void contract_scalar(T* out, int64_t so, const T* A, int64_t sa, const T* s, int64_t ss,
+                                        int64_t n, const Entry<T>* e, const Entry<T>* e_end) {
+  for (; e != e_end; ++e) {
+    T* __restrict o = out + e->idx[O] * so;
+    const T* __restrict x = A + e->idx[Ai] * sa;
+    const T c = e->c * s[e->idx[Bi] * ss];
+#pragma omp simd
+    for (int64_t u = 0; u < n; ++u) o[u] += c * x[u];
+  }
+}
+
+// out[O·so] += c · Σ_u A[Ai][u] · B[Bi][u]
+template <int O, int Ai, int Bi, typename T>
+FASTFLOW_TP_INLINE void contract_dot(T* out, int64_t so, const T* A, int64_t sa, const T* B, int64_t sb, int64_t n,
+                                     const Entry<T>* e, const Entry<T>* e_end) {
+  for (; e != e_end; ++e) {
+    const T* __restrict x = A + e->idx[Ai] * sa;
+    const T* __restrict y = B + e->idx[Bi] * sb;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t u = 0; u < n; ++u) acc += x[u] * y[u];
+    out[e->idx[O] * so] += e->c * acc;
+  }
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE void fill_zero(T* x, int64_t n) {
+  std::memset(x, 0, n * sizeof(T));
+}
+
+// ---- one path on one row ----
+
+// uvu with mul2 = 1: M[pair] = Σ_{entries of the pair} c b[j]
+template <typename T>
+FASTFLOW_TP_INLINE void fold_b(const Path& p, const Entry<T>* E, const T* b, T* M) {
+  fill_zero(M, p.pair_end - p.pair_begin);
+  for (const Entry<T>* e = E + p.begin; e != E + p.end; ++e) M[e->pair] += e->c * b[e->idx[J]];
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pair* pairs, const T* a, const T* b,
+                                     const T* W, T* o, T* s) {
+  const Entry<T>* e0 = E + p.begin;
+  const Entry<T>* e1 = E + p.end;
+  const int64_t m1 = p.mul1, m2 = p.mul2, mo = p.mul_out;
+  switch (p.mode) {
+    case kUVU: {
+      if (m2 == 1) {  // o[k][u] += W[u] Σ_i M[i][k] a[i][u]
+        T* M = s;
+        T* acc = s + p.pair_end - p.pair_begin;
+        fold_b(p, E, b, M);
+        const Pair* pr = pairs + p.pair_begin;
+        const int64_t n_pairs = p.pair_end - p.pair_begin;
+        for (int64_t q = 0; q < n_pairs;) {
+          const int64_t k = pr[q].k;
+          T* __restrict t = acc;
+          {
+            const T* __restrict x = a + pr[q].i * m1;
+            const T c = M[q];
+#pragma omp simd
+            for (int64_t u = 0; u < m1; ++u) t[u] = c * x[u];
+          }
+          for (++q; q < n_pairs && pr[q].k == k; ++q) {
+            const T* __restrict x = a + pr[q].i * m1;
+            const T c = M[q];
+#pragma omp simd
+            for (int64_t u = 0; u < m1; ++u) t[u] += c * x[u];
+          }
+          T* __restrict ok = o + k * m1;
+#pragma omp simd
+          for (int64_t u = 0; u < m1; ++u) ok[u] += W[u] * t[u];
+        }
+        return;
+      }
+      T* y = s;  // [d2][m1]
+      for (int64_t j = 0; j < p.d2; ++j) {
+        for (int64_t u = 0; u < m1; ++u) {
+          T acc = 0;
+          for (int64_t v = 0; v < m2; ++v) acc += W[u * m2 + v] * b[j * m2 + v];
+          y[j * m1 + u] = acc;
+        }
+      }
+      contract<K, I, J>(o, m1, a, m1, y, m1, m1, e0, e1);
+      return;
+    }
+    case kUVV: {
+      T* z = s;  // [d1][m2]
+      fill_zero(z, p.d1 * m2);
+      for (int64_t u = 0; u < m1; ++u) {
+        const T* __restrict Wu = W + u * m2;
+        for (int64_t i = 0; i < p.d1; ++i) {
+          T* __restrict zi = z + i * m2;
+          const T av = a[i * m1 + u];
+#pragma omp simd
+          for (int64_t v = 0; v < m2; ++v) zi[v] += Wu[v] * av;
+        }
+      }
+      contract<K, I, J>(o, m2, z, m2, b, m2, m2, e0, e1);
+      return;
+    }
+    case kUUU: {
+      T* aw = s;  // [d1][m1]
+      for (int64_t i = 0; i < p.d1; ++i) {
+#pragma omp simd
+        for (int64_t u = 0; u < m1; ++u) aw[i * m1 + u] = W[u] * a[i * m1 + u];
+      }
+      contract<K, I, J>(o, m1, aw, m1, b, m1, m1, e0, e1);
+      return;
+    }
+    case kUUW: {
+      T* t = s;  // [d_out][m1]
+      fill_zero(t, p.d_out * m1);
+      contract<K, I, J>(t, m1, a, m1, b, m1, m1, e0, e1);
+      for (int64_t k = 0; k < p.d_out; ++k) {
+        T* __restrict ok = o + k * mo;
+        for (int64_t u = 0; u < m1; ++u) {
+          const T tv = t[k * m1 + u];
+          const T* __restrict Wu = W + u * mo;
+#pragma omp simd
+          for (int64_t w = 0; w < mo; ++w) ok[w] += tv * Wu[w];
+        }
+      }
+      return;
+    }
+    default: {  // uvw
+      T* t = s;  // [d_out][m1], one v at a time
+      for (int64_t v = 0; v < m2; ++v) {
+        fill_zero(t, p.d_out * m1);
+        contract_scalar<K, I, J>(t, m1, a, m1, b + v, m2, m1, e0, e1);
+        for (int64_t k = 0; k < p.d_out; ++k) {
+          T* __restrict ok = o + k * mo;
+          for (int64_t u = 0; u < m1; ++u) {
+            const T tv = t[k * m1 + u];
+            const T* __restrict Wuv = W + (u * m2 + v) * mo;
+#pragma omp simd
+            for (int64_t w = 0; w < mo; ++w) ok[w] += tv * Wuv[w];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Adds the path's gradients for one row: ga (x1, ir_mul), gb (x2, ir_mul), gW (the path's weights; nullptr:
+// none wanted), from g (the output gradient, ir_mul).
+template <typename T>
+FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pair* pairs, const T* g, const T* a,
+                                      const T* b, const T* W, T* ga, T* gb, T* gW, T* s, int64_t half) {
+  const Entry<T>* e0 = E + p.begin;
+  const Entry<T>* e1 = E + p.end;
+  const int64_t m1 = p.mul1, m2 = p.mul2, mo = p.mul_out;
+  switch (p.mode) {
+    case kUVU: {
+      if (m2 == 1) {
+        // ga[i][u] += W[u] Σ_k M[i][k] g[k][u];  gW[u] += Σ_k g[k][u] Σ_i M[i][k] a[i][u];
+        // gb[j] += Σ c D[i][k] with D[i][k] = Σ_u W[u] a[i][u] g[k][u]
+        const int64_t n_pairs = p.pair_end - p.pair_begin;
+        T* M = s;
+        T* Dp = s + n_pairs;
+        T* wg = s + 2 * n_pairs;  // [m1]: W[u] g[k][u] of the current k
+        T* t = wg + m1;           // [m1]: Σ_i M[i][k] a[i][u] of the current k
+        fold_b(p, E, b, M);
+        const Pair* pr = pairs + p.pair_begin;
+        for (int64_t q = 0; q < n_pairs;) {
+          const int64_t k = pr[q].k;
+          const T* __restrict gk = g + k * m1;
+#pragma omp simd
+          for (int64_t u = 0; u < m1; ++u) wg[u] = W[u] * gk[u];
+          if (gW != nullptr) fill_zero(t, m1);
+          for (; q < n_pairs && pr[q].k == k; ++q) {
+            const T* __restrict x = a + pr[q].i * m1;
+            T* __restrict gx = ga + pr[q].i * m1;
+            const T c = M[q];
+            T d = 0;
+#pragma omp simd reduction(+ : d)
+            for (int64_t u = 0; u < m1; ++u) {
+              gx[u] += c * wg[u];
+              d += x[u] * wg[u];
+            }
+            Dp[q] = d;
+            if (gW != nullptr) {
+#pragma omp simd
+              for (int64_t u = 0; u < m1; ++u) t[u] += c * x[u];
+            }
+          }
+          if (gW != nullptr) {
+#pragma omp simd
+            for (int64_t u = 0; u < m1; ++u) gW[u] += gk[u] * t[u];
+          }
+        }
+        for (const Entry<T>* e = e0; e != e1; ++e) gb[e->idx[J]] += e->c * Dp[e->pair];
+        return;
+      }
+      T* y = s;  // [d2][m1] as in the forward
+      for (int64_t j = 0; j < p.d2; ++j) {
+        for (int64_t u = 0; u < m1; ++u) {
+          T acc = 0;
+          for (int64_t v = 0; v < m2; ++v) acc += W[u * m2 + v] * b[j * m2 + v];
+          y[j * m1 + u] = acc;
+        }
+      }
+      contract<I, K, J>(ga, m1, g, m1, y, m1, m1, e0, e1);
+      T* gy = s + half;  // [d2][m1]
+      fill_zero(gy, p.d2 * m1);
+      contract<J, I, K>(gy, m1, a, m1, g, m1, m1, e0, e1);
+      for (int64_t u = 0; u < m1; ++u) {
+        for (int64_t j = 0; j < p.d2; ++j) {
+          const T gyv = gy[j * m1 + u];
+          const T* __restrict bj = b + j * m2;
+          T* __restrict gbj = gb + j * m2;
+          const T* __restrict Wu = W + u * m2;
+          if (gW != nullptr) {
+            T* __restrict gWu = gW + u * m2;
+#pragma omp simd
+            for (int64_t v = 0; v < m2; ++v) gWu[v] += gyv * bj[v];
+          }
+#pragma omp simd
+          for (int64_t v = 0; v < m2; ++v) gbj[v] += Wu[v] * gyv;
+        }
+      }
+      return;
+    }
+    case kUVV: {
+      T* z = s;  // [d1][m2] as in the forward
+      fill_zero(z, p.d1 * m2);
+      for (int64_t u = 0; u < m1; ++u) {
+        const T* __restrict Wu = W + u * m2;
+        for (int64_t i = 0; i < p.d1; ++i) {
+          T* __restrict zi = z + i * m2;
+          const T av = a[i * m1 + u];
+#pragma omp simd
+          for (int64_t v = 0; v < m2; ++v) zi[v] += Wu[v] * av;
+        }
+      }
+      contract<J, I, K>(gb, m2, z, m2, g, m2, m2, e0, e1);
+      T* gz = s + half;  // [d1][m2]: Σ c g[k][v] b[j][v]
+      fill_zero(gz, p.d1 * m2);
+      contract<I, K, J>(gz, m2, g, m2, b, m2, m2, e0, e1);
+      for (int64_t u = 0; u < m1; ++u) {
+        const T* __restrict Wu = W + u * m2;
+        for (int64_t i = 0; i < p.d1; ++i) {
+          const T* __restrict gzi = gz + i * m2;
+          const T av = a[i * m1 + u];
+          if (gW != nullptr) {
+            T* __restrict gWu = gW + u * m2;
+#pragma omp simd
+            for (int64_t v = 0; v < m2; ++v) gWu[v] += av * gzi[v];
+          }
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t v = 0; v < m2; ++v) acc += Wu[v] * gzi[v];
+          ga[i * m1 + u] += acc;
+        }
+      }
+      return;
+    }
+    case kUUU: {
+      T* h = s;  // [d1][m1]: Σ c g[k][u] b[j][u]
+      fill_zero(h, p.d1 * m1);
+      contract<I, K, J>(h, m1, g, m1, b, m1, m1, e0, e1);
+      T* aw = s + half;  // [d1][m1]: W[u] a[i][u]
+      for (int64_t i = 0; i < p.d1; ++i) {
+        const T* __restrict hi = h + i * m1;
+        const T* __restrict ai = a + i * m1;
+        T* __restrict gai = ga + i * m1;
+        T* __restrict awi = aw + i * m1;
+        if (gW != nullptr) {
+#pragma omp simd
+          for (int64_t u = 0; u < m1; ++u) gW[u] += ai[u] * hi[u];
+        }
+#pragma omp simd
+        for (int64_t u = 0; u < m1; ++u) {
+          gai[u] += W[u] * hi[u];
+          awi[u] = W[u] * ai[u];
+        }
+      }
+      contract<J, I, K>(gb, m1, aw, m1, g, m1, m1, e0, e1);
+      return;
+    }
+    case kUUW: {
+      T* gt = s;  // [d_out][m1]: Σ_w W[u,w] g[k][w]
+      for (int64_t k = 0; k < p.d_out; ++k) {
+        const T* __restrict gk = g + k * mo;
+        for (int64_t u = 0; u < m1; ++u) {
+          const T* __restrict Wu = W + u * mo;
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t w = 0; w < mo; ++w) acc += Wu[w] * gk[w];
+          gt[k * m1 + u] = acc;
+        }
+      }
+      contract<I, K, J>(ga, m1, gt, m1, b, m1, m1, e0, e1);
+      contract<J, I, K>(gb, m1, a, m1, gt, m1, m1, e0, e1);
+      if (gW != nullptr) {
+        T* t = s + half;  // [d_out][m1]: the forward's t
+        fill_zero(t, p.d_out * m1);
+        contract<K, I, J>(t, m1, a, m1, b, m1, m1, e0, e1);
+        for (int64_t k = 0; k < p.d_out; ++k) {
+          const T* __restrict gk = g + k * mo;
+          for (int64_t u = 0; u < m1; ++u) {
+            const T tv = t[k * m1 + u];
+            T* __restrict gWu = gW + u * mo;
+#pragma omp simd
+            for (int64_t w = 0; w < mo; ++w) gWu[w] += tv * gk[w];
+          }
+        }
+      }
+      return;
+    }
+    default: {  // uvw, one v at a time
+      T* gt = s;         // [d_out][m1]: Σ_w W[u,v,w] g[k][w]
+      T* t = s + half;  // [d_out][m1]: the forward's t
+      for (int64_t v = 0; v < m2; ++v) {
+        for (int64_t k = 0; k < p.d_out; ++k) {
+          const T* __restrict gk = g + k * mo;
+          for (int64_t u = 0; u < m1; ++u) {
+            const T* __restrict Wuv = W + (u * m2 + v) * mo;
+            T acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t w = 0; w < mo; ++w) acc += Wuv[w] * gk[w];
+            gt[k * m1 + u] = acc;
+          }
+        }
+        contract_scalar<I, K, J>(ga, m1, gt, m1, b + v, m2, m1, e0, e1);
+        contract_dot<J, I, K>(gb + v, m2, a, m1, gt, m1, m1, e0, e1);
+        if (gW != nullptr) {
+          fill_zero(t, p.d_out * m1);
+          contract_scalar<K, I, J>(t, m1, a, m1, b + v, m2, m1, e0, e1);
+          for (int64_t k = 0; k < p.d_out; ++k) {
+            const T* __restrict gk = g + k * mo;
+            for (int64_t u = 0; u < m1; ++u) {
+              const T tv = t[k * m1 + u];
+              T* __restrict gWuv = gW + (u * m2 + v) * mo;
+#pragma omp simd
+              for (int64_t w = 0; w < mo; ++w) gWuv[w] += tv * gk[w];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- rows ----
+
+// The operands of one call. Rows r of the output (forward) or of x1 (backward) own the edges
+// perm[row_ptr[r] : row_ptr[r + 1]]; without row_ptr, row r owns edge r and src = dst = identity.
+template <typename T>
+struct Problem {
+  const Descriptor<T>* D;
+  const T* x1;          // [n_src, dim1] rows, or [n_src, in1.width] already in ir_mul if x1_ir_mul
+  int64_t dim1, x1_stride;
+  bool x1_ir_mul;
+  const T* x2;          // [E, dim2]
+  int64_t dim2;
+  const T* w;           // [E, n_weights], or [n_weights] with w_stride = 0
+  int64_t w_stride, n_weights;
+  const int64_t* src;   // nullptr: identity
+  const int64_t* dst;
+  const int64_t* row_ptr;  // nullptr: identity
+  const int64_t* perm;
+  int64_t dim_out;
+  // forward
+  T* out;               // [rows, dim_out]
+  // backward
+  const T* g;           // [n_nodes, dim_out] rows, or [n_nodes, out.width] in ir_mul if g_ir_mul
+  int64_t g_stride;
+  bool g_ir_mul;
+  T* gx1;               // [rows, dim1]
+  T* gx2;               // [E, dim2]
+  T* gw;                // [E, n_weights] (gw_per_row false) or a chunk's partial sums [n_weights]
+};
+
+template <typename T>
+FASTFLOW_TP_INLINE void edge_range(const Problem<T>& pr, int64_t r, int64_t& begin, int64_t& end) {
+  if (pr.row_ptr == nullptr) {
+    begin = r, end = r + 1;
+  } else {
+    begin = pr.row_ptr[r], end = pr.row_ptr[r + 1];
+  }
+}
+
+// Thread-local rows: out (or ga) | x1 | x2 | gb | g | M/scratch
+template <typename T>
+struct Scratch {
+  std::vector<T> acc, x1, x2, gb, g, s;
+  explicit Scratch(const Problem<T>& pr)
+      : acc(std::max(pr.D->out.width, pr.D->in1.width) + 1),
+        x1(pr.D->in1.width + 1),
+        x2(pr.D->in2.width + 1),
+        gb(pr.D->in2.width + 1),
+        g(pr.D->out.width + 1),
+        s(pr.D->scratch + 2 * pr.D->max_pairs + 2 * (pr.D->scratch / 2) + 1) {}
+};
+
+template <typename T>
+FASTFLOW_TP_INLINE const T* x1_row(const Problem<T>& pr, int64_t node, T* buf) {
+  if (pr.x1_ir_mul || pr.D->in1.trivial) return pr.x1 + node * pr.x1_stride;
+  to_ir_mul(pr.D->in1, pr.x1 + node * pr.x1_stride, buf);
+  return buf;
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE const T* x2_row(const Problem<T>& pr, int64_t e, T* buf) {
+  if (pr.D->in2.trivial) return pr.x2 + e * pr.dim2;
+  to_ir_mul(pr.D->in2, pr.x2 + e * pr.dim2, buf);
+  return buf;
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE void forward_rows_impl(const Problem<T>& pr, int64_t r0, int64_t r1, Scratch<T>& S) {
+  const Descriptor<T>& D = *pr.D;
+  const Entry<T>* E = D.entries.data();
+  const Pair* pairs = D.pairs.data();
+  const int64_t width = D.out.width;
+  T* acc = S.acc.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    fill_zero(acc, width);
+    int64_t begin, end;
+    edge_range(pr, r, begin, end);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t e = pr.perm == nullptr ? t : pr.perm[t];
+      const int64_t node = pr.src == nullptr ? e : pr.src[e];
+      const T* a = x1_row(pr, node, S.x1.data());
+      const T* b = x2_row(pr, e, S.x2.data());
+      const T* w = pr.w + e * pr.w_stride;
+      for (const Path& p : D.paths) {
+        const T* W = p.has_weight ? w + p.w_off : D.ones.data();
+        path_forward(p, E, pairs, a + p.pos1, b + p.pos2, W, acc + p.pos_out, S.s.data());
+      }
+    }
+    from_ir_mul(D.out, acc, pr.out + r * pr.dim_out, pr.dim_out);
+  }
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int64_t r1, bool gw_per_row,
+                                           Scratch<T>& S) {
+  const Descriptor<T>& D = *pr.D;
+  const Entry<T>* E = D.entries.data();
+  const Pair* pairs = D.pairs.data();
+  const int64_t half = D.scratch / 2;
+  T* ga = S.acc.data();
+  T* gb = S.gb.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    fill_zero(ga, D.in1.width);
+    int64_t begin, end;
+    edge_range(pr, r, begin, end);
+    const T* a = end > begin ? x1_row(pr, r, S.x1.data()) : nullptr;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t e = pr.perm == nullptr ? t : pr.perm[t];
+      const int64_t node = pr.dst == nullptr ? e : pr.dst[e];
+      const T* b = x2_row(pr, e, S.x2.data());
+      const T* g;
+      if (pr.g_ir_mul || D.out.trivial) {
+        g = pr.g + node * pr.g_stride;
+      } else {
+        to_ir_mul(D.out, pr.g + node * pr.g_stride, S.g.data());
+        g = S.g.data();
+      }
+      const T* w = pr.w + e * pr.w_stride;
+      T* gw = gw_per_row ? pr.gw + e * pr.n_weights : pr.gw;
+      if (gw_per_row) fill_zero(gw, pr.n_weights);
+      fill_zero(gb, D.in2.width);
+      for (const Path& p : D.paths) {
+        const T* W = p.has_weight ? w + p.w_off : D.ones.data();
+        T* gW = p.has_weight ? gw + p.w_off : nullptr;
+        path_backward(p, E, pairs, g + p.pos_out, a + p.pos1, b + p.pos2, W, ga + p.pos1, gb + p.pos2, gW,
+                      S.s.data(), half);
+      }
+      from_ir_mul(D.in2, gb, pr.gx2 + e * pr.dim2, pr.dim2);
+    }
+    from_ir_mul(D.in1, ga, pr.gx1 + r * pr.dim1, pr.dim1);
+  }
+}
+
+FASTFLOW_TP_CLONES void forward_rows(const Problem<float>& pr, int64_t r0, int64_t r1, Scratch<float>& S) {
+  forward_rows_impl(pr, r0, r1, S);
+}
+FASTFLOW_TP_CLONES void forward_rows(const Problem<double>& pr, int64_t r0, int64_t r1, Scratch<double>& S) {
+  forward_rows_impl(pr, r0, r1, S);
+}
+FASTFLOW_TP_CLONES void backward_rows(const Problem<float>& pr, int64_t r0, int64_t r1, bool per_row,
+                                      Scratch<float>& S) {
+  backward_rows_impl(pr, r0, r1, per_row, S);
+}
+FASTFLOW_TP_CLONES void backward_rows(const Problem<double>& pr, int64_t r0, int64_t r1, bool per_row,
+                                      Scratch<double>& S) {
+  backward_rows_impl(pr, r0, r1, per_row, S);
+}
+
+// ---- drivers ----
+
+// Rows per parallel task: about kGrainEdges edges' worth.
+constexpr int64_t kGrainEdges = 64;
+// Shared-weight gradients: at most this many partial sums (fixed by the problem size, not the thread count)
+constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMaxPartialElements = int64_t(1) << 24;
+
+int64_t row_grain(int64_t rows, int64_t edges) {
+  if (edges <= 0) return std::max<int64_t>(rows, 1);
+  return std::max<int64_t>(1, (kGrainEdges * rows + edges - 1) / edges);
+}
+
+template <typename T>
+void run_forward(const Problem<T>& pr, int64_t rows, int64_t edges) {
+  at::parallel_for(0, rows, row_grain(rows, edges), [&](int64_t r0, int64_t r1) {
+    Scratch<T> S(pr);
+    forward_rows(pr, r0, r1, S);
+  });
+}
+
+// gw: [E, n_weights] when per_row, else [n_weights] (the sum over rows)
+template <typename T>
+void run_backward(Problem<T> pr, int64_t rows, int64_t edges, bool per_row) {
+  if (per_row) {
+    at::parallel_for(0, rows, row_grain(rows, edges), [&](int64_t r0, int64_t r1) {
+      Scratch<T> S(pr);
+      backward_rows(pr, r0, r1, true, S);
+    });
+    return;
+  }
+  const int64_t n_w = pr.n_weights;
+  int64_t chunks = std::min<int64_t>(kMaxChunks, (edges + 4 * kGrainEdges - 1) / (4 * kGrainEdges));
+  chunks = std::max<int64_t>(1, std::min({chunks, rows, kMaxPartialElements / std::max<int64_t>(n_w, 1)}));
+  std::vector<T> partial(chunks * n_w, T(0));
+  T* total = pr.gw;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    Scratch<T> S(pr);
+    Problem<T> local = pr;
+    for (int64_t c = c0; c < c1; ++c) {
+      local.gw = partial.data() + c * n_w;
+      backward_rows(local, rows * c / chunks, rows * (c + 1) / chunks, false, S);
+    }
+  });
+  at::parallel_for(0, n_w, 1024, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      T acc = 0;
+      for (int64_t c = 0; c < chunks; ++c) acc += partial[c * n_w + k];
+      total[k] = acc;
+    }
+  });
+}
+
+// Rows of x ([rows, dim]) in the ir_mul layout L: [rows, L.width]
+template <typename T>
+at::Tensor rows_to_ir_mul(const Layout& L, const at::Tensor& x) {
+  const int64_t rows = x.size(0), dim = x.size(1);
+  at::Tensor t = at::empty({rows, L.width}, x.options());
+  const T* src = x.const_data_ptr<T>();
+  T* dst = t.mutable_data_ptr<T>();
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) to_ir_mul(L, src + r * dim, dst + r * L.width);
+  });
+  return t;
+}
+
+// Stable counting sort of edges by key in [0, n): row_ptr [n + 1], perm [E]
+void sort_edges(const int64_t* key, int64_t E, int64_t n, std::vector<int64_t>& row_ptr,
+                std::vector<int64_t>& perm) {
+  row_ptr.assign(n + 1, 0);
+  perm.resize(E);
+  for (int64_t e = 0; e < E; ++e) ++row_ptr[key[e] + 1];
+  for (int64_t r = 0; r < n; ++r) row_ptr[r + 1] += row_ptr[r];
+  std::vector<int64_t> next(row_ptr.begin(), row_ptr.end() - 1);
+  for (int64_t e = 0; e < E; ++e) perm[next[key[e]]++] = e;
+}
+
+// ---- argument checks ----
+
+std::string shape_string(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t d = 0; d < shape.size(); ++d) s += (d ? ", " : "") + (shape[d] < 0 ? "*" : std::to_string(shape[d]));
+  return s + "]";
+}
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
+                  at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), op, " (cpu kernel): ", name, " must be on cpu, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  bool ok = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t d = 0; ok && d < shape.size(); ++d) ok = shape[d] < 0 || t.size(d) == shape[d];
+  TORCH_CHECK(ok, op, ": ", name, " must have shape ", shape_string(shape), ", got ", t.sizes());
+}
+
+at::ScalarType check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, " (cpu kernel): ", name, " must be on cpu, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  return t.scalar_type();
+}
+
+void check_descriptor_tensors(const char* op, const at::Tensor& paths, const at::Tensor& cg_index,
+                              const at::Tensor& cg_value, const at::Tensor& cg_offsets, at::ScalarType dtype) {
+  check_tensor(op, "paths", paths, at::kLong, {-1, 12});
+  const int64_t P = paths.size(0);
+  check_tensor(op, "cg_index", cg_index, at::kLong, {-1, 3});
+  check_tensor(op, "cg_value", cg_value, dtype, {cg_index.size(0)});
+  check_tensor(op, "cg_offsets", cg_offsets, at::kLong, {P + 1});
+}
+
+// weights: [rows, n_weights] or [n_weights] (shared); returns n_weights
+int64_t check_weights(const char* op, const at::Tensor& weights, at::ScalarType dtype, int64_t rows,
+                      const char* rows_name) {
+  TORCH_CHECK(weights.device().is_cpu(), op, " (cpu kernel): weights must be on cpu, got ", weights.device());
+  TORCH_CHECK(weights.scalar_type() == dtype, op, ": weights must have dtype ", dtype, ", got ",
+              weights.scalar_type());
+  TORCH_CHECK(weights.dim() == 1 || (weights.dim() == 2 && weights.size(0) == rows), op,
+              ": weights must have shape [n_weights] (shared) or [", rows, " (", rows_name,
+              "), n_weights], got ", weights.sizes());
+  return weights.size(-1);
+}
+
+void check_index(const char* op, const char* name, const at::Tensor& index, int64_t E, int64_t n,
+                 const char* bound) {
+  check_tensor(op, name, index, at::kLong, {E});
+  const int64_t* p = index.const_data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(p[e] >= 0 && p[e] < n, op, ": ", name, "[", e, "] = ", p[e], " is out of range for ", bound, " = ",
+                n);
+  }
+}
+
+// ---- the ops ----
+
+at::Tensor tensor_product_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& weights,
+                              const at::Tensor& paths, const at::Tensor& cg_index, const at::Tensor& cg_value,
+                              const at::Tensor& cg_offsets, int64_t dim_out) {
+  constexpr const char* op = "tensor_product";
+  const auto dtype = check_float(op, "x1", x1);
+  const int64_t Z = x1.size(0);
+  check_tensor(op, "x2", x2, dtype, {Z, -1});
+  const int64_t n_w = check_weights(op, weights, dtype, Z, "Z = x1.size(0)");
+  TORCH_CHECK(dim_out >= 0, op, ": dim_out must be >= 0, got ", dim_out);
+  check_descriptor_tensors(op, paths, cg_index, cg_value, cg_offsets, dtype);
+  const at::Tensor a = x1.contiguous(), b = x2.contiguous(), w = weights.contiguous();
+  at::Tensor out = at::empty({Z, dim_out}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "tensor_product_cpu", [&] {
+    const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
+                                                              a.size(1), b.size(1), dim_out, n_w);
+    Problem<scalar_t> pr{};
+    pr.D = &D;
+    pr.x1 = a.const_data_ptr<scalar_t>(), pr.dim1 = a.size(1), pr.x1_stride = a.size(1), pr.x1_ir_mul = false;
+    pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
+    pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
+    pr.dim_out = dim_out;
+    pr.out = out.mutable_data_ptr<scalar_t>();
+    run_forward(pr, Z, Z);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_product_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& weights,
+    const at::Tensor& paths, const at::Tensor& cg_index, const at::Tensor& cg_value, const at::Tensor& cg_offsets) {
+  constexpr const char* op = "tensor_product_backward";
+  const auto dtype = check_float(op, "x1", x1);
+  const int64_t Z = x1.size(0);
+  check_tensor(op, "x2", x2, dtype, {Z, -1});
+  check_tensor(op, "grad_out", grad_out, dtype, {Z, -1});
+  const int64_t n_w = check_weights(op, weights, dtype, Z, "Z = x1.size(0)");
+  check_descriptor_tensors(op, paths, cg_index, cg_value, cg_offsets, dtype);
+  const at::Tensor g = grad_out.contiguous(), a = x1.contiguous(), b = x2.contiguous(), w = weights.contiguous();
+  at::Tensor gx1 = at::empty_like(a), gx2 = at::empty_like(b), gw = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "tensor_product_backward_cpu", [&] {
+    const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
+                                                              a.size(1), b.size(1), g.size(1), n_w);
+    Problem<scalar_t> pr{};
+    pr.D = &D;
+    pr.x1 = a.const_data_ptr<scalar_t>(), pr.dim1 = a.size(1), pr.x1_stride = a.size(1), pr.x1_ir_mul = false;
+    pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
+    pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
+    pr.dim_out = g.size(1);
+    pr.g = g.const_data_ptr<scalar_t>(), pr.g_stride = g.size(1), pr.g_ir_mul = false;
+    pr.gx1 = gx1.mutable_data_ptr<scalar_t>(), pr.gx2 = gx2.mutable_data_ptr<scalar_t>();
+    pr.gw = gw.mutable_data_ptr<scalar_t>();
+    run_backward(pr, Z, Z, w.dim() == 2);
+  });
+  return {gx1, gx2, gw};
+}
+
+at::Tensor tp_conv_cpu(const at::Tensor& node_feats, const at::Tensor& edge_attrs, const at::Tensor& weights,
+                       const at::Tensor& edge_src, const at::Tensor& edge_dst, int64_t n_nodes,
+                       const at::Tensor& paths, const at::Tensor& cg_index, const at::Tensor& cg_value,
+                       const at::Tensor& cg_offsets, int64_t dim_out) {
+  constexpr const char* op = "tp_conv";
+  const auto dtype = check_float(op, "node_feats", node_feats);
+  const int64_t n_src = node_feats.size(0);
+  check_tensor(op, "edge_attrs", edge_attrs, dtype, {-1, -1});
+  const int64_t E = edge_attrs.size(0);
+  const int64_t n_w = check_weights(op, weights, dtype, E, "E = edge_attrs.size(0)");
+  TORCH_CHECK(n_nodes >= 0, op, ": n_nodes must be >= 0, got ", n_nodes);
+  TORCH_CHECK(dim_out >= 0, op, ": dim_out must be >= 0, got ", dim_out);
+  check_index(op, "edge_src", edge_src, E, n_src, "node_feats.size(0)");
+  check_index(op, "edge_dst", edge_dst, E, n_nodes, "n_nodes");
+  check_descriptor_tensors(op, paths, cg_index, cg_value, cg_offsets, dtype);
+  const at::Tensor x = node_feats.contiguous(), b = edge_attrs.contiguous(), w = weights.contiguous();
+  const at::Tensor src = edge_src.contiguous(), dst = edge_dst.contiguous();
+  at::Tensor out = at::empty({n_nodes, dim_out}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "tp_conv_cpu", [&] {
+    const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
+                                                              x.size(1), b.size(1), dim_out, n_w);
+    std::vector<int64_t> row_ptr, perm;
+    sort_edges(dst.const_data_ptr<int64_t>(), E, n_nodes, row_ptr, perm);
+    const at::Tensor xt = D.in1.trivial ? x : rows_to_ir_mul<scalar_t>(D.in1, x);
+    Problem<scalar_t> pr{};
+    pr.D = &D;
+    pr.x1 = xt.const_data_ptr<scalar_t>(), pr.dim1 = x.size(1), pr.x1_stride = xt.size(1), pr.x1_ir_mul = true;
+    pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
+    pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
+    pr.src = src.const_data_ptr<int64_t>(), pr.dst = dst.const_data_ptr<int64_t>();
+    pr.row_ptr = row_ptr.data(), pr.perm = perm.data();
+    pr.dim_out = dim_out;
+    pr.out = out.mutable_data_ptr<scalar_t>();
+    run_forward(pr, n_nodes, E);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_conv_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& node_feats, const at::Tensor& edge_attrs,
+    const at::Tensor& weights, const at::Tensor& edge_src, const at::Tensor& edge_dst, const at::Tensor& paths,
+    const at::Tensor& cg_index, const at::Tensor& cg_value, const at::Tensor& cg_offsets) {
+  constexpr const char* op = "tp_conv_backward";
+  const auto dtype = check_float(op, "node_feats", node_feats);
+  const int64_t n_src = node_feats.size(0);
+  check_tensor(op, "grad_out", grad_out, dtype, {-1, -1});
+  const int64_t n_nodes = grad_out.size(0), dim_out = grad_out.size(1);
+  check_tensor(op, "edge_attrs", edge_attrs, dtype, {-1, -1});
+  const int64_t E = edge_attrs.size(0);
+  const int64_t n_w = check_weights(op, weights, dtype, E, "E = edge_attrs.size(0)");
+  check_index(op, "edge_src", edge_src, E, n_src, "node_feats.size(0)");
+  check_index(op, "edge_dst", edge_dst, E, n_nodes, "grad_out.size(0)");
+  check_descriptor_tensors(op, paths, cg_index, cg_value, cg_offsets, dtype);
+  const at::Tensor g = grad_out.contiguous(), x = node_feats.contiguous(), b = edge_attrs.contiguous();
+  const at::Tensor w = weights.contiguous(), src = edge_src.contiguous(), dst = edge_dst.contiguous();
+  at::Tensor gx = at::empty_like(x), gb = at::empty_like(b), gw = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "tp_conv_backward_cpu", [&] {
+    const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
+                                                              x.size(1), b.size(1), dim_out, n_w);
+    std::vector<int64_t> row_ptr, perm;
+    sort_edges(src.const_data_ptr<int64_t>(), E, n_src, row_ptr, perm);
+    const at::Tensor xt = D.in1.trivial ? x : rows_to_ir_mul<scalar_t>(D.in1, x);
+    const at::Tensor gt = D.out.trivial ? g : rows_to_ir_mul<scalar_t>(D.out, g);
+    Problem<scalar_t> pr{};
+    pr.D = &D;
+    pr.x1 = xt.const_data_ptr<scalar_t>(), pr.dim1 = x.size(1), pr.x1_stride = xt.size(1), pr.x1_ir_mul = true;
+    pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
+    pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
+    pr.src = src.const_data_ptr<int64_t>(), pr.dst = dst.const_data_ptr<int64_t>();
+    pr.row_ptr = row_ptr.data(), pr.perm = perm.data();
+    pr.dim_out = dim_out;
+    pr.g = gt.const_data_ptr<scalar_t>(), pr.g_stride = gt.size(1), pr.g_ir_mul = true;
+    pr.gx1 = gx.mutable_data_ptr<scalar_t>(), pr.gx2 = gb.mutable_data_ptr<scalar_t>();
+    pr.gw = gw.mutable_data_ptr<scalar_t>();
+    run_backward(pr, n_src, E, w.dim() == 2);
+  });
+  return {gx, gb, gw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastflow, CPU, m) {
+  m.impl("tensor_product", &tensor_product_cpu);
+  m.impl("tensor_product_backward", &tensor_product_backward_cpu);
+  m.impl("tp_conv", &tp_conv_cpu);
+  m.impl("tp_conv_backward", &tp_conv_backward_cpu);
+}
+
+}  // namespace fastflow

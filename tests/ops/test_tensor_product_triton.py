@@ -1,0 +1,248 @@
+"""Triton kernels of the e3nn tensor products (fastflow.triton_kernels.tensor_product) against the float64 reference.
+
+The kernels are called directly. Without a GPU they run on CPU tensors under Triton's interpreter
+(tests/ops/conftest.py sets TRITON_INTERPRET), about 1 ms per op per program, so every shape here is tiny:
+at most 6 samples / edges, multiplicities 1 to 3, l <= 2.
+"""
+
+import zlib
+
+import pytest
+import torch
+from e3nn import o3
+
+from fastflow.ops.tensor_product import MODES, tensor_product_reference, tp_conv_reference
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}  # on max|out - ref| / max|ref|
+
+# (irreps_in1, irreps_in2) per mode; uu* modes couple only blocks of equal multiplicity.
+IRREPS = {
+    "uv": ("2x0e + 3x1o + 1x2e", "1x0e + 2x1o + 1x2e"),
+    "uu": ("2x0e + 2x1o + 1x2e", "2x0e + 2x1o + 1x1e"),
+}
+
+
+def seed_of(*key):
+    return zlib.crc32(repr(key).encode())  # a fresh, reproducible seed per case
+
+
+def kernels():
+    # Imported inside the tests, after the triton_device fixture checked TRITON_INTERPRET.
+    from fastflow.triton_kernels import tensor_product
+
+    return tensor_product
+
+
+def make_tp(mode, shared=True, weighted="all", lmax=2):
+    """An e3nn TensorProduct with every allowed path of `mode` (l <= lmax), paths sharing output blocks.
+
+    weighted: "all", "none" or "some" (every other path without weights); e3nn allows weightless paths only
+    in the modes uvu, uvv and uuu.
+    """
+    irreps1, irreps2 = (o3.Irreps(s) for s in IRREPS["uu" if mode.startswith("uu") else "uv"])
+    out_blocks, paths = [], []
+    for a, (mul1, ir1) in enumerate(irreps1):
+        for b, (mul2, ir2) in enumerate(irreps2):
+            if mode.startswith("uu") and mul1 != mul2:
+                continue
+            for ir_out in ir1 * ir2:
+                if ir_out.l > lmax:
+                    continue
+                mul_out = {"uvw": 2, "uvu": mul1, "uvv": mul2, "uuw": 3, "uuu": mul1}[mode]
+                if (mul_out, ir_out) not in out_blocks:
+                    out_blocks.append((mul_out, ir_out))
+                paths.append((a, b, out_blocks.index((mul_out, ir_out))))
+    has_weight = {"all": lambda n: True, "none": lambda n: False, "some": lambda n: n % 2 == 0}[weighted]
+    instructions = [(a, b, c, mode, has_weight(n)) for n, (a, b, c) in enumerate(paths)]
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # e3nn builds its CG buffers in the default dtype
+    try:
+        return o3.TensorProduct(irreps1, irreps2, o3.Irreps(out_blocks), instructions, shared_weights=shared,
+                                internal_weights=False)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def descriptor(tp):
+    """(paths, cg_index, cg_value, cg_offsets) in float64, as fastflow.ops.tensor_product documents them."""
+    try:
+        from fastflow.tp.descriptor import TPDescriptor
+    except ImportError:
+        pass
+    else:
+        return TPDescriptor.from_e3nn(tp).tensors(torch.float64, torch.device("cpu"))
+    slices = [irreps.slices() for irreps in (tp.irreps_in1, tp.irreps_in2, tp.irreps_out)]
+    rows, index, value, offsets, w_off = [], [], [], [0], 0
+    for ins in tp.instructions:
+        blocks = tp.irreps_in1[ins.i_in1], tp.irreps_in2[ins.i_in2], tp.irreps_out[ins.i_out]
+        starts = [s[i].start for s, i in zip(slices, (ins.i_in1, ins.i_in2, ins.i_out))]
+        row = [MODES.index(ins.connection_mode)]
+        for start, (mul, ir) in zip(starts, blocks):
+            row += [start, mul, ir.dim]
+        rows.append(row + [w_off, int(ins.has_weight)])
+        if ins.has_weight:
+            w_off += int(torch.tensor(ins.path_shape).prod())
+        cg = o3.wigner_3j(*(ir.l for _, ir in blocks), dtype=torch.float64) * ins.path_weight
+        nonzero = cg.nonzero()
+        index.append(nonzero)
+        value.append(cg[tuple(nonzero.T)])
+        offsets.append(offsets[-1] + len(nonzero))
+    return torch.tensor(rows), torch.cat(index), torch.cat(value), torch.tensor(offsets)
+
+
+def randn(generator, *shape):
+    return torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def weights_for(tp, generator, rows):
+    return randn(generator, tp.weight_numel) if tp.shared_weights else randn(generator, rows, tp.weight_numel)
+
+
+def check(out, ref, dtype):
+    """max|out - ref| / max|ref| within TOLERANCE[dtype]; returns it."""
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    error, scale = (out.cpu().double() - ref).abs().max().item(), ref.abs().max().item()
+    assert scale > 0
+    assert error <= TOLERANCE[dtype] * scale, f"error {error:.3g} vs max|ref| {scale:.3g}"
+    return error / scale
+
+
+def run_tensor_product(tp, Z, dtype, device, seed, strip_weights=False):
+    """strip_weights: has_weight = 0 on every path of the descriptor (W = 1) and an empty weights tensor."""
+    g = torch.Generator().manual_seed(seed)
+    x1, x2 = randn(g, Z, tp.irreps_in1.dim), randn(g, Z, tp.irreps_in2.dim)
+    weights = weights_for(tp, g, Z)
+    desc = descriptor(tp)
+    if strip_weights:
+        desc[0][:, 10:] = 0  # w_off, has_weight
+        weights = weights.new_zeros(0)
+    ref = tensor_product_reference(x1, x2, weights, *desc, tp.irreps_out.dim)
+    paths, cg_index, cg_value, cg_offsets = desc
+    out = kernels().tensor_product(x1.to(device, dtype), x2.to(device, dtype), weights.to(device, dtype),
+                                   paths.to(device), cg_index.to(device), cg_value.to(device, dtype),
+                                   cg_offsets.to(device), tp.irreps_out.dim)
+    return check(out, ref, dtype)
+
+
+def run_tp_conv(tp, edge_src, edge_dst, n_nodes, dtype, device, seed, deterministic):
+    g = torch.Generator().manual_seed(seed)
+    E = len(edge_src)
+    node_feats, edge_attrs = randn(g, n_nodes, tp.irreps_in1.dim), randn(g, E, tp.irreps_in2.dim)
+    weights = weights_for(tp, g, E)
+    src, dst = torch.tensor(edge_src, dtype=torch.int64), torch.tensor(edge_dst, dtype=torch.int64)
+    desc = descriptor(tp)
+    ref = tp_conv_reference(node_feats, edge_attrs, weights, src, dst, n_nodes, *desc, tp.irreps_out.dim)
+    paths, cg_index, cg_value, cg_offsets = desc
+    args = (node_feats.to(device, dtype), edge_attrs.to(device, dtype), weights.to(device, dtype),
+            src.to(device), dst.to(device), n_nodes, paths.to(device), cg_index.to(device),
+            cg_value.to(device, dtype), cg_offsets.to(device), tp.irreps_out.dim)
+    out = kernels().tp_conv(*args, deterministic=deterministic)
+    if E == 0:
+        assert out.shape == ref.shape and out.dtype == dtype and not out.any()
+        return out, 0.0
+    return out, check(out, ref, dtype)
+
+
+# Edges of a 5-node graph: (0 → 1) twice and (2 → 2) twice (duplicates), a self-loop, three edges into node 1
+# (more than a deterministic chunk of 2 in test_several_programs), node 4 isolated.
+EDGE_SRC = [0, 0, 2, 3, 2, 1]
+EDGE_DST = [1, 1, 2, 1, 2, 0]
+N_NODES = 5
+
+
+def test_descriptor_helper_matches_e3nn():
+    # The reference on this file's descriptors is e3nn's own product (so the tests below test e3nn semantics).
+    for mode, shared, weighted in [("uvw", True, "all"), ("uvu", False, "some"), ("uuw", False, "all"),
+                                   ("uuu", True, "some")]:
+        tp = make_tp(mode, shared, weighted)
+        g = torch.Generator().manual_seed(seed_of("e3nn", mode))
+        x1, x2 = randn(g, 3, tp.irreps_in1.dim), randn(g, 3, tp.irreps_in2.dim)
+        weights = weights_for(tp, g, 3)
+        expected = tp(x1, x2, weights)
+        out = tensor_product_reference(x1, x2, weights, *descriptor(tp), tp.irreps_out.dim)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("mode", MODES)
+def test_tensor_product_float32(triton_device, mode, shared):
+    run_tensor_product(make_tp(mode, shared), 5, torch.float32, triton_device, seed_of("tp", mode, shared))
+
+
+@pytest.mark.parametrize("weighted", ["none", "some"])
+@pytest.mark.parametrize("mode", ["uvu", "uvv", "uuu"])
+def test_tensor_product_paths_without_weights(triton_device, mode, weighted):
+    # "none": weights is an empty [0] tensor; "some": w_off skips the weightless paths.
+    tp = make_tp(mode, shared=False, weighted=weighted)
+    run_tensor_product(tp, 4, torch.float32, triton_device, seed_of("unweighted", mode, weighted))
+
+
+@pytest.mark.parametrize("mode", ["uvw", "uuw"])
+def test_tensor_product_w_modes_without_weights(triton_device, mode):
+    # e3nn has no weightless uvw / uuw path, but the descriptor format does (W = 1): strip the weights.
+    tp = make_tp(mode, lmax=1)
+    run_tensor_product(tp, 3, torch.float32, triton_device, seed_of("stripped", mode), strip_weights=True)
+
+
+def test_tensor_product_float64(triton_device):
+    tp = make_tp("uvu", shared=False, weighted="some")
+    run_tensor_product(tp, 3, torch.float64, triton_device, seed_of("float64"))
+
+
+def test_tensor_product_one_sample(triton_device):
+    run_tensor_product(make_tp("uvv", shared=False, lmax=1), 1, torch.float32, triton_device, seed_of("Z=1"))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("mode,shared", [("uvu", False), ("uvw", True), ("uuw", False), ("uvv", True),
+                                         ("uuu", False)])
+def test_tp_conv_float32(triton_device, mode, shared, deterministic):
+    tp = make_tp(mode, shared, lmax=1 if mode in ("uvw", "uuw") else 2)
+    run_tp_conv(tp, EDGE_SRC, EDGE_DST, N_NODES, torch.float32, triton_device, seed_of("conv", mode, shared),
+                deterministic)
+
+
+def test_tp_conv_float64_and_deterministic_repeats(triton_device):
+    tp = make_tp("uvu", shared=False, weighted="some")
+    seed = seed_of("conv64")
+    args = (tp, EDGE_SRC, EDGE_DST, N_NODES, torch.float64, triton_device, seed)
+    first, _ = run_tp_conv(*args, deterministic=True)
+    second, _ = run_tp_conv(*args, deterministic=True)
+    assert torch.equal(first, second)
+    atomic, _ = run_tp_conv(*args, deterministic=False)
+    torch.testing.assert_close(atomic, first, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_tp_conv_without_edges(triton_device, deterministic):
+    tp = make_tp("uvu", shared=False, lmax=1)
+    run_tp_conv(tp, [], [], 3, torch.float32, triton_device, seed_of("empty"), deterministic)
+
+
+def test_several_programs(triton_device, monkeypatch):
+    # Blocks of 2 rows: several programs per launch, a masked tail (5 samples), and node 1's three edges in two
+    # chunks of 2 in the deterministic variant.
+    module = kernels()
+    monkeypatch.setattr(module, "MAX_ROWS", 2)
+    monkeypatch.setattr(module, "DETERMINISTIC_CHUNK", 2)
+    tp = make_tp("uvw", shared=False, lmax=1)
+    run_tensor_product(tp, 5, torch.float32, triton_device, seed_of("programs"))
+    for deterministic in (False, True):
+        run_tp_conv(tp, EDGE_SRC, EDGE_DST, N_NODES, torch.float32, triton_device, seed_of("programs", "conv"),
+                    deterministic)
+
+
+def test_errors(triton_device):
+    module = kernels()
+    tp = make_tp("uuu", lmax=0)
+    paths, cg_index, cg_value, cg_offsets = descriptor(tp)
+    x1, x2 = torch.randn(2, tp.irreps_in1.dim), torch.randn(2, tp.irreps_in2.dim)
+    weights = torch.randn(tp.weight_numel)
+    dim_out = tp.irreps_out.dim
+    bad_paths = paths.clone()
+    bad_paths[0, 0] = len(MODES)
+    with pytest.raises(NotImplementedError, match="mode"):
+        module.tensor_product(x1, x2, weights, bad_paths, cg_index, cg_value.float(), cg_offsets, dim_out)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        module.tensor_product(x1.half(), x2.half(), weights.half(), paths, cg_index, cg_value.half(),
+                              cg_offsets, dim_out)

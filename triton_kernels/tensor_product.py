@@ -1,0 +1,327 @@
+"""Triton kernels of fastflow::tensor_product and fastflow::tp_conv (forward only).
+
+Math, descriptor format and references: fastflow/ops/tensor_product.py. The backward is not here: the Python
+binding differentiates through the reference or the C++ kernels.
+
+The descriptor is small and known on the host, so each path gets its own launch, specialised on its mode, on
+whether it has weights and on the power-of-two blocks of its multiplicities (constexprs); offsets, muls and
+dims are plain arguments. One launch adds one path into `out`, so paths that share an output block simply add
+up, launch after launch.
+
+Inside a launch, a program owns a block of rows (samples, edges or the edges of one node) and vectorises over
+them and over the multiplicities u, v, w. The path's CG entries are sorted on the host by output component k;
+for each k the program contracts the entries of that k into t[z, u, v] = Σ C[i, j, k] x1[z, u, i] x2[z, v, j]
+(t[z, u] in the uu* modes), applies the weights W (mode by mode) and drops the result into column k of a
+[rows, mul_out, d_out] tile, which is written once at the end. Cost per row: n_cg·mul1·mul2 for the products
+plus d_out·mul1·mul2·mul_out for the weights (uvw), as in e3nn.
+
+tp_conv, two variants:
+    atomic (default)  one program per block of edges: gather node_feats[edge_src], product, tl.atomic_add into
+                      out[edge_dst]. Fast, but the order of the additions (so the last bits) may vary.
+    deterministic     edges sorted by destination on the host (stable argsort) with CSR row pointers; one
+                      program per destination node sums its edges in chunks, in a fixed order, and writes its
+                      own row: bitwise reproducible, no atomics.
+
+Everything is computed in the input dtype (float32 or float64).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Mode codes, as in fastflow.ops.tensor_product.MODES (constexprs: jit functions may read them).
+MODE_NAMES = ("uvw", "uvu", "uvv", "uuw", "uuu")
+UVW, UVU, UVV, UUW, UUU = (tl.constexpr(code) for code in range(5))
+
+MAX_TILE = 4096  # elements of the largest register tile of a program ([rows, u, v, w] for uvw)
+MAX_ROWS = 64  # rows (samples or edges) per program at most
+DETERMINISTIC_CHUNK = 16  # edges per chunk of a node in the deterministic tp_conv
+
+
+# ----------------------------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def _path_tile(
+    x1_ptr, x2_ptr, w_ptr,  # operand tensors (rows of x1 / x2 / weights picked by row1 / row2 / row_w)
+    row1, row2, row_w, mask_z,  # [BLOCK_Z] int64 row indices and the mask of real rows
+    stride1, stride2, stride_w,  # row strides; stride_w = 0 for shared weights
+    cg_i, cg_j, cg_v,  # this path's CG entries, sorted by k
+    k_start,  # [d_out + 1]: the entries of component k are k_start[k] : k_start[k + 1]
+    off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
+    MODE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The path's contribution to the rows: a [BLOCK_Z, BLOCK_W, BLOCK_K] tile (output multiplicity, k)."""
+    dtype = x1_ptr.dtype.element_ty
+    offs_u = tl.arange(0, BLOCK_U)
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_u = offs_u < mul1
+    mask_v = offs_v < mul2
+    mask_w = offs_w < mul_out
+
+    # Column 0 of each operand block; component i of copy u is at + u * d1 + i.
+    x1_base = x1_ptr + row1[:, None] * stride1 + off1 + offs_u[None, :] * d1  # [Z, U]
+    x1_mask = mask_z[:, None] & mask_u[None, :]
+    if MODE <= UVV:  # uv*: x2 has its own multiplicity v
+        x2_base = x2_ptr + row2[:, None] * stride2 + off2 + offs_v[None, :] * d2  # [Z, V]
+        x2_mask = mask_z[:, None] & mask_v[None, :]
+    else:  # uu*: x2 shares u
+        x2_base = x2_ptr + row2[:, None] * stride2 + off2 + offs_u[None, :] * d2  # [Z, U]
+        x2_mask = x1_mask
+
+    # The path's weights, in e3nn's row-major order of the mode's indices; W = 1 without weights. Padded
+    # entries are 0, so they add nothing.
+    w_row = w_ptr + row_w * stride_w + w_off  # [Z]
+    z3 = mask_z[:, None, None]
+    if MODE == UVW:  # W[u, v, w]: [Z, U, V, W]
+        w_mask = z3[:, :, :, None] & (mask_u[:, None, None] & mask_v[None, :, None] & mask_w[None, None, :])[None]
+        w_offs = (offs_u[:, None, None] * mul2 + offs_v[None, :, None]) * mul_out + offs_w[None, None, :]
+        w_ptrs = w_row[:, None, None, None] + w_offs[None]
+    elif MODE == UVU or MODE == UVV:  # W[u, v]: [Z, U, V]
+        w_mask = z3 & (mask_u[:, None] & mask_v[None, :])[None]
+        w_ptrs = w_row[:, None, None] + (offs_u[:, None] * mul2 + offs_v[None, :])[None]
+    elif MODE == UUW:  # W[u, w]: [Z, U, W]
+        w_mask = z3 & (mask_u[:, None] & mask_w[None, :])[None]
+        w_ptrs = w_row[:, None, None] + (offs_u[:, None] * mul_out + offs_w[None, :])[None]
+    else:  # UUU, W[u]: [Z, U]
+        w_mask = mask_z[:, None] & mask_u[None, :]
+        w_ptrs = w_row[:, None] + offs_u[None, :]
+    if HAS_WEIGHT:
+        W = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    else:
+        W = tl.where(w_mask, 1.0, 0.0).to(dtype)
+
+    acc = tl.zeros([BLOCK_Z, BLOCK_W, BLOCK_K], dtype)
+    for k in range(d_out):
+        # t = Σ over the entries of k of C[i, j, k] x1[:, u, i] x2[:, v, j] (x2[:, u, j] in the uu* modes).
+        if MODE <= UVV:
+            t = tl.zeros([BLOCK_Z, BLOCK_U, BLOCK_V], dtype)
+        else:
+            t = tl.zeros([BLOCK_Z, BLOCK_U], dtype)
+        for e in range(tl.load(k_start + k), tl.load(k_start + k + 1)):
+            c = tl.load(cg_v + e)
+            a = tl.load(x1_base + tl.load(cg_i + e), mask=x1_mask, other=0.0)
+            b = tl.load(x2_base + tl.load(cg_j + e), mask=x2_mask, other=0.0)
+            if MODE <= UVV:
+                t += c * a[:, :, None] * b[:, None, :]
+            else:
+                t += c * a * b
+
+        # Weights, then the sum the mode asks for: o[z, output copy] for this k.
+        if MODE == UVW:
+            o = tl.sum(tl.sum(W * t[:, :, :, None], axis=2), axis=1)  # Σ_{u,v} W[u, v, w] t[u, v]
+        elif MODE == UVU:
+            o = tl.sum(W * t, axis=2)  # Σ_v W[u, v] t[u, v]
+        elif MODE == UVV:
+            o = tl.sum(W * t, axis=1)  # Σ_u W[u, v] t[u, v]
+        elif MODE == UUW:
+            o = tl.sum(W * t[:, :, None], axis=1)  # Σ_u W[u, w] t[u]
+        else:
+            o = W * t  # W[u] t[u]
+        acc += tl.where(offs_k[None, None, :] == k, o[:, :, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _tensor_product_kernel(
+    x1_ptr, x2_ptr, w_ptr, out_ptr,
+    Z, stride1, stride2, stride_w, dim_out,
+    cg_i, cg_j, cg_v, k_start,
+    off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per block of samples: out[z] += path(x1[z], x2[z], W[z])."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_Z + tl.arange(0, BLOCK_Z)
+    mask_z = rows < Z
+    acc = _path_tile(x1_ptr, x2_ptr, w_ptr, rows, rows, rows, mask_z, stride1, stride2, stride_w,
+                     cg_i, cg_j, cg_v, k_start, off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
+                     MODE, HAS_WEIGHT, BLOCK_Z, BLOCK_U, BLOCK_V, BLOCK_W, BLOCK_K)
+    # The program owns its rows; earlier launches (other paths) may already have written to them.
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_k = tl.arange(0, BLOCK_K)
+    cols = off_out + offs_w[:, None] * d_out + offs_k[None, :]  # [W, K]
+    ptrs = out_ptr + rows[:, None, None] * dim_out + cols[None]
+    mask = mask_z[:, None, None] & ((offs_w[:, None] < mul_out) & (offs_k[None, :] < d_out))[None]
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def _tp_conv_atomic_kernel(
+    x1_ptr, x2_ptr, w_ptr, out_ptr, src_ptr, dst_ptr,
+    E, stride1, stride2, stride_w, dim_out,
+    cg_i, cg_j, cg_v, k_start,
+    off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per block of edges: out[dst[e]] += path(node_feats[src[e]], edge_attrs[e], W[e])."""
+    edges = tl.program_id(0).to(tl.int64) * BLOCK_Z + tl.arange(0, BLOCK_Z)
+    mask_z = edges < E
+    src = tl.load(src_ptr + edges, mask=mask_z, other=0)
+    dst = tl.load(dst_ptr + edges, mask=mask_z, other=0)
+    acc = _path_tile(x1_ptr, x2_ptr, w_ptr, src, edges, edges, mask_z, stride1, stride2, stride_w,
+                     cg_i, cg_j, cg_v, k_start, off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
+                     MODE, HAS_WEIGHT, BLOCK_Z, BLOCK_U, BLOCK_V, BLOCK_W, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_k = tl.arange(0, BLOCK_K)
+    cols = off_out + offs_w[:, None] * d_out + offs_k[None, :]
+    ptrs = out_ptr + dst[:, None, None] * dim_out + cols[None]
+    mask = mask_z[:, None, None] & ((offs_w[:, None] < mul_out) & (offs_k[None, :] < d_out))[None]
+    tl.atomic_add(ptrs, acc, mask=mask)  # several edges (in this block or others) may share a destination
+
+
+@triton.jit
+def _tp_conv_deterministic_kernel(
+    x1_ptr, x2_ptr, w_ptr, out_ptr, src_ptr, perm_ptr, row_ptr,
+    stride1, stride2, stride_w, dim_out,
+    cg_i, cg_j, cg_v, k_start,
+    off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off,
+    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per node n: out[n] += Σ of path(...) over its edges perm[row_ptr[n] : row_ptr[n + 1]]."""
+    node = tl.program_id(0).to(tl.int64)
+    start = tl.load(row_ptr + node)
+    stop = tl.load(row_ptr + node + 1)
+    total = tl.zeros([BLOCK_W, BLOCK_K], x1_ptr.dtype.element_ty)
+    # Chunks of BLOCK_Z edges in destination-sorted order, each summed by a fixed-shape reduction: the
+    # same additions in the same order on every run.
+    for chunk in range(start, stop, BLOCK_Z):
+        slots = chunk + tl.arange(0, BLOCK_Z)
+        mask_z = slots < stop
+        edges = tl.load(perm_ptr + slots, mask=mask_z, other=0)
+        src = tl.load(src_ptr + edges, mask=mask_z, other=0)
+        acc = _path_tile(x1_ptr, x2_ptr, w_ptr, src, edges, edges, mask_z, stride1, stride2, stride_w,
+                         cg_i, cg_j, cg_v, k_start, off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
+                         MODE, HAS_WEIGHT, BLOCK_Z, BLOCK_U, BLOCK_V, BLOCK_W, BLOCK_K)
+        total += tl.sum(acc, axis=0)  # masked edges contribute exact zeros
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_k = tl.arange(0, BLOCK_K)
+    ptrs = out_ptr + node * dim_out + off_out + offs_w[:, None] * d_out + offs_k[None, :]
+    mask = (offs_w[:, None] < mul_out) & (offs_k[None, :] < d_out)
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + total, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------- host code
+
+
+def _prepare(paths, cg_index, cg_value, cg_offsets, dtype):
+    """The paths as Python ints, and the CG entries regrouped by (path, k) for the kernels.
+
+    Returns (rows, cg_i, cg_j, cg_v, k_start, k_stride): path p's entries of component k are
+    k_start[p * k_stride + k] : k_start[p * k_stride + k + 1] of cg_i / cg_j / cg_v.
+    """
+    rows = paths.tolist()  # P × 12 ints (a host sync on GPU; the descriptor is tiny)
+    for row in rows:
+        if not 0 <= row[0] < len(MODE_NAMES):
+            raise NotImplementedError(f"tensor product (triton): unknown path mode code {row[0]}")
+    device = cg_value.device
+    k_stride = max([row[9] for row in rows], default=1)
+    counts = (cg_offsets[1:] - cg_offsets[:-1]).to(device)
+    path_of_entry = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+    key = path_of_entry * k_stride + cg_index[:, 2].to(device)
+    order = torch.argsort(key, stable=True)
+    per_key = torch.bincount(key, minlength=len(rows) * k_stride)
+    k_start = torch.cat([per_key.new_zeros(1), per_key.cumsum(0)])
+    cg_index = cg_index.to(device)[order]
+    cg_i, cg_j = cg_index[:, 0].contiguous(), cg_index[:, 1].contiguous()
+    return rows, cg_i, cg_j, cg_value[order].to(dtype).contiguous(), k_start, k_stride
+
+
+def _blocks(mode, mul1, mul2, mul_out, d_out, max_rows):
+    """Constexpr block sizes of one path; BLOCK_Z shrinks so that the largest tile stays under MAX_TILE."""
+    BU, BV, BW = (triton.next_power_of_2(m) for m in (mul1, mul2, mul_out))
+    tile = {"uvw": BU * BV * BW, "uvu": BU * BV, "uvv": BU * BV, "uuw": BU * BW, "uuu": BU}[MODE_NAMES[mode]]
+    tile = max(tile, BW * triton.next_power_of_2(d_out))  # the [rows, W, K] accumulator
+    BZ = max(1, min(max_rows, MAX_TILE // tile))
+    BZ = 1 << (BZ.bit_length() - 1)  # a power of two
+    return dict(BLOCK_Z=BZ, BLOCK_U=BU, BLOCK_V=BV, BLOCK_W=BW, BLOCK_K=triton.next_power_of_2(d_out))
+
+
+def _check(x1, x2, weights, n_rows):
+    dtype = x1.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"tensor product (triton): tensors must be float32 or float64, got {dtype}")
+    if x2.dtype != dtype or weights.dtype != dtype:
+        raise TypeError("tensor product (triton): x1, x2 and weights must share a dtype")
+    if weights.dim() not in (1, 2) or (weights.dim() == 2 and weights.size(0) != n_rows):
+        raise ValueError(f"tensor product (triton): weights must be [n_weights] or [{n_rows}, n_weights], "
+                         f"got {tuple(weights.shape)}")
+
+
+def _operands(x1, x2, weights):
+    """Contiguous operands, the weights' row stride (0 when shared) and a valid pointer when they're empty."""
+    x1, x2, weights = x1.contiguous(), x2.contiguous(), weights.contiguous()
+    stride_w = weights.size(1) if weights.dim() == 2 else 0
+    if weights.numel() == 0:
+        weights = x1  # no path has weights: never read
+    return x1, x2, weights, stride_w
+
+
+def _path_args(row, cg, p):
+    """Kernel arguments of path p: CG tensors, scalars and constexprs."""
+    cg_i, cg_j, cg_v, k_start, k_stride = cg
+    mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight = row
+    args = (cg_i, cg_j, cg_v, k_start[p * k_stride:],
+            off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off)
+    return args, dict(MODE=mode, HAS_WEIGHT=bool(has_weight))
+
+
+def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int):
+    """out [Z, dim_out] = Σ over paths of the path's product of x1 [Z, dim1] and x2 [Z, dim2] (forward only)."""
+    Z = x1.size(0)
+    _check(x1, x2, weights, Z)
+    out = torch.zeros((Z, dim_out), dtype=x1.dtype, device=x1.device)
+    if Z == 0 or paths.size(0) == 0:
+        return out
+    x1, x2, weights, stride_w = _operands(x1, x2, weights)
+    rows, *cg = _prepare(paths, cg_index, cg_value, cg_offsets, x1.dtype)
+    for p, row in enumerate(rows):
+        args, consts = _path_args(row, cg, p)
+        blocks = _blocks(row[0], row[2], row[5], row[8], row[9], MAX_ROWS)
+        grid = (triton.cdiv(Z, blocks["BLOCK_Z"]),)
+        _tensor_product_kernel[grid](x1, x2, weights, out, Z, x1.size(1), x2.size(1), stride_w, dim_out,
+                                     *args, **consts, **blocks)
+    return out
+
+
+def tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, paths, cg_index, cg_value,
+            cg_offsets, dim_out: int, *, deterministic: bool = False):
+    """out [n_nodes, dim_out] = Σ_{e: edge_dst[e] = n} tensor_product(node_feats[edge_src[e]], edge_attrs[e],
+    weights[e]) without the [E, dim_out] messages (forward only). deterministic: see the module docstring."""
+    E = edge_attrs.size(0)
+    _check(node_feats, edge_attrs, weights, E)
+    out = torch.zeros((n_nodes, dim_out), dtype=node_feats.dtype, device=node_feats.device)
+    if E == 0 or n_nodes == 0 or paths.size(0) == 0:
+        return out
+    x1, x2, weights, stride_w = _operands(node_feats, edge_attrs, weights)
+    src = edge_src.to(torch.int64).contiguous()
+    dst = edge_dst.to(torch.int64).contiguous()
+    rows, *cg = _prepare(paths, cg_index, cg_value, cg_offsets, x1.dtype)
+    if deterministic:
+        perm = torch.argsort(dst, stable=True)  # edges by destination, ties in input order
+        row_ptr = torch.cat([dst.new_zeros(1), torch.bincount(dst, minlength=n_nodes).cumsum(0)])
+    for p, row in enumerate(rows):
+        args, consts = _path_args(row, cg, p)
+        common = (x1.size(1), x2.size(1), stride_w, dim_out, *args)
+        if deterministic:
+            blocks = _blocks(row[0], row[2], row[5], row[8], row[9], DETERMINISTIC_CHUNK)
+            _tp_conv_deterministic_kernel[(n_nodes,)](x1, x2, weights, out, src, perm, row_ptr, *common,
+                                                      **consts, **blocks)
+        else:
+            blocks = _blocks(row[0], row[2], row[5], row[8], row[9], MAX_ROWS)
+            grid = (triton.cdiv(E, blocks["BLOCK_Z"]),)
+            _tp_conv_atomic_kernel[grid](x1, x2, weights, out, src, dst, E, *common, **consts, **blocks)
+    return out
