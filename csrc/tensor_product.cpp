@@ -98,12 +98,19 @@ struct Path {
 template <typename T>
 struct Entry {
   int32_t idx[3];  // i, j, k
-  int32_t pair;    // index of (i, k) among the path's pairs (uvu with mul2 = 1), else 0
   T c;
 };
 
+// uvu with mul2 = 1: M[i][k] = Σ_t c_t b[j_t] over the terms t_begin : t_end of the pair (i, k)
 struct Pair {
   int32_t i, k;
+  int32_t t_begin, t_end;
+};
+
+template <typename T>
+struct Term {
+  int32_t j;
+  T c;
 };
 
 template <typename T>
@@ -111,10 +118,11 @@ struct Descriptor {
   std::vector<Path> paths;
   std::vector<Entry<T>> entries;
   std::vector<Pair> pairs;
+  std::vector<Term<T>> terms;
   Layout in1, in2, out;
-  std::vector<T> ones;       // W of the paths without weights
-  int64_t scratch = 0;       // per-row scratch elements of the widest path
-  int64_t max_pairs = 0;     // M values of the path with the most pairs
+  std::vector<T> ones;  // W of the paths without weights
+  int64_t scratch = 0;  // per-row scratch elements of the widest path
+  int64_t max_pairs = 0;
 };
 
 // Checks the descriptor tensors against the rows they describe and converts them; every message names the op
@@ -207,20 +215,21 @@ Descriptor<T> parse_descriptor(const char* op, const at::Tensor& paths_t, const 
       TORCH_CHECK(i >= 0 && i < q.d1 && j >= 0 && j < q.d2 && k >= 0 && k < q.d_out, op, ": cg_index[", e,
                   "] = (", i, ", ", j, ", ", k, ") is outside the (d1, d2, d_out) = (", q.d1, ", ", q.d2, ", ",
                   q.d_out, ") of its path");
-      D.entries[e] = {{static_cast<int32_t>(i), static_cast<int32_t>(j), static_cast<int32_t>(k)}, 0, cv[e]};
+      D.entries[e] = {{static_cast<int32_t>(i), static_cast<int32_t>(j), static_cast<int32_t>(k)}, cv[e]};
     }
-    if (folded) {  // the distinct (i, k), grouped by k
+    if (folded) {  // the distinct (i, k), grouped by k, each with its terms (j, c)
       for (int64_t k = 0; k < q.d_out; ++k) {
-        for (int64_t e = q.begin; e < q.end; ++e) {
-          if (D.entries[e].idx[K] != k) continue;
-          int64_t pair = q.pair_begin;
-          while (pair < q.pair_end && D.pairs[pair].i != D.entries[e].idx[I]) ++pair;
-          if (pair == q.pair_end) {
-            D.pairs.push_back({D.entries[e].idx[I], static_cast<int32_t>(k)});
+        for (int64_t i = 0; i < q.d1; ++i) {
+          const auto t_begin = static_cast<int32_t>(D.terms.size());
+          for (int64_t e = q.begin; e < q.end; ++e) {
+            const Entry<T>& x = D.entries[e];
+            if (x.idx[K] == k && x.idx[I] == i) D.terms.push_back({x.idx[J], x.c});
+          }
+          const auto t_end = static_cast<int32_t>(D.terms.size());
+          if (t_end > t_begin) {
+            D.pairs.push_back({static_cast<int32_t>(i), static_cast<int32_t>(k), t_begin, t_end});
             ++q.pair_end;
           }
-          // pairs of earlier k are skipped by the search above only if they differ in i; restrict it to this k
-          D.entries[e].pair = static_cast<int32_t>(pair - q.pair_begin);
         }
       }
       D.max_pairs = std::max(D.max_pairs, q.pair_end - q.pair_begin);
@@ -319,46 +328,229 @@ FASTFLOW_TP_INLINE void fill_zero(T* x, int64_t n) {
 
 // ---- one path on one row ----
 
-// uvu with mul2 = 1: M[pair] = Σ_{entries of the pair} c b[j]
+// ---- uvu with mul2 = 1 ----
+//
+// M[i][k] = Σ_j c b[j] is computed once per pair (i, k); then, per output row k and block of multiplicities,
+// the sum over the row's pairs stays in registers: blocks of kBlockVectors 64-byte vectors (GCC vector
+// extensions, lowered to 1 zmm, 2 ymm or 4 xmm registers each by the x86-64-v4, v3 and baseline clones), then
+// single vectors, then a scalar remainder.
+
+#if defined(__GNUC__)
+// The vector helpers are always inlined, so the ABI of passing 64-byte vectors (which GCC warns about when the
+// baseline clone has no AVX-512) never comes into play.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float VecF __attribute__((vector_size(64)));
+typedef double VecD __attribute__((vector_size(64)));
 template <typename T>
-FASTFLOW_TP_INLINE void fold_b(const Path& p, const Entry<T>* E, const T* b, T* M) {
-  fill_zero(M, p.pair_end - p.pair_begin);
-  for (const Entry<T>* e = E + p.begin; e != E + p.end; ++e) M[e->pair] += e->c * b[e->idx[J]];
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using type = VecF;
+};
+template <>
+struct VecOf<double> {
+  using type = VecD;
+};
+#else  // one "vector" is one scalar
+template <typename T>
+struct VecOf {
+  using type = T;
+};
+#endif
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kVecLanes = sizeof(Vec<T>) / sizeof(T);
+constexpr int kBlockVectors = 2;
+
+template <typename T>
+FASTFLOW_TP_INLINE Vec<T> vload(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+FASTFLOW_TP_INLINE void vstore(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+FASTFLOW_TP_INLINE T vsum(const Vec<T>& v) {
+#if defined(__GNUC__)
+  T s = 0;
+  for (int64_t l = 0; l < kVecLanes<T>; ++l) s += v[l];
+  return s;
+#else
+  return v;
+#endif
 }
 
 template <typename T>
-FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pair* pairs, const T* a, const T* b,
-                                     const T* W, T* o, T* s) {
+FASTFLOW_TP_INLINE void fold_b(const Path& p, const Pair* pairs, const Term<T>* terms, const T* b, T* M) {
+  for (int64_t q = p.pair_begin; q < p.pair_end; ++q) {
+    T m = 0;
+    for (const Term<T>* t = terms + pairs[q].t_begin; t != terms + pairs[q].t_end; ++t) m += t->c * b[t->j];
+    M[q - p.pair_begin] = m;
+  }
+}
+
+// o[k][u0 : u0 + NV·lanes] += W[u] Σ_{q in q0:q1} M[q] a[i_q][u]
+template <typename T, int NV>
+FASTFLOW_TP_INLINE void folded_forward_block(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* a,
+                                             int64_t m1, const T* W, T* ok, int64_t u0) {
+  constexpr int64_t VL = kVecLanes<T>;
+  Vec<T> acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = Vec<T>{} ;
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* x = a + pr[q].i * m1 + u0;
+    const T c = M[q];
+    for (int v = 0; v < NV; ++v) acc[v] += c * vload(x + v * VL);
+  }
+  for (int v = 0; v < NV; ++v) {
+    T* o = ok + u0 + v * VL;
+    vstore(o, vload(o) + vload(W + u0 + v * VL) * acc[v]);
+  }
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE void folded_forward_rest(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* a,
+                                            int64_t m1, const T* W, T* ok, int64_t u0, T* t) {
+  const int64_t n = m1 - u0;
+  fill_zero(t, n);
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* __restrict x = a + pr[q].i * m1 + u0;
+    const T c = M[q];
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) t[l] += c * x[l];
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < n; ++l) ok[u0 + l] += W[u0 + l] * t[l];
+}
+
+// s: n_pairs + mul1 elements
+template <typename T>
+FASTFLOW_TP_INLINE void folded_forward(const Path& p, const Pair* pairs, const Term<T>* terms, const T* a,
+                                       const T* b, const T* W, T* o, T* s) {
+  constexpr int64_t VL = kVecLanes<T>;
+  const int64_t m1 = p.mul1, n_pairs = p.pair_end - p.pair_begin;
+  const Pair* pr = pairs + p.pair_begin;
+  T* M = s;
+  fold_b(p, pairs, terms, b, M);
+  for (int64_t q0 = 0, q1; q0 < n_pairs; q0 = q1) {
+    const int64_t k = pr[q0].k;
+    for (q1 = q0 + 1; q1 < n_pairs && pr[q1].k == k; ++q1) {
+    }
+    T* ok = o + k * m1;
+    int64_t u0 = 0;
+    for (; u0 + kBlockVectors * VL <= m1; u0 += kBlockVectors * VL) {
+      folded_forward_block<T, kBlockVectors>(pr, q0, q1, M, a, m1, W, ok, u0);
+    }
+    for (; u0 + VL <= m1; u0 += VL) folded_forward_block<T, 1>(pr, q0, q1, M, a, m1, W, ok, u0);
+    if (u0 < m1) folded_forward_rest(pr, q0, q1, M, a, m1, W, ok, u0, s + n_pairs);
+  }
+}
+
+// One block of the backward of one output row k, u in u0 : u0 + NV·lanes:
+//   ga[i][u] += M[i][k] W[u] g[k][u];  gW[u] += g[k][u] Σ_i M[i][k] a[i][u];  D[q] += Σ_u a[i][u] W[u] g[k][u]
+template <typename T, int NV>
+FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* gk,
+                                              const T* a, int64_t m1, const T* W, T* ga, T* gW, T* D,
+                                              int64_t u0) {
+  constexpr int64_t VL = kVecLanes<T>;
+  Vec<T> wg[NV], t[NV];
+  for (int v = 0; v < NV; ++v) {
+    wg[v] = vload(W + u0 + v * VL) * vload(gk + u0 + v * VL);
+    t[v] = Vec<T>{};
+  }
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* x = a + pr[q].i * m1 + u0;
+    T* gx = ga + pr[q].i * m1 + u0;
+    const T c = M[q];
+    Vec<T> d = Vec<T>{};
+    for (int v = 0; v < NV; ++v) {
+      const Vec<T> xv = vload(x + v * VL);
+      vstore(gx + v * VL, vload(gx + v * VL) + c * wg[v]);
+      d += xv * wg[v];
+      t[v] += c * xv;
+    }
+    D[q] += vsum<T>(d);
+  }
+  if (gW != nullptr) {
+    for (int v = 0; v < NV; ++v) {
+      T* gw = gW + u0 + v * VL;
+      vstore(gw, vload(gw) + vload(gk + u0 + v * VL) * t[v]);
+    }
+  }
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* gk,
+                                             const T* a, int64_t m1, const T* W, T* ga, T* gW, T* D, int64_t u0,
+                                             T* s) {
+  const int64_t n = m1 - u0;
+  T* __restrict wg = s;
+  T* __restrict t = s + n;
+#pragma omp simd
+  for (int64_t l = 0; l < n; ++l) {
+    wg[l] = W[u0 + l] * gk[u0 + l];
+    t[l] = 0;
+  }
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* __restrict x = a + pr[q].i * m1 + u0;
+    T* __restrict gx = ga + pr[q].i * m1 + u0;
+    const T c = M[q];
+    T d = 0;
+#pragma omp simd reduction(+ : d)
+    for (int64_t l = 0; l < n; ++l) {
+      gx[l] += c * wg[l];
+      d += x[l] * wg[l];
+      t[l] += c * x[l];
+    }
+    D[q] += d;
+  }
+  if (gW != nullptr) {
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) gW[u0 + l] += gk[u0 + l] * t[l];
+  }
+}
+
+// s: 2 n_pairs + 2 mul1 elements
+template <typename T>
+FASTFLOW_TP_INLINE void folded_backward(const Path& p, const Pair* pairs, const Term<T>* terms, const T* g,
+                                        const T* a, const T* b, const T* W, T* ga, T* gb, T* gW, T* s) {
+  constexpr int64_t VL = kVecLanes<T>;
+  const int64_t m1 = p.mul1, n_pairs = p.pair_end - p.pair_begin;
+  const Pair* pr = pairs + p.pair_begin;
+  T* M = s;
+  T* D = s + n_pairs;  // D[q] = Σ_u a[i][u] W[u] g[k][u]; then gb[j] += Σ c D
+  fold_b(p, pairs, terms, b, M);
+  fill_zero(D, n_pairs);
+  for (int64_t q0 = 0, q1; q0 < n_pairs; q0 = q1) {
+    const int64_t k = pr[q0].k;
+    for (q1 = q0 + 1; q1 < n_pairs && pr[q1].k == k; ++q1) {
+    }
+    const T* gk = g + k * m1;
+    int64_t u0 = 0;
+    for (; u0 + kBlockVectors * VL <= m1; u0 += kBlockVectors * VL) {
+      folded_backward_block<T, kBlockVectors>(pr, q0, q1, M, gk, a, m1, W, ga, gW, D, u0);
+    }
+    for (; u0 + VL <= m1; u0 += VL) folded_backward_block<T, 1>(pr, q0, q1, M, gk, a, m1, W, ga, gW, D, u0);
+    if (u0 < m1) folded_backward_rest(pr, q0, q1, M, gk, a, m1, W, ga, gW, D, u0, s + 2 * n_pairs);
+  }
+  for (int64_t q = 0; q < n_pairs; ++q) {
+    for (const Term<T>* t = terms + pr[q].t_begin; t != terms + pr[q].t_end; ++t) gb[t->j] += t->c * D[q];
+  }
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pair* pairs, const Term<T>* terms,
+                                     const T* a, const T* b, const T* W, T* o, T* s) {
   const Entry<T>* e0 = E + p.begin;
   const Entry<T>* e1 = E + p.end;
   const int64_t m1 = p.mul1, m2 = p.mul2, mo = p.mul_out;
   switch (p.mode) {
     case kUVU: {
-      if (m2 == 1) {  // o[k][u] += W[u] Σ_i M[i][k] a[i][u]
-        T* M = s;
-        T* acc = s + p.pair_end - p.pair_begin;
-        fold_b(p, E, b, M);
-        const Pair* pr = pairs + p.pair_begin;
-        const int64_t n_pairs = p.pair_end - p.pair_begin;
-        for (int64_t q = 0; q < n_pairs;) {
-          const int64_t k = pr[q].k;
-          T* __restrict t = acc;
-          {
-            const T* __restrict x = a + pr[q].i * m1;
-            const T c = M[q];
-#pragma omp simd
-            for (int64_t u = 0; u < m1; ++u) t[u] = c * x[u];
-          }
-          for (++q; q < n_pairs && pr[q].k == k; ++q) {
-            const T* __restrict x = a + pr[q].i * m1;
-            const T c = M[q];
-#pragma omp simd
-            for (int64_t u = 0; u < m1; ++u) t[u] += c * x[u];
-          }
-          T* __restrict ok = o + k * m1;
-#pragma omp simd
-          for (int64_t u = 0; u < m1; ++u) ok[u] += W[u] * t[u];
-        }
+      if (m2 == 1) {
+        folded_forward(p, pairs, terms, a, b, W, o, s);
         return;
       }
       T* y = s;  // [d2][m1]
@@ -433,51 +625,16 @@ FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pai
 // Adds the path's gradients for one row: ga (x1, ir_mul), gb (x2, ir_mul), gW (the path's weights; nullptr:
 // none wanted), from g (the output gradient, ir_mul).
 template <typename T>
-FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pair* pairs, const T* g, const T* a,
-                                      const T* b, const T* W, T* ga, T* gb, T* gW, T* s, int64_t half) {
+FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pair* pairs, const Term<T>* terms,
+                                      const T* g, const T* a, const T* b, const T* W, T* ga, T* gb, T* gW, T* s,
+                                      int64_t half) {
   const Entry<T>* e0 = E + p.begin;
   const Entry<T>* e1 = E + p.end;
   const int64_t m1 = p.mul1, m2 = p.mul2, mo = p.mul_out;
   switch (p.mode) {
     case kUVU: {
       if (m2 == 1) {
-        // ga[i][u] += W[u] Σ_k M[i][k] g[k][u];  gW[u] += Σ_k g[k][u] Σ_i M[i][k] a[i][u];
-        // gb[j] += Σ c D[i][k] with D[i][k] = Σ_u W[u] a[i][u] g[k][u]
-        const int64_t n_pairs = p.pair_end - p.pair_begin;
-        T* M = s;
-        T* Dp = s + n_pairs;
-        T* wg = s + 2 * n_pairs;  // [m1]: W[u] g[k][u] of the current k
-        T* t = wg + m1;           // [m1]: Σ_i M[i][k] a[i][u] of the current k
-        fold_b(p, E, b, M);
-        const Pair* pr = pairs + p.pair_begin;
-        for (int64_t q = 0; q < n_pairs;) {
-          const int64_t k = pr[q].k;
-          const T* __restrict gk = g + k * m1;
-#pragma omp simd
-          for (int64_t u = 0; u < m1; ++u) wg[u] = W[u] * gk[u];
-          if (gW != nullptr) fill_zero(t, m1);
-          for (; q < n_pairs && pr[q].k == k; ++q) {
-            const T* __restrict x = a + pr[q].i * m1;
-            T* __restrict gx = ga + pr[q].i * m1;
-            const T c = M[q];
-            T d = 0;
-#pragma omp simd reduction(+ : d)
-            for (int64_t u = 0; u < m1; ++u) {
-              gx[u] += c * wg[u];
-              d += x[u] * wg[u];
-            }
-            Dp[q] = d;
-            if (gW != nullptr) {
-#pragma omp simd
-              for (int64_t u = 0; u < m1; ++u) t[u] += c * x[u];
-            }
-          }
-          if (gW != nullptr) {
-#pragma omp simd
-            for (int64_t u = 0; u < m1; ++u) gW[u] += gk[u] * t[u];
-          }
-        }
-        for (const Entry<T>* e = e0; e != e1; ++e) gb[e->idx[J]] += e->c * Dp[e->pair];
+        folded_backward(p, pairs, terms, g, a, b, W, ga, gb, gW, s);
         return;
       }
       T* y = s;  // [d2][m1] as in the forward
@@ -632,8 +789,9 @@ FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pa
 
 // ---- rows ----
 
-// The operands of one call. Rows r of the output (forward) or of x1 (backward) own the edges
-// perm[row_ptr[r] : row_ptr[r + 1]]; without row_ptr, row r owns edge r and src = dst = identity.
+// The operands of one call. Rows r of the output (forward) or of x1 (backward) own the edge slots
+// row_ptr[r] : row_ptr[r + 1], slot t holding edge perm[t]; without row_ptr, row r owns edge r and the other
+// node of edge e is e.
 template <typename T>
 struct Problem {
   const Descriptor<T>* D;
@@ -644,10 +802,9 @@ struct Problem {
   int64_t dim2;
   const T* w;           // [E, n_weights], or [n_weights] with w_stride = 0
   int64_t w_stride, n_weights;
-  const int64_t* src;   // nullptr: identity
-  const int64_t* dst;
   const int64_t* row_ptr;  // nullptr: identity
-  const int64_t* perm;
+  const int64_t* perm;     // edge of each slot
+  const int64_t* other;    // per slot, the edge's other node: its source (forward), destination (backward)
   int64_t dim_out;
   // forward
   T* out;               // [rows, dim_out]
@@ -679,7 +836,7 @@ struct Scratch {
         x2(pr.D->in2.width + 1),
         gb(pr.D->in2.width + 1),
         g(pr.D->out.width + 1),
-        s(pr.D->scratch + 2 * pr.D->max_pairs + 2 * (pr.D->scratch / 2) + 1) {}
+        s(pr.D->scratch + 2 * pr.D->max_pairs + 1) {}
 };
 
 template <typename T>
@@ -696,26 +853,76 @@ FASTFLOW_TP_INLINE const T* x2_row(const Problem<T>& pr, int64_t e, T* buf) {
   return buf;
 }
 
+// The rows of a later edge are requested while the current one is computed: tp_conv reads the weight rows in
+// destination order, i.e. at random, and they are most of the bytes read.
+constexpr int64_t kPrefetchAhead = 2;  // edges
+
+// every cache line of p[0 : n]
+template <typename T>
+FASTFLOW_TP_INLINE void prefetch_rows(const T* p, int64_t n) {
+#if defined(__GNUC__)
+  if (n <= 0) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p + n - 1);
+  for (uintptr_t c = first; c <= last; c += 64) __builtin_prefetch(reinterpret_cast<const void*>(c), 0, 3);
+#endif
+}
+
+template <typename T>
+FASTFLOW_TP_INLINE void prefetch_rows_for_write(T* p, int64_t n) {
+#if defined(__GNUC__)
+  if (n <= 0) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p + n - 1);
+  for (uintptr_t c = first; c <= last; c += 64) __builtin_prefetch(reinterpret_cast<void*>(c), 1, 3);
+#endif
+}
+
+// the rows edge slot t (index into perm) will read in the forward
+template <typename T>
+FASTFLOW_TP_INLINE void prefetch_forward(const Problem<T>& pr, int64_t t) {
+  const int64_t e = pr.perm == nullptr ? t : pr.perm[t];
+  const int64_t node = pr.other == nullptr ? e : pr.other[t];
+  if (pr.w_stride != 0) prefetch_rows(pr.w + e * pr.w_stride, pr.n_weights);
+  prefetch_rows(pr.x1 + node * pr.x1_stride, pr.x1_stride);
+  prefetch_rows(pr.x2 + e * pr.dim2, pr.dim2);
+}
+
+// the rows edge slot t will read and write in the backward
+template <typename T>
+FASTFLOW_TP_INLINE void prefetch_backward(const Problem<T>& pr, int64_t t, bool gw_per_row) {
+  const int64_t e = pr.perm == nullptr ? t : pr.perm[t];
+  const int64_t node = pr.other == nullptr ? e : pr.other[t];
+  if (pr.w_stride != 0) prefetch_rows(pr.w + e * pr.w_stride, pr.n_weights);
+  if (gw_per_row) prefetch_rows_for_write(pr.gw + e * pr.n_weights, pr.n_weights);
+  prefetch_rows(pr.g + node * pr.g_stride, pr.g_stride);
+  prefetch_rows(pr.x2 + e * pr.dim2, pr.dim2);
+  prefetch_rows_for_write(pr.gx2 + e * pr.dim2, pr.dim2);
+}
+
 template <typename T>
 FASTFLOW_TP_INLINE void forward_rows_impl(const Problem<T>& pr, int64_t r0, int64_t r1, Scratch<T>& S) {
   const Descriptor<T>& D = *pr.D;
   const Entry<T>* E = D.entries.data();
   const Pair* pairs = D.pairs.data();
+  const Term<T>* terms = D.terms.data();
   const int64_t width = D.out.width;
   T* acc = S.acc.data();
+  const int64_t last = pr.row_ptr == nullptr ? r1 : pr.row_ptr[r1];  // the edge slots of rows r0 : r1 end here
   for (int64_t r = r0; r < r1; ++r) {
     fill_zero(acc, width);
     int64_t begin, end;
     edge_range(pr, r, begin, end);
     for (int64_t t = begin; t < end; ++t) {
+      if (t + kPrefetchAhead < last) prefetch_forward(pr, t + kPrefetchAhead);
       const int64_t e = pr.perm == nullptr ? t : pr.perm[t];
-      const int64_t node = pr.src == nullptr ? e : pr.src[e];
+      const int64_t node = pr.other == nullptr ? e : pr.other[t];
       const T* a = x1_row(pr, node, S.x1.data());
       const T* b = x2_row(pr, e, S.x2.data());
       const T* w = pr.w + e * pr.w_stride;
       for (const Path& p : D.paths) {
         const T* W = p.has_weight ? w + p.w_off : D.ones.data();
-        path_forward(p, E, pairs, a + p.pos1, b + p.pos2, W, acc + p.pos_out, S.s.data());
+        path_forward(p, E, pairs, terms, a + p.pos1, b + p.pos2, W, acc + p.pos_out, S.s.data());
       }
     }
     from_ir_mul(D.out, acc, pr.out + r * pr.dim_out, pr.dim_out);
@@ -728,17 +935,20 @@ FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int
   const Descriptor<T>& D = *pr.D;
   const Entry<T>* E = D.entries.data();
   const Pair* pairs = D.pairs.data();
+  const Term<T>* terms = D.terms.data();
   const int64_t half = D.scratch / 2;
   T* ga = S.acc.data();
   T* gb = S.gb.data();
+  const int64_t last = pr.row_ptr == nullptr ? r1 : pr.row_ptr[r1];
   for (int64_t r = r0; r < r1; ++r) {
     fill_zero(ga, D.in1.width);
     int64_t begin, end;
     edge_range(pr, r, begin, end);
     const T* a = end > begin ? x1_row(pr, r, S.x1.data()) : nullptr;
     for (int64_t t = begin; t < end; ++t) {
+      if (t + kPrefetchAhead < last) prefetch_backward(pr, t + kPrefetchAhead, gw_per_row);
       const int64_t e = pr.perm == nullptr ? t : pr.perm[t];
-      const int64_t node = pr.dst == nullptr ? e : pr.dst[e];
+      const int64_t node = pr.other == nullptr ? e : pr.other[t];
       const T* b = x2_row(pr, e, S.x2.data());
       const T* g;
       if (pr.g_ir_mul || D.out.trivial) {
@@ -754,7 +964,7 @@ FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int
       for (const Path& p : D.paths) {
         const T* W = p.has_weight ? w + p.w_off : D.ones.data();
         T* gW = p.has_weight ? gw + p.w_off : nullptr;
-        path_backward(p, E, pairs, g + p.pos_out, a + p.pos1, b + p.pos2, W, ga + p.pos1, gb + p.pos2, gW,
+        path_backward(p, E, pairs, terms, g + p.pos_out, a + p.pos1, b + p.pos2, W, ga + p.pos1, gb + p.pos2, gW,
                       S.s.data(), half);
       }
       from_ir_mul(D.in2, gb, pr.gx2 + e * pr.dim2, pr.dim2);
@@ -844,15 +1054,21 @@ at::Tensor rows_to_ir_mul(const Layout& L, const at::Tensor& x) {
   return t;
 }
 
-// Stable counting sort of edges by key in [0, n): row_ptr [n + 1], perm [E]
-void sort_edges(const int64_t* key, int64_t E, int64_t n, std::vector<int64_t>& row_ptr,
-                std::vector<int64_t>& perm) {
+// Stable counting sort of the edges by key in [0, n): row_ptr [n + 1], perm [E] (the edge in each slot) and
+// other_sorted [E] (other[perm[t]], so that the edge loops read it in order)
+void sort_edges(const int64_t* key, const int64_t* other, int64_t E, int64_t n, std::vector<int64_t>& row_ptr,
+                std::vector<int64_t>& perm, std::vector<int64_t>& other_sorted) {
   row_ptr.assign(n + 1, 0);
   perm.resize(E);
+  other_sorted.resize(E);
   for (int64_t e = 0; e < E; ++e) ++row_ptr[key[e] + 1];
   for (int64_t r = 0; r < n; ++r) row_ptr[r + 1] += row_ptr[r];
   std::vector<int64_t> next(row_ptr.begin(), row_ptr.end() - 1);
-  for (int64_t e = 0; e < E; ++e) perm[next[key[e]]++] = e;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t t = next[key[e]]++;
+    perm[t] = e;
+    other_sorted[t] = other[e];
+  }
 }
 
 // ---- argument checks ----
@@ -990,16 +1206,16 @@ at::Tensor tp_conv_cpu(const at::Tensor& node_feats, const at::Tensor& edge_attr
   AT_DISPATCH_FLOATING_TYPES(dtype, "tp_conv_cpu", [&] {
     const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
                                                               x.size(1), b.size(1), dim_out, n_w);
-    std::vector<int64_t> row_ptr, perm;
-    sort_edges(dst.const_data_ptr<int64_t>(), E, n_nodes, row_ptr, perm);
+    std::vector<int64_t> row_ptr, perm, src_sorted;
+    sort_edges(dst.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(), E, n_nodes, row_ptr, perm,
+               src_sorted);
     const at::Tensor xt = D.in1.trivial ? x : rows_to_ir_mul<scalar_t>(D.in1, x);
     Problem<scalar_t> pr{};
     pr.D = &D;
     pr.x1 = xt.const_data_ptr<scalar_t>(), pr.dim1 = x.size(1), pr.x1_stride = xt.size(1), pr.x1_ir_mul = true;
     pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
     pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
-    pr.src = src.const_data_ptr<int64_t>(), pr.dst = dst.const_data_ptr<int64_t>();
-    pr.row_ptr = row_ptr.data(), pr.perm = perm.data();
+    pr.row_ptr = row_ptr.data(), pr.perm = perm.data(), pr.other = src_sorted.data();
     pr.dim_out = dim_out;
     pr.out = out.mutable_data_ptr<scalar_t>();
     run_forward(pr, n_nodes, E);
@@ -1028,8 +1244,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_conv_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(dtype, "tp_conv_backward_cpu", [&] {
     const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
                                                               x.size(1), b.size(1), dim_out, n_w);
-    std::vector<int64_t> row_ptr, perm;
-    sort_edges(src.const_data_ptr<int64_t>(), E, n_src, row_ptr, perm);
+    std::vector<int64_t> row_ptr, perm, dst_sorted;
+    sort_edges(src.const_data_ptr<int64_t>(), dst.const_data_ptr<int64_t>(), E, n_src, row_ptr, perm,
+               dst_sorted);
     const at::Tensor xt = D.in1.trivial ? x : rows_to_ir_mul<scalar_t>(D.in1, x);
     const at::Tensor gt = D.out.trivial ? g : rows_to_ir_mul<scalar_t>(D.out, g);
     Problem<scalar_t> pr{};
@@ -1037,8 +1254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_conv_backward_cpu(
     pr.x1 = xt.const_data_ptr<scalar_t>(), pr.dim1 = x.size(1), pr.x1_stride = xt.size(1), pr.x1_ir_mul = true;
     pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
     pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
-    pr.src = src.const_data_ptr<int64_t>(), pr.dst = dst.const_data_ptr<int64_t>();
-    pr.row_ptr = row_ptr.data(), pr.perm = perm.data();
+    pr.row_ptr = row_ptr.data(), pr.perm = perm.data(), pr.other = dst_sorted.data();
     pr.dim_out = dim_out;
     pr.g = gt.const_data_ptr<scalar_t>(), pr.g_stride = gt.size(1), pr.g_ir_mul = true;
     pr.gx1 = gx.mutable_data_ptr<scalar_t>(), pr.gx2 = gb.mutable_data_ptr<scalar_t>();

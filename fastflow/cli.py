@@ -338,6 +338,11 @@ def add_bench_parser(commands) -> None:
 
     caching_benchmark.add_arguments(caching)
     caching.set_defaults(handler=lambda args: caching_benchmark.run(args) and 0)
+    tp = which.add_parser("tp", help="e3nn-compatible tensor products and tp_conv vs e3nn, cuequivariance, compile")
+    from fastflow.benchmarks import tp as tp_benchmark
+
+    tp_benchmark.add_arguments(tp)
+    tp.set_defaults(handler=run_bench_tp)
 
 
 def run_bench_kernels(args) -> int:
@@ -348,6 +353,13 @@ def run_bench_kernels(args) -> int:
     run(presets=tuple(args.presets), backend=args.backend, repeats=args.repeats, compile_reference=args.compile,
         memory=args.memory, sampling_molecules=args.sampling_molecules, sampling_steps=args.sampling_steps,
         out=args.out)
+    return 0
+
+
+def run_bench_tp(args) -> int:
+    from fastflow.benchmarks.tp import run_from_args
+
+    run_from_args(args)
     return 0
 
 

@@ -1,5 +1,6 @@
 """``patch_model``: the one place that knows both models and kernels. It swaps fused modules (:mod:`fastflow.nn`)
-in for the Semla layers and feed-forwards, and installs the predictive feature cache (:mod:`fastflow.cache`).
+in for the Semla layers and feed-forwards and for e3nn / cuequivariance tensor products, and installs the predictive
+feature cache (:mod:`fastflow.cache`).
 
 The instance is mutated, never its class: swapped children are put back by ``unpatch()``, and hooks are instance
 attributes ``forward`` that ``unpatch()`` deletes again. Patching twice with the same arguments returns the same
@@ -10,15 +11,17 @@ same before and after.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 from torch import nn
 
 from fastflow.cache import CacheConfig, CacheHook
 from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer
+from fastflow.nn.tensor_product import TensorProduct, cuequivariance_unavailable_reason
 from fastflow.ops.backends import resolve_backend
 
-KERNELS = ("auto", "cpp", "triton", "reference")
+KERNELS = ("auto", "cpp", "triton", "reference", "cuequivariance")
 _ATTRIBUTE = "_fastflow_patch"
 
 
@@ -28,11 +31,22 @@ class PatchHandle:
     def __init__(self, model: nn.Module, kernels: str, cache: CacheConfig | None):
         self.model, self.kernels, self.cache = model, kernels, cache
         # "reference" swaps nothing; otherwise the backend the fused ops run (raises if an explicit one is missing,
-        # warns once if "auto" has no fast backend on this device).
-        self.backend = "reference" if kernels == "reference" else resolve_backend(kernels, _device(model))
+        # warns once if "auto" has no fast backend on this device). "cuequivariance": tensor products on
+        # cuequivariance's CUDA kernels, everything else as "auto".
+        device = _device(model)
+        if kernels == "cuequivariance":
+            reason = cuequivariance_unavailable_reason(device)
+            if reason is not None:
+                raise RuntimeError(f"kernels='cuequivariance' is not available here: {reason}. Use kernels='auto' "
+                                   "(fastflow's C++ / Triton kernels)")
+        self.backend = "reference" if kernels == "reference" else resolve_backend(
+            "auto" if kernels == "cuequivariance" else kernels, device)
+        # Tensor products resolve per call ("auto" falls back to the reference, with a warning, where fastflow._C or
+        # the Triton module lacks them); an explicit backend must have them.
+        self.tp_backend = kernels if kernels in ("cpp", "triton", "cuequivariance") else "auto"
         self.swaps, self.left_alone = [], []
         if kernels != "reference":
-            self.swaps, self.left_alone = _plan_swaps(model, self.backend)
+            self.swaps, self.left_alone = _plan_swaps(model, self.backend, self.tp_backend)
         self._hook = None if cache is None else CacheHook(model, cache, backend=self.backend)
         self.active = False
 
@@ -111,8 +125,17 @@ def patch_model(model: nn.Module, kernels: str = "auto", cache: CacheConfig | No
 
     kernels: "auto" (fused modules on the fastest backend for the model's device: C++ on CPU, Triton on CUDA;
         one warning if that backend is missing, then the PyTorch reference ops), "cpp" or "triton" (that backend
-        or an error), or "reference" (no swaps; the cache's op runs in PyTorch).
+        or an error), "reference" (no swaps; the cache's op runs in PyTorch), or "cuequivariance" (tensor
+        products on cuequivariance's CUDA kernels, the rest as "auto"; an error where those are not installed).
     cache: None, or a :class:`~fastflow.cache.CacheConfig`.
+
+    Swapped: Semla layers, feed-forwards and bond refinement (by class name and structure); e3nn's
+    ``o3.TensorProduct`` and its subclasses called as ``forward(x1, x2, weight)`` (``FullyConnectedTensorProduct``,
+    ``ElementwiseTensorProduct``, ...) with modes uvw/uvu/uvv/uuw/uuu; cuequivariance's
+    ``ChannelWiseTensorProduct`` / ``FullyConnectedTensorProduct`` in the mul_ir layout. Tensor products are replaced
+    by :class:`fastflow.nn.TensorProduct` holding the same weight objects. Anything else recognised but
+    unsupported (``TensorSquare``, mode ``uvuv``, the ir_mul layout, ...) is left alone and listed with the reason
+    in ``handle.report()["kernels"]["left_alone"]``.
 
     With ``kernels="reference"`` and ``cache=None`` the outputs equal the unpatched model's bit for bit; with fused
     kernels they match within fp32 rounding (relative error ≤ 1e-5).
@@ -151,12 +174,46 @@ _FUSABLE = {"EquiMessagePassingLayer": "layer", "NodeFeedForward": "feed_forward
 _FUSED = {"layer": FusedSemlaLayer, "feed_forward": FusedNodeFeedForward, "bond_refine": FusedBondRefine}
 
 
-def _plan_swaps(model: nn.Module, backend: str) -> tuple[list[_Swap], list[dict]]:
-    """The fused stand-ins for every recognised Semla module (outermost first), and the modules left alone."""
+def _tensor_product_classes() -> tuple[type, ...]:
+    """e3nn's and cuequivariance's tensor-product classes, from modules already imported (a model cannot hold
+    instances of a library that was never imported, so neither is imported here)."""
+    classes = []
+    o3 = sys.modules.get("e3nn.o3")
+    if o3 is not None and hasattr(o3, "TensorProduct"):
+        classes.append(o3.TensorProduct)
+    cuet = sys.modules.get("cuequivariance_torch")
+    if cuet is not None:
+        classes += [getattr(cuet, name) for name in ("ChannelWiseTensorProduct", "FullyConnectedTensorProduct")
+                    if hasattr(cuet, name)]
+    return tuple(classes)
+
+
+def _plan_swaps(model: nn.Module, backend: str, tp_backend: str = "auto") -> tuple[list[_Swap], list[dict]]:
+    """The fused stand-ins for every recognised Semla module and tensor product (outermost first), and the modules
+    left alone."""
     swaps, left_alone, inside = [], [], []
+    tp_classes = _tensor_product_classes()
     for path, module in model.named_modules():
+        if any(path.startswith(prefix + ".") for prefix in inside):
+            continue
+        if tp_classes and isinstance(module, tp_classes):
+            if tp_backend in ("cpp", "triton"):
+                from fastflow.ops.tensor_product import _resolve
+
+                _resolve(tp_backend, _device(model))  # an explicit backend without these ops raises here
+            try:
+                if not path:
+                    raise TypeError("the model itself is the tensor product; use fastflow.nn.TensorProduct(model)")
+                fused = TensorProduct(module, backend=tp_backend)
+            except (TypeError, ValueError) as error:
+                left_alone.append({"module": path, "class": type(module).__name__, "reason": str(error)})
+                continue
+            parent_path, _, name = path.rpartition(".")
+            swaps.append(_Swap(path, model.get_submodule(parent_path), name, module, fused))
+            inside.append(path)
+            continue
         kind = _FUSABLE.get(type(module).__name__)
-        if kind is None or any(path.startswith(prefix + ".") for prefix in inside):
+        if kind is None:
             continue
         reason = _unsupported_reason(module, kind)
         if reason is not None:

@@ -1,7 +1,7 @@
 """Triton kernels of fastflow::tensor_product and fastflow::tp_conv (forward only).
 
-Math, descriptor format and references: fastflow/ops/tensor_product.py. The backward is not here: the Python
-binding differentiates through the reference or the C++ kernels.
+Math, descriptor format and references: fastflow/ops/tensor_product.py. Forward only: this module has no
+tensor_product_backward / tp_conv_backward, so the binding's autograd uses the reference's VJP.
 
 The descriptor is small and known on the host, so each path gets its own launch, specialised on its mode, on
 whether it has weights and on the power-of-two blocks of its multiplicities (constexprs); offsets, muls and
@@ -23,6 +23,12 @@ tp_conv, two variants:
                       own row: bitwise reproducible, no atomics.
 
 Everything is computed in the input dtype (float32 or float64).
+
+Limits: the multiplicities are not tiled. A program holds [rows, mul1, mul2(, mul_out)] tiles in registers
+(rows shrink to 1 as the tile grows, see _blocks), which suits the channel-wise products of message passing
+(uvu with mul2 = 1) and small fully connected ones; a uvw path of 128 × 128 × 128 would need tiling over
+u, v and w. Each call reads the descriptor on the host (paths.tolist(), a sync on GPU), regroups its CG
+entries and launches one kernel per path.
 """
 
 import torch
@@ -82,7 +88,8 @@ def _path_tile(
     w_row = w_ptr + row_w * stride_w + w_off  # [Z]
     z3 = mask_z[:, None, None]
     if MODE == UVW:  # W[u, v, w]: [Z, U, V, W]
-        w_mask = z3[:, :, :, None] & (mask_u[:, None, None] & mask_v[None, :, None] & mask_w[None, None, :])[None]
+        uvw_mask = mask_u[:, None, None] & mask_v[None, :, None] & mask_w[None, None, :]
+        w_mask = z3[:, :, :, None] & uvw_mask[None]
         w_offs = (offs_u[:, None, None] * mul2 + offs_v[None, :, None]) * mul_out + offs_w[None, None, :]
         w_ptrs = w_row[:, None, None, None] + w_offs[None]
     elif MODE == UVU or MODE == UVV:  # W[u, v]: [Z, U, V]
@@ -247,14 +254,15 @@ def _blocks(mode, mul1, mul2, mul_out, d_out, max_rows):
     tile = max(tile, BW * triton.next_power_of_2(d_out))  # the [rows, W, K] accumulator
     BZ = max(1, min(max_rows, MAX_TILE // tile))
     BZ = 1 << (BZ.bit_length() - 1)  # a power of two
-    return dict(BLOCK_Z=BZ, BLOCK_U=BU, BLOCK_V=BV, BLOCK_W=BW, BLOCK_K=triton.next_power_of_2(d_out))
+    BK = triton.next_power_of_2(d_out)
+    return {"BLOCK_Z": BZ, "BLOCK_U": BU, "BLOCK_V": BV, "BLOCK_W": BW, "BLOCK_K": BK}
 
 
 def _check(x1, x2, weights, n_rows):
     dtype = x1.dtype
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"tensor product (triton): tensors must be float32 or float64, got {dtype}")
-    if x2.dtype != dtype or weights.dtype != dtype:
+    if x2.dtype != dtype or (weights.numel() and weights.dtype != dtype):
         raise TypeError("tensor product (triton): x1, x2 and weights must share a dtype")
     if weights.dim() not in (1, 2) or (weights.dim() == 2 and weights.size(0) != n_rows):
         raise ValueError(f"tensor product (triton): weights must be [n_weights] or [{n_rows}, n_weights], "
@@ -276,11 +284,11 @@ def _path_args(row, cg, p):
     mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight = row
     args = (cg_i, cg_j, cg_v, k_start[p * k_stride:],
             off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off)
-    return args, dict(MODE=mode, HAS_WEIGHT=bool(has_weight))
+    return args, {"MODE": mode, "HAS_WEIGHT": bool(has_weight)}
 
 
 def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int):
-    """out [Z, dim_out] = Σ over paths of the path's product of x1 [Z, dim1] and x2 [Z, dim2] (forward only)."""
+    """out [Z, dim_out] = Σ over paths of the path's product of x1 [Z, dim1], x2 [Z, dim2] (forward only)."""
     Z = x1.size(0)
     _check(x1, x2, weights, Z)
     out = torch.zeros((Z, dim_out), dtype=x1.dtype, device=x1.device)

@@ -22,16 +22,86 @@ The descriptor reaches kernels as tensors (built from an e3nn module by fastflow
 tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes) = Σ over edges e with edge_dst[e] = n of
 tensor_product(node_feats[edge_src[e]], edge_attrs[e], weights[e]) — gather, product, scatter-sum, without the
 [E, dim_out] intermediate in the fused kernels.
+
+Implementations (fastflow.ops.backends picks one; `auto` also falls back to the reference, with one warning, when
+the loaded fastflow._C or fastflow.triton_kernels lacks these ops):
+    reference  tensor_product_reference / tp_conv_reference below
+    cpp        torch.ops.fastflow.tensor_product / tp_conv (+ *_backward)
+               schemas in csrc/registration.cpp, kernels in csrc/tensor_product.cpp
+    triton     torch.ops.fastflow.tensor_product_triton / tp_conv_triton (+ *_backward_triton)
+               kernels in triton_kernels/tensor_product.py: tensor_product(x1, x2, weights, paths, cg_index,
+               cg_value, cg_offsets, dim_out) and tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst,
+               n_nodes, paths, cg_index, cg_value, cg_offsets, dim_out); optionally tensor_product_backward and
+               tp_conv_backward with the C++ schemas' arguments (else the backward is the reference's VJP)
+
+Autograd: the first backward runs the fused *_backward kernel (gradients of both inputs and the weights; where a
+backend has none, the reference's backward wrapped as an op); a backward that itself builds a graph
+(create_graph=True: forces, double backward) runs the reference's backward written out in einsums, itself
+differentiable, so higher derivatives are exact. Edge indices are int64; an empty edge set gives zeros.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import warnings
+
 import torch
 
+from fastflow.ops.backends import resolve_backend
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
 MODES = ("uvw", "uvu", "uvv", "uuw", "uuu")  # index = the mode code in paths[:, 0]
 PATH_COLUMNS = ("mode", "off1", "mul1", "d1", "off2", "mul2", "d2", "off_out", "mul_out", "d_out", "w_off",
                 "has_weight")
 WEIGHT_INDICES = {"uvw": "uvw", "uvu": "uv", "uvv": "uv", "uuw": "uw", "uuu": "u"}
+
+
+def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int, backend: str | None = None):
+    """Batched tensor product ``out[z] = TP(x1[z], x2[z]; W)`` (see the module docstring for the math).
+
+    Arguments (Z samples; descriptor tensors from ``TPDescriptor.tensors(dtype, device)``):
+        x1 ``[Z, dim_in1]``, x2 ``[Z, dim_in2]``: float32 or float64, same dtype and device.
+        weights: ``[n_weights]`` shared, or ``[Z, n_weights]`` one row per sample (``[0]`` without weighted paths).
+        paths, cg_index, cg_value, cg_offsets: the descriptor; dim_out: the output width.
+        backend: "auto" (default), "cpp", "triton" or "reference".
+    Return:
+        ``[Z, dim_out]``, dtype of x1.
+    """
+    args = (x1, x2, weights, paths, cg_index, cg_value, cg_offsets)
+    check_inputs(*args, int(dim_out))
+    chosen = _resolve(backend, x1.device)
+    if chosen == "cpp":
+        return _cpp_ops().tensor_product.default(*_contiguous(args), int(dim_out))
+    if chosen == "triton":
+        return tensor_product_triton(*_contiguous(args), int(dim_out))
+    return tensor_product_reference(*args, int(dim_out))
+
+
+def tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, paths, cg_index, cg_value,
+            cg_offsets, dim_out: int, backend: str | None = None):
+    """Fused gather–tensor product–scatter: ``out[n] = Σ_{e: edge_dst[e] = n} TP(node_feats[edge_src[e]],
+    edge_attrs[e]; W_e)``, without the ``[E, dim_out]`` messages in the fused kernels.
+
+    Arguments (N nodes, E edges):
+        node_feats ``[N, dim_in1]``, edge_attrs ``[E, dim_in2]``: float32 or float64, same dtype and device.
+        weights: ``[n_weights]`` shared, or ``[E, n_weights]`` per edge.
+        edge_src, edge_dst ``[E]`` int64: indices into node_feats and into the output (any order, duplicates
+            allowed; E = 0 gives zeros).
+        n_nodes: rows of the output; paths, cg_index, cg_value, cg_offsets, dim_out: the descriptor.
+        backend: "auto" (default), "cpp", "triton" or "reference".
+    Return:
+        ``[n_nodes, dim_out]``, dtype of node_feats.
+    """
+    args = (node_feats, edge_attrs, weights, edge_src, edge_dst)
+    descriptor = (paths, cg_index, cg_value, cg_offsets)
+    check_conv_inputs(*args, int(n_nodes), *descriptor, int(dim_out))
+    chosen = _resolve(backend, node_feats.device)
+    if chosen == "cpp":
+        return _cpp_ops().tp_conv.default(*_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out))
+    if chosen == "triton":
+        return tp_conv_triton(*_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out))
+    return tp_conv_reference(*args, int(n_nodes), *descriptor, int(dim_out))
 
 
 def tensor_product_reference(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int):
@@ -68,3 +138,388 @@ def tp_conv_reference(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nod
     messages = tensor_product_reference(node_feats[edge_src], edge_attrs, weights, paths, cg_index, cg_value,
                                         cg_offsets, dim_out)
     return node_feats.new_zeros(n_nodes, dim_out).index_add(0, edge_dst, messages)
+
+
+# ---- argument checks ----
+
+
+def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: str = "tensor_product"):
+    """The descriptor tensors' shapes, dtypes and devices (values are checked where cheap: see check_inputs)."""
+    for name, tensor, ndim in (("paths", paths, 2), ("cg_index", cg_index, 2), ("cg_value", cg_value, 1),
+                               ("cg_offsets", cg_offsets, 1)):
+        if not torch.is_tensor(tensor) or tensor.dim() != ndim:
+            got = f"shape {list(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
+            raise ValueError(f"{op}: {name} must be a {ndim}-d tensor, got {got}")
+        if tensor.device != device:
+            raise ValueError(f"{op}: {name} is on {tensor.device}, expected {device} like the inputs")
+        expected = dtype if name == "cg_value" else torch.int64
+        if tensor.dtype != expected:
+            raise TypeError(f"{op}: {name} must have dtype {expected}, got {tensor.dtype}")
+    P, C = paths.size(0), cg_index.size(0)
+    if paths.size(1) != len(PATH_COLUMNS):
+        raise ValueError(f"{op}: paths must have shape [P, {len(PATH_COLUMNS)}] ({', '.join(PATH_COLUMNS)}), "
+                         f"got {list(paths.shape)}")
+    if cg_index.size(1) != 3 or cg_value.size(0) != C or cg_offsets.size(0) != P + 1:
+        raise ValueError(f"{op}: cg_index [C, 3], cg_value [C] and cg_offsets [P + 1] disagree: "
+                         f"{list(cg_index.shape)}, {list(cg_value.shape)}, {list(cg_offsets.shape)} with P = {P}")
+
+
+def _extents(paths) -> tuple[int, int, int, int]:
+    """Widths the paths read or write: (x1, x2, out, weights); CPU descriptors only (no device sync)."""
+    if paths.device.type != "cpu" or paths.numel() == 0 or torch.compiler.is_compiling():
+        return 0, 0, 0, 0
+    widths = [0, 0, 0, 0]
+    for mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight in paths.tolist():
+        widths[0] = max(widths[0], off1 + mul1 * d1)
+        widths[1] = max(widths[1], off2 + mul2 * d2)
+        widths[2] = max(widths[2], off_out + mul_out * d_out)
+        if has_weight:
+            shape = {"uvw": mul1 * mul2 * mul_out, "uvu": mul1 * mul2, "uvv": mul1 * mul2, "uuw": mul1 * mul_out,
+                     "uuu": mul1}[MODES[mode]]
+            widths[3] = max(widths[3], w_off + shape)
+    return tuple(widths)
+
+
+def _check_features(op, pairs, weights, rows, row_name):
+    """pairs: ((name, tensor, expected rows or None), ...) of the two float inputs, both 2-d."""
+    first = pairs[0][1]
+    dtype, device = first.dtype, first.device
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: tensors must be float32 or float64, got {dtype}")
+    for name, tensor, expected_rows in pairs + (("weights", weights, None),):
+        if not torch.is_tensor(tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}, expected {dtype} like {pairs[0][0]}")
+        if tensor.device != device:
+            raise ValueError(f"{op}: {name} is on {tensor.device}, expected {device} like {pairs[0][0]}")
+        if expected_rows is not None and tensor.size(0) != expected_rows:
+            raise ValueError(f"{op}: {name} must have {expected_rows} rows (one per {row_name}), got shape "
+                             f"{list(tensor.shape)}")
+    if weights.dim() not in (1, 2) or (weights.dim() == 2 and weights.size(0) != rows):
+        raise ValueError(f"{op}: weights must be [n_weights] (shared) or [{rows}, n_weights] (one row per "
+                         f"{row_name}), got shape {list(weights.shape)}")
+
+
+def _check_extents(op, pairs, weights, paths, dim_out):
+    if dim_out < 0:
+        raise ValueError(f"{op}: dim_out must be >= 0, got {dim_out}")
+    width1, width2, width_out, width_w = _extents(paths)
+    for name, tensor, width in ((pairs[0][0], pairs[0][1], width1), (pairs[1][0], pairs[1][1], width2),
+                                ("weights", weights, width_w)):
+        if tensor.size(-1) < width:
+            raise ValueError(f"{op}: the descriptor's paths read {width} features of {name}, which has "
+                             f"{tensor.size(-1)} (shape {list(tensor.shape)}): irreps mismatch")
+    if dim_out < width_out:
+        raise ValueError(f"{op}: the descriptor's paths write {width_out} output features, but dim_out = {dim_out}")
+
+
+def check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int) -> None:
+    """Raise with a message naming the argument, the expectation and what arrived (tensor_product)."""
+    op = "tensor_product"
+    for name, tensor in (("x1", x1), ("x2", x2)):
+        if not torch.is_tensor(tensor) or tensor.dim() != 2:
+            _fail_2d(op, name, tensor)
+    pairs = (("x1", x1, None), ("x2", x2, x1.size(0)))
+    _check_features(op, pairs, weights, x1.size(0), "sample")
+    check_descriptor(paths, cg_index, cg_value, cg_offsets, x1.dtype, x1.device, op)
+    _check_extents(op, pairs, weights, paths, dim_out)
+
+
+def check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, paths, cg_index, cg_value,
+                      cg_offsets, dim_out: int) -> None:
+    """Raise with a message naming the argument, the expectation and what arrived (tp_conv). Edge indices are
+    checked against the node counts (one reduction each; skipped while compiling)."""
+    op = "tp_conv"
+    for name, tensor in (("node_feats", node_feats), ("edge_attrs", edge_attrs)):
+        if not torch.is_tensor(tensor) or tensor.dim() != 2:
+            _fail_2d(op, name, tensor)
+    E = edge_src.size(0) if torch.is_tensor(edge_src) and edge_src.dim() == 1 else edge_attrs.size(0)
+    pairs = (("node_feats", node_feats, None), ("edge_attrs", edge_attrs, E))
+    _check_features(op, pairs, weights, E, "edge")
+    check_descriptor(paths, cg_index, cg_value, cg_offsets, node_feats.dtype, node_feats.device, op)
+    _check_extents(op, pairs, weights, paths, dim_out)
+    if n_nodes < 0:
+        raise ValueError(f"{op}: n_nodes must be >= 0, got {n_nodes}")
+    for name, index, bound, bound_name in (("edge_src", edge_src, node_feats.size(0), "node_feats rows"),
+                                           ("edge_dst", edge_dst, n_nodes, "n_nodes")):
+        if not torch.is_tensor(index) or index.dim() != 1 or index.size(0) != E:
+            got = f"shape {list(index.shape)}" if torch.is_tensor(index) else type(index).__name__
+            raise ValueError(f"{op}: {name} must have shape [{E}] (one index per edge), got {got}")
+        if index.dtype != torch.int64:
+            raise TypeError(f"{op}: {name} must be int64, got {index.dtype}")
+        if index.device != node_feats.device:
+            raise ValueError(f"{op}: {name} is on {index.device}, expected {node_feats.device} like node_feats")
+        if E and not torch.compiler.is_compiling():
+            low, high = (int(v) for v in torch.aminmax(index))
+            if low < 0 or high >= bound:
+                raise IndexError(f"{op}: {name} holds indices in [{low}, {high}], outside [0, {bound}) "
+                                 f"({bound_name} = {bound})")
+
+
+def _fail_2d(op, name, tensor):
+    got = f"shape {list(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
+    raise ValueError(f"{op}: {name} must be 2-d [rows, features], got {got}")
+
+
+def _contiguous(tensors):
+    return tuple(t.contiguous() for t in tensors)
+
+
+# ---- backend availability for these ops ----
+
+_warned: set[str] = set()
+_available: set[str] = set()  # backends found to have these ops (checked once: torch.compile cannot trace the check)
+
+
+def cpp_unavailable_reason() -> str | None:
+    """None if fastflow._C is loaded with CPU kernels for these ops, else why not."""
+    from fastflow import _extension
+
+    if not _extension.load_extension():
+        return _extension.extension_status()["reason"]
+    for name in ("tensor_product", "tp_conv"):
+        if not hasattr(torch.ops.fastflow, name) or not torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"fastflow::{name}", "CPU"):
+            return (f"the loaded fastflow._C has no CPU kernel for fastflow::{name} (built before "
+                    "csrc/tensor_product.cpp? rebuild with `pip install --no-build-isolation -e .`)")
+    _available.add("cpp")
+    return None
+
+
+def triton_unavailable_reason() -> str | None:
+    """None if fastflow.triton_kernels.tensor_product exists (triton itself is checked by resolve_backend)."""
+    try:
+        found = importlib.util.find_spec("fastflow.triton_kernels.tensor_product") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else "fastflow.triton_kernels.tensor_product is not installed"
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
+    chosen = resolve_backend(backend, device)
+    if chosen == "reference" or chosen in _available:
+        return chosen
+    reason = {"cpp": cpp_unavailable_reason, "triton": triton_unavailable_reason}[chosen]()
+    if reason is None:
+        _available.add(chosen)
+        return chosen
+    if (backend or "auto") != "auto":
+        raise RuntimeError(f"backend {backend!r} requested but {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fastflow: tensor products use the PyTorch reference ops: {reason}", stacklevel=3)
+    return "reference"
+
+
+# ---- fake (meta) kernels: output shapes for torch.compile / torch.export ----
+
+
+def _tensor_product_fake(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out):
+    return x1.new_empty(x1.size(0), dim_out)
+
+
+def _tensor_product_backward_fake(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
+    return torch.empty_like(x1), torch.empty_like(x2), torch.empty_like(weights)
+
+
+def _tp_conv_fake(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index, cg_value,
+                  cg_offsets, dim_out):
+    return node_feats.new_empty(n_nodes, dim_out)
+
+
+def _tp_conv_backward_fake(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value,
+                           cg_offsets):
+    return torch.empty_like(node_feats), torch.empty_like(edge_attrs), torch.empty_like(weights)
+
+
+# ---- autograd: fused backward kernel, or the reference's VJP when the backward builds a graph ----
+
+
+def tensor_product_grads_reference(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
+    """Gradients of sum(grad_out * tensor_product) wrt (x1, x2, weights), path by path with einsum: the reference's
+    backward written out, so it runs without autograd (inside an op) and is differentiable itself (create_graph)."""
+    Z = x1.shape[0]
+    grad_x1, grad_x2, grad_w = torch.zeros_like(x1), torch.zeros_like(x2), torch.zeros_like(weights)
+    shared = weights.dim() == 1
+    for p, (mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight) in enumerate(
+            paths.tolist()):
+        mode = MODES[mode]
+        a = x1[:, off1:off1 + mul1 * d1].reshape(Z, mul1, d1)
+        b = x2[:, off2:off2 + mul2 * d2].reshape(Z, mul2, d2)
+        g = grad_out[:, off_out:off_out + mul_out * d_out].reshape(Z, mul_out, d_out)
+        start, stop = cg_offsets[p].item(), cg_offsets[p + 1].item()
+        C = x1.new_zeros(d1, d2, d_out).index_put(tuple(cg_index[start:stop].T), cg_value[start:stop],
+                                                 accumulate=True)
+        w_idx = WEIGHT_INDICES[mode]
+        w_shape = [{"u": mul1, "v": mul2, "w": mul_out}[c] for c in w_idx]
+        size = int(torch.tensor(w_shape).prod())
+        if has_weight:
+            W = weights[..., w_off:w_off + size].reshape(*weights.shape[:-1], *w_shape)
+        else:
+            W = x1.new_ones(w_shape)
+        z = "" if shared or not has_weight else "z"
+        t = {"uvw": "w", "uvu": "u", "uvv": "v", "uuw": "w", "uuu": "u"}[mode]
+        s = "v" if mode in ("uvw", "uvu", "uvv") else "u"
+        grad_x1[:, off1:off1 + mul1 * d1] += torch.einsum(
+            f"z{t}k,z{s}j,ijk,{z}{w_idx}->zui", g, b, C, W).reshape(Z, mul1 * d1)
+        grad_x2[:, off2:off2 + mul2 * d2] += torch.einsum(
+            f"z{t}k,zui,ijk,{z}{w_idx}->z{s}j", g, a, C, W).reshape(Z, mul2 * d2)
+        if has_weight:
+            grad_w[..., w_off:w_off + size] += torch.einsum(
+                f"z{t}k,zui,z{s}j,ijk->{z}{w_idx}", g, a, b, C).reshape(*weights.shape[:-1], size)
+    return grad_x1, grad_x2, grad_w
+
+
+def tp_conv_grads_reference(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value,
+                            cg_offsets):
+    """Gradients of sum(grad_out * tp_conv) wrt (node_feats, edge_attrs, weights), like the above."""
+    grad_x1, grad_edge_attrs, grad_w = tensor_product_grads_reference(
+        grad_out[edge_dst], node_feats[edge_src], edge_attrs, weights, paths, cg_index, cg_value, cg_offsets)
+    return torch.zeros_like(node_feats).index_add(0, edge_src, grad_x1), grad_edge_attrs, grad_w
+
+
+def _tp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+
+
+def _conv_setup_context(ctx, inputs, output):
+    node_feats, edge_attrs, weights, edge_src, edge_dst, _, paths, cg_index, cg_value, cg_offsets, _ = inputs
+    ctx.save_for_backward(node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets)
+
+
+def _make_backward(fused, reference, n_inputs: int, n_float: int = 3):
+    """Autograd formula: ``fused(grad, *saved)`` normally, ``reference(grad, *saved)`` under create_graph."""
+
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        grad = grad.contiguous()
+        if torch.is_grad_enabled():  # create_graph=True: keep the graph, through the reference
+            grads = reference(grad, *saved)
+        else:
+            grads = fused()(grad, *saved)
+        needs = ctx.needs_input_grad
+        return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None,) * (n_inputs - n_float)
+
+    return backward
+
+
+# The reference VJP as ops of their own (first-order backward of backends without a backward kernel): opaque to
+# torch.compile / AOT tracing, which cannot run the reference's data-dependent loop over paths on fake tensors.
+@torch.library.custom_op("fastflow::tensor_product_backward_reference", mutates_args=())
+def tensor_product_backward_reference(grad_out: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
+                                      weights: torch.Tensor, paths: torch.Tensor, cg_index: torch.Tensor,
+                                      cg_value: torch.Tensor,
+                                      cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tensor_product_grads_reference(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets)
+
+
+@torch.library.custom_op("fastflow::tp_conv_backward_reference", mutates_args=())
+def tp_conv_backward_reference(grad_out: torch.Tensor, node_feats: torch.Tensor, edge_attrs: torch.Tensor,
+                               weights: torch.Tensor, edge_src: torch.Tensor, edge_dst: torch.Tensor,
+                               paths: torch.Tensor, cg_index: torch.Tensor, cg_value: torch.Tensor,
+                               cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tp_conv_grads_reference(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index,
+                                   cg_value, cg_offsets)
+
+
+tensor_product_backward_reference.register_fake(_tensor_product_backward_fake)
+tp_conv_backward_reference.register_fake(_tp_conv_backward_fake)
+_REFERENCE_BACKWARD = {"tensor_product": tensor_product_backward_reference, "tp_conv": tp_conv_backward_reference}
+
+
+def _cpp_backward(name):
+    def get():
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastflow::{name}_backward", "CPU"):
+            return getattr(torch.ops.fastflow, f"{name}_backward").default
+        return _REFERENCE_BACKWARD[name]
+    return get
+
+
+_cpp_registered = False
+
+
+def _cpp_ops():
+    """torch.ops.fastflow, with the fake kernels and autograd of these ops registered once fastflow._C has
+    defined them (schemas in C++)."""
+    global _cpp_registered
+    if not _cpp_registered:
+        reason = cpp_unavailable_reason()  # loads fastflow._C
+        if reason is not None:
+            raise RuntimeError(f"fastflow::tensor_product / tp_conv are not available: {reason}")
+        torch.library.register_fake("fastflow::tensor_product")(_tensor_product_fake)
+        torch.library.register_fake("fastflow::tensor_product_backward")(_tensor_product_backward_fake)
+        torch.library.register_fake("fastflow::tp_conv")(_tp_conv_fake)
+        torch.library.register_fake("fastflow::tp_conv_backward")(_tp_conv_backward_fake)
+        torch.library.register_autograd(
+            "fastflow::tensor_product",
+            _make_backward(_cpp_backward("tensor_product"), tensor_product_grads_reference, 8),
+            setup_context=_tp_setup_context)
+        torch.library.register_autograd(
+            "fastflow::tp_conv", _make_backward(_cpp_backward("tp_conv"), tp_conv_grads_reference, 11),
+            setup_context=_conv_setup_context)
+        _cpp_registered = True
+    return torch.ops.fastflow
+
+
+if hasattr(torch.ops.fastflow, "tp_conv"):  # fastflow._C was loaded before this module
+    _cpp_ops()
+
+
+# ---- Triton: custom ops around fastflow.triton_kernels.tensor_product (imported lazily) ----
+# custom_op, not triton_op: see cache_forecast.py.
+
+
+def _triton_kernels():
+    return importlib.import_module("fastflow.triton_kernels.tensor_product")  # lazy: fastflow never needs triton
+
+
+@torch.library.custom_op("fastflow::tensor_product_triton", mutates_args=())
+def tensor_product_triton(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, paths: torch.Tensor,
+                          cg_index: torch.Tensor, cg_value: torch.Tensor, cg_offsets: torch.Tensor,
+                          dim_out: int) -> torch.Tensor:
+    return _triton_kernels().tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
+
+
+@torch.library.custom_op("fastflow::tensor_product_backward_triton", mutates_args=())
+def tensor_product_backward_triton(grad_out: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor,
+                                   paths: torch.Tensor, cg_index: torch.Tensor, cg_value: torch.Tensor,
+                                   cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_triton_kernels().tensor_product_backward(grad_out, x1, x2, weights, paths, cg_index, cg_value,
+                                                           cg_offsets))
+
+
+@torch.library.custom_op("fastflow::tp_conv_triton", mutates_args=())
+def tp_conv_triton(node_feats: torch.Tensor, edge_attrs: torch.Tensor, weights: torch.Tensor, edge_src: torch.Tensor,
+                   edge_dst: torch.Tensor, n_nodes: int, paths: torch.Tensor, cg_index: torch.Tensor,
+                   cg_value: torch.Tensor, cg_offsets: torch.Tensor, dim_out: int) -> torch.Tensor:
+    return _triton_kernels().tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index,
+                                     cg_value, cg_offsets, dim_out)
+
+
+@torch.library.custom_op("fastflow::tp_conv_backward_triton", mutates_args=())
+def tp_conv_backward_triton(grad_out: torch.Tensor, node_feats: torch.Tensor, edge_attrs: torch.Tensor,
+                            weights: torch.Tensor, edge_src: torch.Tensor, edge_dst: torch.Tensor, paths: torch.Tensor,
+                            cg_index: torch.Tensor, cg_value: torch.Tensor,
+                            cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(_triton_kernels().tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst,
+                                                    paths, cg_index, cg_value, cg_offsets))
+
+
+def _triton_backward(name):
+    def get():
+        if hasattr(_triton_kernels(), f"{name}_backward"):
+            return {"tensor_product": tensor_product_backward_triton, "tp_conv": tp_conv_backward_triton}[name]
+        return _REFERENCE_BACKWARD[name]
+    return get
+
+
+tensor_product_triton.register_fake(_tensor_product_fake)
+tensor_product_backward_triton.register_fake(_tensor_product_backward_fake)
+tp_conv_triton.register_fake(_tp_conv_fake)
+tp_conv_backward_triton.register_fake(_tp_conv_backward_fake)
+tensor_product_triton.register_autograd(
+    _make_backward(_triton_backward("tensor_product"), tensor_product_grads_reference, 8),
+    setup_context=_tp_setup_context)
+tp_conv_triton.register_autograd(_make_backward(_triton_backward("tp_conv"), tp_conv_grads_reference, 11),
+                                 setup_context=_conv_setup_context)

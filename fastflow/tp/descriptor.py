@@ -40,7 +40,7 @@ class Irrep(NamedTuple):
     """``mul`` copies of the irrep of degree ``l`` and parity ``p`` (+1 even, -1 odd)."""
 
     mul: int
-    l: int  # noqa: E741 (e3nn's name)
+    l: int
     p: int
 
     @property
@@ -226,7 +226,7 @@ class TPDescriptor:
         irreps = []
         for name in ("irreps_in1", "irreps_in2", "irreps_out"):
             value = getattr(module, name)
-            group = type(next(iter(value))[1]).__name__ if len(value) else "O3"
+            group = getattr(getattr(value, "irrep_class", None), "__name__", "O3")
             if group != "O3":
                 raise ValueError(f"{kind} over {group} irreps: only O3 irreps are supported")
             irreps.append(parse_irreps(value))

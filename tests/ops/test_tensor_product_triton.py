@@ -1,4 +1,4 @@
-"""Triton kernels of the e3nn tensor products (fastflow.triton_kernels.tensor_product) against the float64 reference.
+"""fastflow.triton_kernels.tensor_product (e3nn tensor products in Triton) against the float64 reference.
 
 The kernels are called directly. Without a GPU they run on CPU tensors under Triton's interpreter
 (tests/ops/conftest.py sets TRITON_INTERPRET), about 1 ms per op per program, so every shape here is tiny:
@@ -12,6 +12,7 @@ import torch
 from e3nn import o3
 
 from fastflow.ops.tensor_product import MODES, tensor_product_reference, tp_conv_reference
+from fastflow.tp import TPDescriptor
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}  # on max|out - ref| / max|ref|
 
@@ -64,30 +65,8 @@ def make_tp(mode, shared=True, weighted="all", lmax=2):
 
 
 def descriptor(tp):
-    """(paths, cg_index, cg_value, cg_offsets) in float64, as fastflow.ops.tensor_product documents them."""
-    try:
-        from fastflow.tp.descriptor import TPDescriptor
-    except ImportError:
-        pass
-    else:
-        return TPDescriptor.from_e3nn(tp).tensors(torch.float64, torch.device("cpu"))
-    slices = [irreps.slices() for irreps in (tp.irreps_in1, tp.irreps_in2, tp.irreps_out)]
-    rows, index, value, offsets, w_off = [], [], [], [0], 0
-    for ins in tp.instructions:
-        blocks = tp.irreps_in1[ins.i_in1], tp.irreps_in2[ins.i_in2], tp.irreps_out[ins.i_out]
-        starts = [s[i].start for s, i in zip(slices, (ins.i_in1, ins.i_in2, ins.i_out))]
-        row = [MODES.index(ins.connection_mode)]
-        for start, (mul, ir) in zip(starts, blocks):
-            row += [start, mul, ir.dim]
-        rows.append(row + [w_off, int(ins.has_weight)])
-        if ins.has_weight:
-            w_off += int(torch.tensor(ins.path_shape).prod())
-        cg = o3.wigner_3j(*(ir.l for _, ir in blocks), dtype=torch.float64) * ins.path_weight
-        nonzero = cg.nonzero()
-        index.append(nonzero)
-        value.append(cg[tuple(nonzero.T)])
-        offsets.append(offsets[-1] + len(nonzero))
-    return torch.tensor(rows), torch.cat(index), torch.cat(value), torch.tensor(offsets)
+    """(paths, cg_index, cg_value, cg_offsets) in float64 (fastflow.tp's cached tensors: do not modify)."""
+    return TPDescriptor.from_e3nn(tp).tensors(torch.float64, "cpu")
 
 
 def randn(generator, *shape):
@@ -114,6 +93,7 @@ def run_tensor_product(tp, Z, dtype, device, seed, strip_weights=False):
     weights = weights_for(tp, g, Z)
     desc = descriptor(tp)
     if strip_weights:
+        desc = (desc[0].clone(), *desc[1:])
         desc[0][:, 10:] = 0  # w_off, has_weight
         weights = weights.new_zeros(0)
     ref = tensor_product_reference(x1, x2, weights, *desc, tp.irreps_out.dim)
@@ -143,15 +123,15 @@ def run_tp_conv(tp, edge_src, edge_dst, n_nodes, dtype, device, seed, determinis
     return out, check(out, ref, dtype)
 
 
-# Edges of a 5-node graph: (0 → 1) twice and (2 → 2) twice (duplicates), a self-loop, three edges into node 1
-# (more than a deterministic chunk of 2 in test_several_programs), node 4 isolated.
+# Edges of a 5-node graph: (0 → 1) twice and the self-loop (2 → 2) twice (duplicates), three edges into
+# node 1 (more than a deterministic chunk of 2 in test_several_programs), node 4 isolated.
 EDGE_SRC = [0, 0, 2, 3, 2, 1]
 EDGE_DST = [1, 1, 2, 1, 2, 0]
 N_NODES = 5
 
 
-def test_descriptor_helper_matches_e3nn():
-    # The reference on this file's descriptors is e3nn's own product (so the tests below test e3nn semantics).
+def test_reference_on_descriptors_matches_e3nn():
+    # The reference on these descriptors is e3nn's own product: the tests below check e3nn's semantics.
     for mode, shared, weighted in [("uvw", True, "all"), ("uvu", False, "some"), ("uuw", False, "all"),
                                    ("uuu", True, "some")]:
         tp = make_tp(mode, shared, weighted)
@@ -220,16 +200,16 @@ def test_tp_conv_without_edges(triton_device, deterministic):
 
 
 def test_several_programs(triton_device, monkeypatch):
-    # Blocks of 2 rows: several programs per launch, a masked tail (5 samples), and node 1's three edges in two
-    # chunks of 2 in the deterministic variant.
+    # Blocks of 2 rows: several programs per launch, a masked tail (5 samples), and node 1's three edges in
+    # two chunks of 2 in the deterministic variant.
     module = kernels()
     monkeypatch.setattr(module, "MAX_ROWS", 2)
     monkeypatch.setattr(module, "DETERMINISTIC_CHUNK", 2)
     tp = make_tp("uvw", shared=False, lmax=1)
     run_tensor_product(tp, 5, torch.float32, triton_device, seed_of("programs"))
     for deterministic in (False, True):
-        run_tp_conv(tp, EDGE_SRC, EDGE_DST, N_NODES, torch.float32, triton_device, seed_of("programs", "conv"),
-                    deterministic)
+        run_tp_conv(tp, EDGE_SRC, EDGE_DST, N_NODES, torch.float32, triton_device,
+                    seed_of("programs", "conv"), deterministic)
 
 
 def test_errors(triton_device):
@@ -246,3 +226,23 @@ def test_errors(triton_device):
     with pytest.raises(TypeError, match="float32 or float64"):
         module.tensor_product(x1.half(), x2.half(), weights.half(), paths, cg_index, cg_value.half(),
                               cg_offsets, dim_out)
+
+
+def test_through_the_op(triton_device):
+    # fastflow.ops.tensor_product.tp_conv(backend="triton") → torch.ops.fastflow.tp_conv_triton → the
+    # kernels' tp_conv (atomic variant), behind the op's input checks.
+    from fastflow.ops.tensor_product import tp_conv
+
+    tp = make_tp("uvu", shared=False, weighted="some")
+    g = torch.Generator().manual_seed(seed_of("op"))
+    node_feats, edge_attrs = randn(g, N_NODES, tp.irreps_in1.dim), randn(g, len(EDGE_SRC), tp.irreps_in2.dim)
+    weights = weights_for(tp, g, len(EDGE_SRC))
+    src, dst = torch.tensor(EDGE_SRC), torch.tensor(EDGE_DST)
+    desc = descriptor(tp)
+    ref = tp_conv_reference(node_feats, edge_attrs, weights, src, dst, N_NODES, *desc, tp.irreps_out.dim)
+    paths, cg_index, cg_value, cg_offsets = (t.to(triton_device) for t in desc)
+    dtype = torch.float32
+    out = tp_conv(node_feats.to(triton_device, dtype), edge_attrs.to(triton_device, dtype),
+                  weights.to(triton_device, dtype), src.to(triton_device), dst.to(triton_device), N_NODES,
+                  paths, cg_index, cg_value.to(dtype), cg_offsets, tp.irreps_out.dim, backend="triton")
+    check(out, ref, dtype)
