@@ -123,6 +123,7 @@ struct Descriptor {
   std::vector<T> ones;  // W of the paths without weights
   int64_t scratch = 0;  // per-row scratch elements of the widest path
   int64_t max_pairs = 0;
+  int64_t fold_lo = 0, fold_hi = 0;  // the x2 ir_mul columns of the uvu paths with mul2 = 1
 };
 
 // Checks the descriptor tensors against the rows they describe and converts them; every message names the op
@@ -238,11 +239,17 @@ Descriptor<T> parse_descriptor(const char* op, const at::Tensor& paths_t, const 
   D.in1.finish(dim1);
   D.in2.finish(dim2);
   D.out.finish(dim_out);
+  D.fold_lo = D.in2.width;
   for (Path& q : D.paths) {
     q.pos1 = D.in1.blocks[q.block1].pos;
     q.pos2 = D.in2.blocks[q.block2].pos;
     q.pos_out = D.out.blocks[q.block_out].pos;
+    if (q.mode == kUVU && q.mul2 == 1) {
+      D.fold_lo = std::min(D.fold_lo, q.pos2);
+      D.fold_hi = std::max(D.fold_hi, q.pos2 + q.d2);
+    }
   }
+  D.fold_lo = std::min(D.fold_lo, D.fold_hi);
   D.ones.assign(max_ones, T(1));
   D.scratch *= 2;
   return D;
@@ -373,15 +380,18 @@ template <typename T>
 FASTFLOW_TP_INLINE void vstore(T* p, const Vec<T>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// Σ of the lanes, pairwise (a sequential sum is a chain of kVecLanes dependent scalar adds)
 template <typename T>
 FASTFLOW_TP_INLINE T vsum(const Vec<T>& v) {
-#if defined(__GNUC__)
-  T s = 0;
-  for (int64_t l = 0; l < kVecLanes<T>; ++l) s += v[l];
-  return s;
-#else
-  return v;
-#endif
+  constexpr int64_t L = kVecLanes<T>;
+  T lanes[L];
+  std::memcpy(lanes, &v, sizeof(v));
+#pragma GCC unroll 8
+  for (int64_t w = L / 2; w > 0; w /= 2) {
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  }
+  return lanes[0];
 }
 
 template <typename T>
@@ -450,11 +460,12 @@ FASTFLOW_TP_INLINE void folded_forward(const Path& p, const Pair* pairs, const T
 }
 
 // One block of the backward of one output row k, u in u0 : u0 + NV·lanes:
-//   ga[i][u] += M[i][k] W[u] g[k][u];  gW[u] += g[k][u] Σ_i M[i][k] a[i][u];  D[q] += Σ_u a[i][u] W[u] g[k][u]
+//   ga[i][u] += M[i][k] W[u] g[k][u];  gW[u] += g[k][u] Σ_i M[i][k] a[i][u];
+//   gb[j] += Σ_u c a[i][u] W[u] g[k][u], kept as one vector per j (gbv[j], lanes summed once per edge)
 template <typename T, int NV>
-FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* gk,
-                                              const T* a, int64_t m1, const T* W, T* ga, T* gW, T* D,
-                                              int64_t u0) {
+FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_t q1, const Term<T>* terms,
+                                              const T* M, const T* gk, const T* a, int64_t m1, const T* W, T* ga,
+                                              T* gW, T* gbv, int64_t u0) {
   constexpr int64_t VL = kVecLanes<T>;
   Vec<T> wg[NV], t[NV];
   for (int v = 0; v < NV; ++v) {
@@ -472,7 +483,10 @@ FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_
       d += xv * wg[v];
       t[v] += c * xv;
     }
-    D[q] += vsum<T>(d);
+    for (const Term<T>* term = terms + pr[q].t_begin; term != terms + pr[q].t_end; ++term) {
+      T* g = gbv + term->j * VL;
+      vstore(g, vload(g) + term->c * d);
+    }
   }
   if (gW != nullptr) {
     for (int v = 0; v < NV; ++v) {
@@ -483,9 +497,9 @@ FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_
 }
 
 template <typename T>
-FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* gk,
-                                             const T* a, int64_t m1, const T* W, T* ga, T* gW, T* D, int64_t u0,
-                                             T* s) {
+FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t q1, const Term<T>* terms,
+                                             const T* M, const T* gk, const T* a, int64_t m1, const T* W, T* ga,
+                                             T* gW, T* gb, int64_t u0, T* s) {
   const int64_t n = m1 - u0;
   T* __restrict wg = s;
   T* __restrict t = s + n;
@@ -505,7 +519,7 @@ FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t
       d += x[l] * wg[l];
       t[l] += c * x[l];
     }
-    D[q] += d;
+    for (const Term<T>* term = terms + pr[q].t_begin; term != terms + pr[q].t_end; ++term) gb[term->j] += term->c * d;
   }
   if (gW != nullptr) {
 #pragma omp simd
@@ -513,17 +527,15 @@ FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t
   }
 }
 
-// s: 2 n_pairs + 2 mul1 elements
+// gbv: [d2][lanes] vector accumulators of gb (summed by the caller); s: n_pairs + 2 mul1 elements
 template <typename T>
 FASTFLOW_TP_INLINE void folded_backward(const Path& p, const Pair* pairs, const Term<T>* terms, const T* g,
-                                        const T* a, const T* b, const T* W, T* ga, T* gb, T* gW, T* s) {
+                                        const T* a, const T* b, const T* W, T* ga, T* gb, T* gbv, T* gW, T* s) {
   constexpr int64_t VL = kVecLanes<T>;
   const int64_t m1 = p.mul1, n_pairs = p.pair_end - p.pair_begin;
   const Pair* pr = pairs + p.pair_begin;
   T* M = s;
-  T* D = s + n_pairs;  // D[q] = Σ_u a[i][u] W[u] g[k][u]; then gb[j] += Σ c D
   fold_b(p, pairs, terms, b, M);
-  fill_zero(D, n_pairs);
   for (int64_t q0 = 0, q1; q0 < n_pairs; q0 = q1) {
     const int64_t k = pr[q0].k;
     for (q1 = q0 + 1; q1 < n_pairs && pr[q1].k == k; ++q1) {
@@ -531,13 +543,10 @@ FASTFLOW_TP_INLINE void folded_backward(const Path& p, const Pair* pairs, const 
     const T* gk = g + k * m1;
     int64_t u0 = 0;
     for (; u0 + kBlockVectors * VL <= m1; u0 += kBlockVectors * VL) {
-      folded_backward_block<T, kBlockVectors>(pr, q0, q1, M, gk, a, m1, W, ga, gW, D, u0);
+      folded_backward_block<T, kBlockVectors>(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gbv, u0);
     }
-    for (; u0 + VL <= m1; u0 += VL) folded_backward_block<T, 1>(pr, q0, q1, M, gk, a, m1, W, ga, gW, D, u0);
-    if (u0 < m1) folded_backward_rest(pr, q0, q1, M, gk, a, m1, W, ga, gW, D, u0, s + 2 * n_pairs);
-  }
-  for (int64_t q = 0; q < n_pairs; ++q) {
-    for (const Term<T>* t = terms + pr[q].t_begin; t != terms + pr[q].t_end; ++t) gb[t->j] += t->c * D[q];
+    for (; u0 + VL <= m1; u0 += VL) folded_backward_block<T, 1>(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gbv, u0);
+    if (u0 < m1) folded_backward_rest(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gb, u0, s + n_pairs);
   }
 }
 
@@ -622,19 +631,20 @@ FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pai
   }
 }
 
-// Adds the path's gradients for one row: ga (x1, ir_mul), gb (x2, ir_mul), gW (the path's weights; nullptr:
-// none wanted), from g (the output gradient, ir_mul).
+// Adds the path's gradients for one row: ga (x1, ir_mul), gb (x2, ir_mul; uvu with mul2 = 1 adds to gbv, the
+// vector accumulators of gb[pos2 :]), gW (the path's weights; nullptr: none wanted), from g (the output
+// gradient, ir_mul).
 template <typename T>
 FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pair* pairs, const Term<T>* terms,
-                                      const T* g, const T* a, const T* b, const T* W, T* ga, T* gb, T* gW, T* s,
-                                      int64_t half) {
+                                      const T* g, const T* a, const T* b, const T* W, T* ga, T* gb, T* gbv, T* gW,
+                                      T* s, int64_t half) {
   const Entry<T>* e0 = E + p.begin;
   const Entry<T>* e1 = E + p.end;
   const int64_t m1 = p.mul1, m2 = p.mul2, mo = p.mul_out;
   switch (p.mode) {
     case kUVU: {
       if (m2 == 1) {
-        folded_backward(p, pairs, terms, g, a, b, W, ga, gb, gW, s);
+        folded_backward(p, pairs, terms, g, a, b, W, ga, gb, gbv, gW, s);
         return;
       }
       T* y = s;  // [d2][m1] as in the forward
@@ -829,12 +839,13 @@ FASTFLOW_TP_INLINE void edge_range(const Problem<T>& pr, int64_t r, int64_t& beg
 // Thread-local rows: out (or ga) | x1 | x2 | gb | g | M/scratch
 template <typename T>
 struct Scratch {
-  std::vector<T> acc, x1, x2, gb, g, s;
+  std::vector<T> acc, x1, x2, gb, gbv, g, s;
   explicit Scratch(const Problem<T>& pr)
       : acc(std::max(pr.D->out.width, pr.D->in1.width) + 1),
         x1(pr.D->in1.width + 1),
         x2(pr.D->in2.width + 1),
         gb(pr.D->in2.width + 1),
+        gbv((pr.D->fold_hi - pr.D->fold_lo) * kVecLanes<T> + 1),
         g(pr.D->out.width + 1),
         s(pr.D->scratch + 2 * pr.D->max_pairs + 1) {}
 };
@@ -939,6 +950,8 @@ FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int
   const int64_t half = D.scratch / 2;
   T* ga = S.acc.data();
   T* gb = S.gb.data();
+  constexpr int64_t VL = kVecLanes<T>;
+  T* gbv = S.gbv.data();  // gbv[(x - fold_lo) · VL]: the vector accumulator of gb[x], x in fold_lo : fold_hi
   const int64_t last = pr.row_ptr == nullptr ? r1 : pr.row_ptr[r1];
   for (int64_t r = r0; r < r1; ++r) {
     fill_zero(ga, D.in1.width);
@@ -961,12 +974,14 @@ FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int
       T* gw = gw_per_row ? pr.gw + e * pr.n_weights : pr.gw;
       if (gw_per_row) fill_zero(gw, pr.n_weights);
       fill_zero(gb, D.in2.width);
+      fill_zero(gbv, (D.fold_hi - D.fold_lo) * VL);
       for (const Path& p : D.paths) {
         const T* W = p.has_weight ? w + p.w_off : D.ones.data();
         T* gW = p.has_weight ? gw + p.w_off : nullptr;
-        path_backward(p, E, pairs, terms, g + p.pos_out, a + p.pos1, b + p.pos2, W, ga + p.pos1, gb + p.pos2, gW,
-                      S.s.data(), half);
+        path_backward(p, E, pairs, terms, g + p.pos_out, a + p.pos1, b + p.pos2, W, ga + p.pos1, gb + p.pos2,
+                      p.pos2 >= D.fold_lo ? gbv + (p.pos2 - D.fold_lo) * VL : nullptr, gW, S.s.data(), half);
       }
+      for (int64_t x = D.fold_lo; x < D.fold_hi; ++x) gb[x] += vsum<T>(vload(gbv + (x - D.fold_lo) * VL));
       from_ir_mul(D.in2, gb, pr.gx2 + e * pr.dim2, pr.dim2);
     }
     from_ir_mul(D.in1, ga, pr.gx1 + r * pr.dim1, pr.dim1);

@@ -17,7 +17,7 @@ from fastflow.sampling import SampleResult, sample
 from fastflow.cache import CacheConfig
 from fastflow.patch import PatchHandle, patch_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SampleResult", "Semla", "SemlaConfig", "compute_metrics", "load_pretrained_dir", "load_semlaflow_checkpoint",

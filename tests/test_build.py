@@ -38,6 +38,16 @@ def test_fastflow_triton_kernels_imports(tmp_path):
     assert Path(origin).name == "cache_forecast.py"
 
 
+def test_importing_fastflow_does_not_import_triton(tmp_path):
+    # TRITON_INTERPRET must be settable after `import fastflow`, and CPU users should not pay for triton's import.
+    loaded = run_python(
+        "import sys, fastflow, fastflow.nn, fastflow.patch, fastflow.cli, fastflow.ops.tensor_product; "
+        "print('triton' in sys.modules)",
+        tmp_path,
+    )
+    assert loaded == "False"
+
+
 def test_extension_is_loaded():
     status = _extension.extension_status()
     assert status["loaded"], status["reason"]

@@ -20,12 +20,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from fastflow.benchmarks.timing import machine_metadata, matmul_gflops, median_seconds
 from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
 from fastflow.models import Semla, SemlaConfig
-from fastflow.ops.semla_attention import semla_attention
+from fastflow.ops.semla_attention import semla_attention, semla_attention_flops
 from fastflow.patch import patch_model
 
 CASES = [(32, 18), (8, 44), (2, 100)]  # (molecules, atoms): QM9-like, GEOM-like, one large pair
@@ -70,7 +70,14 @@ def layer_op_inputs(config: SemlaConfig, batch: int, atoms: int, seed: int = 0) 
     }
 
 
+def _register_flop_formulas() -> None:
+    for op in (torch.ops.fastflow.semla_attention, torch.ops.fastflow.semla_attention_triton):
+        if op not in torch.utils.flop_counter.flop_registry:
+            register_flop_formula(op)(semla_attention_flops)
+
+
 def count_flops(fn) -> int:
+    _register_flop_formulas()
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import register_flop_formula
 
 from fastflow.ops.backends import resolve_backend
 
@@ -159,8 +158,9 @@ def check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weigh
 def semla_attention_flops(node_terms_i_shape, node_terms_j_shape, gram_coords_shape, gram_weight_shape,
                           out_weight_shape, out_bias_shape, values_shape, attn_coords_shape, adjacency_shape,
                           edge_feats_shape=None, *args, **kwargs) -> int:
-    """Minimal FLOPs (2 per multiply-add) of the op, for torch.utils.flop_counter: per pair, the Gram entries
-    (3S), the Gram and edge terms of the hidden layer (S·F, E_in·F), the output linear (F·(H + P + E_out)), the
+    """Minimal FLOPs (2 per multiply-add) of the op, a torch.utils.flop_counter formula registered by
+    fastflow.benchmarks.kernels (importing flop_counter imports triton, which must stay lazy). Per pair: the Gram
+    entries (3S), the Gram and edge terms of the hidden layer (S·F, E_in·F), the output linear (F·(H + P + E_out)), the
     value and unit-vector accumulations (H·d_head, 3P). Softmax, SiLU, LayerNorm and lengths are not counted."""
     B, N, F_ = node_terms_i_shape
     S, (_, _, H, d_head), P = gram_coords_shape[1], values_shape, attn_coords_shape[1]
@@ -213,7 +213,6 @@ def _cpp_op():
     if not _cpp_registered:
         torch.library.register_fake("fastflow::semla_attention")(_semla_attention_fake)
         torch.library.register_autograd("fastflow::semla_attention", _backward, setup_context=_setup_context)
-        register_flop_formula(torch.ops.fastflow.semla_attention)(semla_attention_flops)
         _cpp_registered = True
     return torch.ops.fastflow.semla_attention.default
 
@@ -239,4 +238,3 @@ def semla_attention_triton(node_terms_i: torch.Tensor, node_terms_j: torch.Tenso
 
 semla_attention_triton.register_fake(_semla_attention_fake)
 semla_attention_triton.register_autograd(_backward, setup_context=_setup_context)
-register_flop_formula(torch.ops.fastflow.semla_attention_triton)(semla_attention_flops)
