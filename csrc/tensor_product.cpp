@@ -30,18 +30,21 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
-// -DFASTFLOW_TP_CLONES= (empty) builds one variant only, e.g. to test the baseline on a machine with AVX-512.
-#ifndef FASTFLOW_TP_CLONES
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
-#define FASTFLOW_TP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTFLOW_TP_CLONES
-#endif
+// The row loops are compiled once per x86 instruction set, each with vectors of its native width (x86-64-v4:
+// 64 bytes, x86-64-v3: 32, baseline: 16), and picked at run time (the extension itself is built for the
+// baseline). FASTFLOW_TP_ISA=avx2 or =sse2 in the environment caps the choice (to test those variants on a
+// machine with AVX-512); elsewhere than x86-64 with GCC, the one variant uses 16-byte vectors.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__)
+#define FASTFLOW_TP_X86_DISPATCH 1
+#define FASTFLOW_TP_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define FASTFLOW_TP_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #endif
 #if defined(__GNUC__)
 #define FASTFLOW_TP_INLINE inline __attribute__((always_inline))
@@ -160,40 +163,50 @@ Descriptor<T> parse_descriptor(const char* op, const at::Tensor& paths_t, const 
                     q.d1 < (1 << 30) && q.d2 < (1 << 30) && q.d_out < (1 << 30),
                 op, ": paths[", p, "] needs multiplicities >= 0 and irrep dimensions >= 1, got mul1 ", q.mul1,
                 ", d1 ", q.d1, ", mul2 ", q.mul2, ", d2 ", q.d2, ", mul_out ", q.mul_out, ", d_out ", q.d_out);
-    TORCH_CHECK(off1 >= 0 && off1 + q.mul1 * q.d1 <= dim1, op, ": paths[", p, "] reads x1 columns ", off1, ":",
-                off1 + q.mul1 * q.d1, ", outside the ", dim1, " columns of x1");
-    TORCH_CHECK(off2 >= 0 && off2 + q.mul2 * q.d2 <= dim2, op, ": paths[", p, "] reads x2 columns ", off2, ":",
-                off2 + q.mul2 * q.d2, ", outside the ", dim2, " columns of x2");
-    TORCH_CHECK(off_out >= 0 && off_out + q.mul_out * q.d_out <= dim_out, op, ": paths[", p,
-                "] writes output columns ", off_out, ":", off_out + q.mul_out * q.d_out, ", outside dim_out = ",
-                dim_out);
+    // (written so that nothing overflows: mul <= dim / d before mul·d is formed)
+    auto fits = [](int64_t off, int64_t mul, int64_t d, int64_t dim) {
+      return off >= 0 && mul <= dim / d && off <= dim - mul * d;
+    };
+    TORCH_CHECK(fits(off1, q.mul1, q.d1, dim1), op, ": paths[", p, "] reads x1 columns ", off1, " + ", q.mul1,
+                "x", q.d1, ", outside the ", dim1, " columns of x1");
+    TORCH_CHECK(fits(off2, q.mul2, q.d2, dim2), op, ": paths[", p, "] reads x2 columns ", off2, " + ", q.mul2,
+                "x", q.d2, ", outside the ", dim2, " columns of x2");
+    TORCH_CHECK(fits(off_out, q.mul_out, q.d_out, dim_out), op, ": paths[", p, "] writes output columns ", off_out,
+                " + ", q.mul_out, "x", q.d_out, ", outside dim_out = ", dim_out);
+    // weights of the path: the product of the multiplicities named by the mode (as a double first: the
+    // multiplicities are bounded by the row widths only, and a width-only bound does not keep it in int64)
+    double size = 0;
     switch (q.mode) {
-      case kUVW: q.w_size = q.mul1 * q.mul2 * q.mul_out; break;
+      case kUVW: size = static_cast<double>(q.mul1) * static_cast<double>(q.mul2) * q.mul_out; break;
       case kUVU:
         TORCH_CHECK(q.mul_out == q.mul1, op, ": paths[", p, "] (uvu) needs mul_out == mul1, got ", q.mul_out,
                     " and ", q.mul1);
-        q.w_size = q.mul1 * q.mul2;
+        size = static_cast<double>(q.mul1) * q.mul2;
         break;
       case kUVV:
         TORCH_CHECK(q.mul_out == q.mul2, op, ": paths[", p, "] (uvv) needs mul_out == mul2, got ", q.mul_out,
                     " and ", q.mul2);
-        q.w_size = q.mul1 * q.mul2;
+        size = static_cast<double>(q.mul1) * q.mul2;
         break;
       case kUUW:
         TORCH_CHECK(q.mul2 == q.mul1, op, ": paths[", p, "] (uuw) needs mul2 == mul1, got ", q.mul2, " and ",
                     q.mul1);
-        q.w_size = q.mul1 * q.mul_out;
+        size = static_cast<double>(q.mul1) * q.mul_out;
         break;
       default:
         TORCH_CHECK(q.mul2 == q.mul1 && q.mul_out == q.mul1, op, ": paths[", p,
                     "] (uuu) needs mul1 == mul2 == mul_out, got ", q.mul1, ", ", q.mul2, ", ", q.mul_out);
-        q.w_size = q.mul1;
+        size = static_cast<double>(q.mul1);
     }
     if (q.has_weight) {
-      TORCH_CHECK(q.w_off >= 0 && q.w_off + q.w_size <= n_weights, op, ": paths[", p, "] (", mode,
-                  ") uses weights ", q.w_off, ":", q.w_off + q.w_size, ", outside the ", n_weights,
-                  " weights per row of weights");
-    } else {
+      TORCH_CHECK(q.w_off >= 0 && q.w_off <= n_weights && size <= static_cast<double>(n_weights - q.w_off), op,
+                  ": paths[", p, "] (", mode, ") uses weights ", q.w_off, " : ", q.w_off, " + ", size,
+                  ", outside the ", n_weights, " weights per row of weights");
+      q.w_size = static_cast<int64_t>(size);
+    } else if (q.mode != kUVW && q.mode != kUUW) {  // W = 1 is read from a buffer of ones; uvw, uuw have code
+      TORCH_CHECK(size <= static_cast<double>(int64_t(1) << 31), op, ": paths[", p, "] (", mode,
+                  ") has no weights and ", size, " implicit unit weights, too many");
+      q.w_size = static_cast<int64_t>(size);
       max_ones = std::max(max_ones, q.w_size);
     }
     q.begin = co[p], q.end = co[p + 1];
@@ -335,64 +348,69 @@ FASTFLOW_TP_INLINE void fill_zero(T* x, int64_t n) {
 
 // ---- one path on one row ----
 
+// Paths without weights, uuw and uvw: o[k][w] += Σ_u t[k][u] for every w (W = 1)
+template <typename T>
+FASTFLOW_TP_INLINE void add_row_sums(const T* t, int64_t m1, int64_t d_out, T* o, int64_t mo) {
+  for (int64_t k = 0; k < d_out; ++k) {
+    T sum = 0;
+    for (int64_t u = 0; u < m1; ++u) sum += t[k * m1 + u];
+    for (int64_t w = 0; w < mo; ++w) o[k * mo + w] += sum;
+  }
+}
+
+// ... and the backward: gt[k][u] = Σ_w g[k][w] for every u
+template <typename T>
+FASTFLOW_TP_INLINE void broadcast_row_sums(const T* g, int64_t mo, int64_t d_out, T* gt, int64_t m1) {
+  for (int64_t k = 0; k < d_out; ++k) {
+    T sum = 0;
+    for (int64_t w = 0; w < mo; ++w) sum += g[k * mo + w];
+    for (int64_t u = 0; u < m1; ++u) gt[k * m1 + u] = sum;
+  }
+}
+
 // ---- uvu with mul2 = 1 ----
 //
 // M[i][k] = Σ_j c b[j] is computed once per pair (i, k); then, per output row k and block of multiplicities,
-// the sum over the row's pairs stays in registers: blocks of kBlockVectors 64-byte vectors (GCC vector
-// extensions, lowered to 1 zmm, 2 ymm or 4 xmm registers each by the x86-64-v4, v3 and baseline clones), then
-// single vectors, then a scalar remainder.
+// the sum over the row's pairs stays in registers: blocks of Simd::kBlock vectors, then single vectors, then a
+// scalar remainder.
 
+// Vectors of VB bytes (GCC vector extensions; one scalar per "vector" for other compilers) and how many of them
+// a block keeps in registers.
 #if defined(__GNUC__)
-// The vector helpers are always inlined, so the ABI of passing 64-byte vectors (which GCC warns about when the
-// baseline clone has no AVX-512) never comes into play.
+// The helpers are always inlined, so the ABI of passing wide vectors (which GCC warns about for instantiations
+// wider than the baseline) never comes into play.
 #pragma GCC diagnostic ignored "-Wpsabi"
-typedef float VecF __attribute__((vector_size(64)));
-typedef double VecD __attribute__((vector_size(64)));
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  using type = VecF;
-};
-template <>
-struct VecOf<double> {
-  using type = VecD;
-};
-#else  // one "vector" is one scalar
-template <typename T>
-struct VecOf {
-  using type = T;
-};
 #endif
-template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-constexpr int64_t kVecLanes = sizeof(Vec<T>) / sizeof(T);
-constexpr int kBlockVectors = 2;
+template <typename T, int VB>
+struct Simd {
+#if defined(__GNUC__)
+  typedef T V __attribute__((vector_size(VB)));
+#else
+  using V = T;
+#endif
+  static constexpr int64_t kLanes = sizeof(V) / sizeof(T);
+  static constexpr int kBlock = VB >= 64 ? 2 : 4;  // vectors per register block: 2 zmm, 4 ymm, 4 xmm
 
-template <typename T>
-FASTFLOW_TP_INLINE Vec<T> vload(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-FASTFLOW_TP_INLINE void vstore(T* p, const Vec<T>& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-// Σ of the lanes, pairwise (a sequential sum is a chain of kVecLanes dependent scalar adds)
-template <typename T>
-FASTFLOW_TP_INLINE T vsum(const Vec<T>& v) {
-  constexpr int64_t L = kVecLanes<T>;
-  T lanes[L];
-  std::memcpy(lanes, &v, sizeof(v));
-#pragma GCC unroll 8
-  for (int64_t w = L / 2; w > 0; w /= 2) {
-#pragma GCC unroll 16
-    for (int64_t l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  static FASTFLOW_TP_INLINE V zero() { return V{}; }
+  static FASTFLOW_TP_INLINE V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
   }
-  return lanes[0];
-}
+  static FASTFLOW_TP_INLINE void store(T* p, const V& v) { std::memcpy(p, &v, sizeof(v)); }
+  // Σ of the lanes, pairwise (a sequential sum is a chain of dependent scalar adds)
+  static FASTFLOW_TP_INLINE T sum(const V& v) {
+    T lanes[kLanes];
+    std::memcpy(lanes, &v, sizeof(v));
+#pragma GCC unroll 8
+    for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+#pragma GCC unroll 16
+      for (int64_t l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    }
+    return lanes[0];
+  }
+};
+constexpr int kMaxVectorBytes = 64;
 
 template <typename T>
 FASTFLOW_TP_INLINE void fold_b(const Path& p, const Pair* pairs, const Term<T>* terms, const T* b, T* M) {
@@ -404,20 +422,21 @@ FASTFLOW_TP_INLINE void fold_b(const Path& p, const Pair* pairs, const Term<T>* 
 }
 
 // o[k][u0 : u0 + NV·lanes] += W[u] Σ_{q in q0:q1} M[q] a[i_q][u]
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 FASTFLOW_TP_INLINE void folded_forward_block(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* a,
                                              int64_t m1, const T* W, T* ok, int64_t u0) {
-  constexpr int64_t VL = kVecLanes<T>;
-  Vec<T> acc[NV];
-  for (int v = 0; v < NV; ++v) acc[v] = Vec<T>{} ;
+  using S = Simd<T, VB>;
+  constexpr int64_t VL = S::kLanes;
+  typename S::V acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = S::zero();
   for (int64_t q = q0; q < q1; ++q) {
     const T* x = a + pr[q].i * m1 + u0;
     const T c = M[q];
-    for (int v = 0; v < NV; ++v) acc[v] += c * vload(x + v * VL);
+    for (int v = 0; v < NV; ++v) acc[v] += c * S::load(x + v * VL);
   }
   for (int v = 0; v < NV; ++v) {
     T* o = ok + u0 + v * VL;
-    vstore(o, vload(o) + vload(W + u0 + v * VL) * acc[v]);
+    S::store(o, S::load(o) + S::load(W + u0 + v * VL) * acc[v]);
   }
 }
 
@@ -437,10 +456,10 @@ FASTFLOW_TP_INLINE void folded_forward_rest(const Pair* pr, int64_t q0, int64_t 
 }
 
 // s: n_pairs + mul1 elements
-template <typename T>
+template <typename T, int VB>
 FASTFLOW_TP_INLINE void folded_forward(const Path& p, const Pair* pairs, const Term<T>* terms, const T* a,
                                        const T* b, const T* W, T* o, T* s) {
-  constexpr int64_t VL = kVecLanes<T>;
+  constexpr int64_t VL = Simd<T, VB>::kLanes, NB = Simd<T, VB>::kBlock;
   const int64_t m1 = p.mul1, n_pairs = p.pair_end - p.pair_begin;
   const Pair* pr = pairs + p.pair_begin;
   T* M = s;
@@ -451,10 +470,8 @@ FASTFLOW_TP_INLINE void folded_forward(const Path& p, const Pair* pairs, const T
     }
     T* ok = o + k * m1;
     int64_t u0 = 0;
-    for (; u0 + kBlockVectors * VL <= m1; u0 += kBlockVectors * VL) {
-      folded_forward_block<T, kBlockVectors>(pr, q0, q1, M, a, m1, W, ok, u0);
-    }
-    for (; u0 + VL <= m1; u0 += VL) folded_forward_block<T, 1>(pr, q0, q1, M, a, m1, W, ok, u0);
+    for (; u0 + NB * VL <= m1; u0 += NB * VL) folded_forward_block<T, VB, NB>(pr, q0, q1, M, a, m1, W, ok, u0);
+    for (; u0 + VL <= m1; u0 += VL) folded_forward_block<T, VB, 1>(pr, q0, q1, M, a, m1, W, ok, u0);
     if (u0 < m1) folded_forward_rest(pr, q0, q1, M, a, m1, W, ok, u0, s + n_pairs);
   }
 }
@@ -462,36 +479,38 @@ FASTFLOW_TP_INLINE void folded_forward(const Path& p, const Pair* pairs, const T
 // One block of the backward of one output row k, u in u0 : u0 + NV·lanes:
 //   ga[i][u] += M[i][k] W[u] g[k][u];  gW[u] += g[k][u] Σ_i M[i][k] a[i][u];
 //   gb[j] += Σ_u c a[i][u] W[u] g[k][u], kept as one vector per j (gbv[j], lanes summed once per edge)
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_t q1, const Term<T>* terms,
                                               const T* M, const T* gk, const T* a, int64_t m1, const T* W, T* ga,
                                               T* gW, T* gbv, int64_t u0) {
-  constexpr int64_t VL = kVecLanes<T>;
-  Vec<T> wg[NV], t[NV];
+  using S = Simd<T, VB>;
+  using V = typename S::V;
+  constexpr int64_t VL = S::kLanes;
+  V wg[NV], t[NV];
   for (int v = 0; v < NV; ++v) {
-    wg[v] = vload(W + u0 + v * VL) * vload(gk + u0 + v * VL);
-    t[v] = Vec<T>{};
+    wg[v] = S::load(W + u0 + v * VL) * S::load(gk + u0 + v * VL);
+    t[v] = S::zero();
   }
   for (int64_t q = q0; q < q1; ++q) {
     const T* x = a + pr[q].i * m1 + u0;
     T* gx = ga + pr[q].i * m1 + u0;
     const T c = M[q];
-    Vec<T> d = Vec<T>{};
+    V d = S::zero();
     for (int v = 0; v < NV; ++v) {
-      const Vec<T> xv = vload(x + v * VL);
-      vstore(gx + v * VL, vload(gx + v * VL) + c * wg[v]);
+      const V xv = S::load(x + v * VL);
+      S::store(gx + v * VL, S::load(gx + v * VL) + c * wg[v]);
       d += xv * wg[v];
       t[v] += c * xv;
     }
     for (const Term<T>* term = terms + pr[q].t_begin; term != terms + pr[q].t_end; ++term) {
       T* g = gbv + term->j * VL;
-      vstore(g, vload(g) + term->c * d);
+      S::store(g, S::load(g) + term->c * d);
     }
   }
   if (gW != nullptr) {
     for (int v = 0; v < NV; ++v) {
       T* gw = gW + u0 + v * VL;
-      vstore(gw, vload(gw) + vload(gk + u0 + v * VL) * t[v]);
+      S::store(gw, S::load(gw) + S::load(gk + u0 + v * VL) * t[v]);
     }
   }
 }
@@ -528,10 +547,10 @@ FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t
 }
 
 // gbv: [d2][lanes] vector accumulators of gb (summed by the caller); s: n_pairs + 2 mul1 elements
-template <typename T>
+template <typename T, int VB>
 FASTFLOW_TP_INLINE void folded_backward(const Path& p, const Pair* pairs, const Term<T>* terms, const T* g,
                                         const T* a, const T* b, const T* W, T* ga, T* gb, T* gbv, T* gW, T* s) {
-  constexpr int64_t VL = kVecLanes<T>;
+  constexpr int64_t VL = Simd<T, VB>::kLanes, NB = Simd<T, VB>::kBlock;
   const int64_t m1 = p.mul1, n_pairs = p.pair_end - p.pair_begin;
   const Pair* pr = pairs + p.pair_begin;
   T* M = s;
@@ -542,15 +561,17 @@ FASTFLOW_TP_INLINE void folded_backward(const Path& p, const Pair* pairs, const 
     }
     const T* gk = g + k * m1;
     int64_t u0 = 0;
-    for (; u0 + kBlockVectors * VL <= m1; u0 += kBlockVectors * VL) {
-      folded_backward_block<T, kBlockVectors>(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gbv, u0);
+    for (; u0 + NB * VL <= m1; u0 += NB * VL) {
+      folded_backward_block<T, VB, NB>(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gbv, u0);
     }
-    for (; u0 + VL <= m1; u0 += VL) folded_backward_block<T, 1>(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gbv, u0);
+    for (; u0 + VL <= m1; u0 += VL) {
+      folded_backward_block<T, VB, 1>(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gbv, u0);
+    }
     if (u0 < m1) folded_backward_rest(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gb, u0, s + n_pairs);
   }
 }
 
-template <typename T>
+template <typename T, int VB>
 FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pair* pairs, const Term<T>* terms,
                                      const T* a, const T* b, const T* W, T* o, T* s) {
   const Entry<T>* e0 = E + p.begin;
@@ -559,7 +580,7 @@ FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pai
   switch (p.mode) {
     case kUVU: {
       if (m2 == 1) {
-        folded_forward(p, pairs, terms, a, b, W, o, s);
+        folded_forward<T, VB>(p, pairs, terms, a, b, W, o, s);
         return;
       }
       T* y = s;  // [d2][m1]
@@ -601,6 +622,10 @@ FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pai
       T* t = s;  // [d_out][m1]
       fill_zero(t, p.d_out * m1);
       contract<K, I, J>(t, m1, a, m1, b, m1, m1, e0, e1);
+      if (!p.has_weight) {
+        add_row_sums(t, m1, p.d_out, o, mo);
+        return;
+      }
       for (int64_t k = 0; k < p.d_out; ++k) {
         T* __restrict ok = o + k * mo;
         for (int64_t u = 0; u < m1; ++u) {
@@ -614,6 +639,12 @@ FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pai
     }
     default: {  // uvw
       T* t = s;  // [d_out][m1], one v at a time
+      if (!p.has_weight) {  // W = 1: o[k][w] += Σ_u Σ_v t_v[k][u] for every w
+        fill_zero(t, p.d_out * m1);
+        for (int64_t v = 0; v < m2; ++v) contract_scalar<K, I, J>(t, m1, a, m1, b + v, m2, m1, e0, e1);
+        add_row_sums(t, m1, p.d_out, o, mo);
+        return;
+      }
       for (int64_t v = 0; v < m2; ++v) {
         fill_zero(t, p.d_out * m1);
         contract_scalar<K, I, J>(t, m1, a, m1, b + v, m2, m1, e0, e1);
@@ -634,7 +665,7 @@ FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pai
 // Adds the path's gradients for one row: ga (x1, ir_mul), gb (x2, ir_mul; uvu with mul2 = 1 adds to gbv, the
 // vector accumulators of gb[pos2 :]), gW (the path's weights; nullptr: none wanted), from g (the output
 // gradient, ir_mul).
-template <typename T>
+template <typename T, int VB>
 FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pair* pairs, const Term<T>* terms,
                                       const T* g, const T* a, const T* b, const T* W, T* ga, T* gb, T* gbv, T* gW,
                                       T* s, int64_t half) {
@@ -644,7 +675,7 @@ FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pa
   switch (p.mode) {
     case kUVU: {
       if (m2 == 1) {
-        folded_backward(p, pairs, terms, g, a, b, W, ga, gb, gbv, gW, s);
+        folded_backward<T, VB>(p, pairs, terms, g, a, b, W, ga, gb, gbv, gW, s);
         return;
       }
       T* y = s;  // [d2][m1] as in the forward
@@ -735,14 +766,18 @@ FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pa
     }
     case kUUW: {
       T* gt = s;  // [d_out][m1]: Σ_w W[u,w] g[k][w]
-      for (int64_t k = 0; k < p.d_out; ++k) {
-        const T* __restrict gk = g + k * mo;
-        for (int64_t u = 0; u < m1; ++u) {
-          const T* __restrict Wu = W + u * mo;
-          T acc = 0;
+      if (!p.has_weight) {
+        broadcast_row_sums(g, mo, p.d_out, gt, m1);
+      } else {
+        for (int64_t k = 0; k < p.d_out; ++k) {
+          const T* __restrict gk = g + k * mo;
+          for (int64_t u = 0; u < m1; ++u) {
+            const T* __restrict Wu = W + u * mo;
+            T acc = 0;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t w = 0; w < mo; ++w) acc += Wu[w] * gk[w];
-          gt[k * m1 + u] = acc;
+            for (int64_t w = 0; w < mo; ++w) acc += Wu[w] * gk[w];
+            gt[k * m1 + u] = acc;
+          }
         }
       }
       contract<I, K, J>(ga, m1, gt, m1, b, m1, m1, e0, e1);
@@ -766,6 +801,14 @@ FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pa
     default: {  // uvw, one v at a time
       T* gt = s;         // [d_out][m1]: Σ_w W[u,v,w] g[k][w]
       T* t = s + half;  // [d_out][m1]: the forward's t
+      if (!p.has_weight) {  // gt is the same for every v
+        broadcast_row_sums(g, mo, p.d_out, gt, m1);
+        for (int64_t v = 0; v < m2; ++v) {
+          contract_scalar<I, K, J>(ga, m1, gt, m1, b + v, m2, m1, e0, e1);
+          contract_dot<J, I, K>(gb + v, m2, a, m1, gt, m1, m1, e0, e1);
+        }
+        return;
+      }
       for (int64_t v = 0; v < m2; ++v) {
         for (int64_t k = 0; k < p.d_out; ++k) {
           const T* __restrict gk = g + k * mo;
@@ -845,7 +888,7 @@ struct Scratch {
         x1(pr.D->in1.width + 1),
         x2(pr.D->in2.width + 1),
         gb(pr.D->in2.width + 1),
-        gbv((pr.D->fold_hi - pr.D->fold_lo) * kVecLanes<T> + 1),
+        gbv((pr.D->fold_hi - pr.D->fold_lo) * (kMaxVectorBytes / sizeof(T)) + 1),
         g(pr.D->out.width + 1),
         s(pr.D->scratch + 2 * pr.D->max_pairs + 1) {}
 };
@@ -911,7 +954,7 @@ FASTFLOW_TP_INLINE void prefetch_backward(const Problem<T>& pr, int64_t t, bool 
   prefetch_rows_for_write(pr.gx2 + e * pr.dim2, pr.dim2);
 }
 
-template <typename T>
+template <typename T, int VB>
 FASTFLOW_TP_INLINE void forward_rows_impl(const Problem<T>& pr, int64_t r0, int64_t r1, Scratch<T>& S) {
   const Descriptor<T>& D = *pr.D;
   const Entry<T>* E = D.entries.data();
@@ -933,14 +976,14 @@ FASTFLOW_TP_INLINE void forward_rows_impl(const Problem<T>& pr, int64_t r0, int6
       const T* w = pr.w + e * pr.w_stride;
       for (const Path& p : D.paths) {
         const T* W = p.has_weight ? w + p.w_off : D.ones.data();
-        path_forward(p, E, pairs, terms, a + p.pos1, b + p.pos2, W, acc + p.pos_out, S.s.data());
+        path_forward<T, VB>(p, E, pairs, terms, a + p.pos1, b + p.pos2, W, acc + p.pos_out, S.s.data());
       }
     }
     from_ir_mul(D.out, acc, pr.out + r * pr.dim_out, pr.dim_out);
   }
 }
 
-template <typename T>
+template <typename T, int VB>
 FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int64_t r1, bool gw_per_row,
                                            Scratch<T>& S) {
   const Descriptor<T>& D = *pr.D;
@@ -950,7 +993,7 @@ FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int
   const int64_t half = D.scratch / 2;
   T* ga = S.acc.data();
   T* gb = S.gb.data();
-  constexpr int64_t VL = kVecLanes<T>;
+  constexpr int64_t VL = Simd<T, VB>::kLanes;
   T* gbv = S.gbv.data();  // gbv[(x - fold_lo) · VL]: the vector accumulator of gb[x], x in fold_lo : fold_hi
   const int64_t last = pr.row_ptr == nullptr ? r1 : pr.row_ptr[r1];
   for (int64_t r = r0; r < r1; ++r) {
@@ -978,75 +1021,158 @@ FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int
       for (const Path& p : D.paths) {
         const T* W = p.has_weight ? w + p.w_off : D.ones.data();
         T* gW = p.has_weight ? gw + p.w_off : nullptr;
-        path_backward(p, E, pairs, terms, g + p.pos_out, a + p.pos1, b + p.pos2, W, ga + p.pos1, gb + p.pos2,
+        path_backward<T, VB>(p, E, pairs, terms, g + p.pos_out, a + p.pos1, b + p.pos2, W, ga + p.pos1, gb + p.pos2,
                       p.pos2 >= D.fold_lo ? gbv + (p.pos2 - D.fold_lo) * VL : nullptr, gW, S.s.data(), half);
       }
-      for (int64_t x = D.fold_lo; x < D.fold_hi; ++x) gb[x] += vsum<T>(vload(gbv + (x - D.fold_lo) * VL));
+      for (int64_t x = D.fold_lo; x < D.fold_hi; ++x) gb[x] += Simd<T, VB>::sum(Simd<T, VB>::load(gbv + (x - D.fold_lo) * VL));
       from_ir_mul(D.in2, gb, pr.gx2 + e * pr.dim2, pr.dim2);
     }
     from_ir_mul(D.in1, ga, pr.gx1 + r * pr.dim1, pr.dim1);
   }
 }
 
-FASTFLOW_TP_CLONES void forward_rows(const Problem<float>& pr, int64_t r0, int64_t r1, Scratch<float>& S) {
-  forward_rows_impl(pr, r0, r1, S);
+// ---- one variant per instruction set ----
+
+#if defined(FASTFLOW_TP_X86_DISPATCH)
+template <typename T>
+FASTFLOW_TP_TARGET_V4 void forward_rows_v4(const Problem<T>& pr, int64_t r0, int64_t r1, Scratch<T>& S) {
+  forward_rows_impl<T, 64>(pr, r0, r1, S);
 }
-FASTFLOW_TP_CLONES void forward_rows(const Problem<double>& pr, int64_t r0, int64_t r1, Scratch<double>& S) {
-  forward_rows_impl(pr, r0, r1, S);
+template <typename T>
+FASTFLOW_TP_TARGET_V3 void forward_rows_v3(const Problem<T>& pr, int64_t r0, int64_t r1, Scratch<T>& S) {
+  forward_rows_impl<T, 32>(pr, r0, r1, S);
 }
-FASTFLOW_TP_CLONES void backward_rows(const Problem<float>& pr, int64_t r0, int64_t r1, bool per_row,
-                                      Scratch<float>& S) {
-  backward_rows_impl(pr, r0, r1, per_row, S);
+template <typename T>
+FASTFLOW_TP_TARGET_V4 void backward_rows_v4(const Problem<T>& pr, int64_t r0, int64_t r1, bool per_row,
+                                            Scratch<T>& S) {
+  backward_rows_impl<T, 64>(pr, r0, r1, per_row, S);
 }
-FASTFLOW_TP_CLONES void backward_rows(const Problem<double>& pr, int64_t r0, int64_t r1, bool per_row,
-                                      Scratch<double>& S) {
-  backward_rows_impl(pr, r0, r1, per_row, S);
+template <typename T>
+FASTFLOW_TP_TARGET_V3 void backward_rows_v3(const Problem<T>& pr, int64_t r0, int64_t r1, bool per_row,
+                                            Scratch<T>& S) {
+  backward_rows_impl<T, 32>(pr, r0, r1, per_row, S);
+}
+#endif
+template <typename T>
+void forward_rows_base(const Problem<T>& pr, int64_t r0, int64_t r1, Scratch<T>& S) {
+  forward_rows_impl<T, 16>(pr, r0, r1, S);
+}
+template <typename T>
+void backward_rows_base(const Problem<T>& pr, int64_t r0, int64_t r1, bool per_row, Scratch<T>& S) {
+  backward_rows_impl<T, 16>(pr, r0, r1, per_row, S);
+}
+
+// The vector width of the variant to run: the CPU's (once), capped by FASTFLOW_TP_ISA (read per call).
+int vector_bytes() {
+#if defined(FASTFLOW_TP_X86_DISPATCH)
+  static const int cpu = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return 64;
+    if (__builtin_cpu_supports("x86-64-v3")) return 32;
+    return 16;
+  }();
+  const char* cap = std::getenv("FASTFLOW_TP_ISA");
+  if (cap != nullptr && std::strcmp(cap, "sse2") == 0) return 16;
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(cpu, 32);
+  return cpu;
+#else
+  return 16;
+#endif
+}
+
+template <typename T>
+void forward_rows(int vb, const Problem<T>& pr, int64_t r0, int64_t r1, Scratch<T>& S) {
+#if defined(FASTFLOW_TP_X86_DISPATCH)
+  if (vb == 64) return forward_rows_v4(pr, r0, r1, S);
+  if (vb == 32) return forward_rows_v3(pr, r0, r1, S);
+#endif
+  forward_rows_base(pr, r0, r1, S);
+}
+
+template <typename T>
+void backward_rows(int vb, const Problem<T>& pr, int64_t r0, int64_t r1, bool per_row, Scratch<T>& S) {
+#if defined(FASTFLOW_TP_X86_DISPATCH)
+  if (vb == 64) return backward_rows_v4(pr, r0, r1, per_row, S);
+  if (vb == 32) return backward_rows_v3(pr, r0, r1, per_row, S);
+#endif
+  backward_rows_base(pr, r0, r1, per_row, S);
 }
 
 // ---- drivers ----
 
-// Rows per parallel task: about kGrainEdges edges' worth.
-constexpr int64_t kGrainEdges = 64;
-// Shared-weight gradients: at most this many partial sums (fixed by the problem size, not the thread count)
-constexpr int64_t kMaxChunks = 64;
+// The rows are cut into chunks of whole rows and about kChunkEdges edges (an edge counts 4, a row 1); the
+// threads take chunks in turn from a shared counter, so a thread that the OS deschedules holds up one chunk, not
+// a fixed share of the rows. The chunks depend on the problem alone, so every result (shared-weight gradients
+// included, one partial sum per chunk, added in chunk order) is the same for any number of threads.
+constexpr int64_t kChunkEdges = 128;
+constexpr int64_t kMaxChunks = 4096;
+constexpr int64_t kMaxSharedChunks = 64;  // partial sums of shared-weight gradients
 constexpr int64_t kMaxPartialElements = int64_t(1) << 24;
 
-int64_t row_grain(int64_t rows, int64_t edges) {
-  if (edges <= 0) return std::max<int64_t>(rows, 1);
-  return std::max<int64_t>(1, (kGrainEdges * rows + edges - 1) / edges);
+std::vector<int64_t> split_rows(const int64_t* row_ptr, int64_t rows, int64_t edges, int64_t max_chunks) {
+  auto cost = [&](int64_t r) { return 4 * (row_ptr == nullptr ? r : row_ptr[r]) + r; };
+  const int64_t total = cost(rows);
+  const int64_t n = std::max<int64_t>(
+      1, std::min({max_chunks, rows, (4 * edges + rows + 4 * kChunkEdges - 1) / (4 * kChunkEdges)}));
+  std::vector<int64_t> bounds(n + 1, rows);
+  bounds[0] = 0;
+  for (int64_t c = 1; c < n; ++c) {
+    const int64_t target = total / n * c + total % n * c / n;  // total·c/n without overflow
+    int64_t lo = bounds[c - 1], hi = rows;
+    while (lo < hi) {  // the first row r with cost(r) >= target
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (cost(mid) < target) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    bounds[c] = lo;
+  }
+  return bounds;
+}
+
+// f(chunk, scratch) for every chunk, chunks handed out dynamically; one Scratch per thread
+template <typename T, typename F>
+void for_each_chunk(const Problem<T>& pr, int64_t n_chunks, const F& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n_chunks, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch<T> S(pr);
+    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) f(c, S);
+  });
 }
 
 template <typename T>
 void run_forward(const Problem<T>& pr, int64_t rows, int64_t edges) {
-  at::parallel_for(0, rows, row_grain(rows, edges), [&](int64_t r0, int64_t r1) {
-    Scratch<T> S(pr);
-    forward_rows(pr, r0, r1, S);
-  });
+  const int vb = vector_bytes();
+  const std::vector<int64_t> bounds = split_rows(pr.row_ptr, rows, edges, kMaxChunks);
+  for_each_chunk(pr, static_cast<int64_t>(bounds.size()) - 1,
+                 [&](int64_t c, Scratch<T>& S) { forward_rows(vb, pr, bounds[c], bounds[c + 1], S); });
 }
 
 // gw: [E, n_weights] when per_row, else [n_weights] (the sum over rows)
 template <typename T>
-void run_backward(Problem<T> pr, int64_t rows, int64_t edges, bool per_row) {
+void run_backward(const Problem<T>& pr, int64_t rows, int64_t edges, bool per_row) {
+  const int vb = vector_bytes();
   if (per_row) {
-    at::parallel_for(0, rows, row_grain(rows, edges), [&](int64_t r0, int64_t r1) {
-      Scratch<T> S(pr);
-      backward_rows(pr, r0, r1, true, S);
-    });
+    const std::vector<int64_t> bounds = split_rows(pr.row_ptr, rows, edges, kMaxChunks);
+    for_each_chunk(pr, static_cast<int64_t>(bounds.size()) - 1,
+                   [&](int64_t c, Scratch<T>& S) { backward_rows(vb, pr, bounds[c], bounds[c + 1], true, S); });
     return;
   }
   const int64_t n_w = pr.n_weights;
-  int64_t chunks = std::min<int64_t>(kMaxChunks, (edges + 4 * kGrainEdges - 1) / (4 * kGrainEdges));
-  chunks = std::max<int64_t>(1, std::min({chunks, rows, kMaxPartialElements / std::max<int64_t>(n_w, 1)}));
+  const int64_t max_chunks = std::max<int64_t>(
+      1, std::min(kMaxSharedChunks, kMaxPartialElements / std::max<int64_t>(n_w, 1)));
+  const std::vector<int64_t> bounds = split_rows(pr.row_ptr, rows, edges, max_chunks);
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<T> partial(chunks * n_w, T(0));
-  T* total = pr.gw;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    Scratch<T> S(pr);
+  for_each_chunk(pr, chunks, [&](int64_t c, Scratch<T>& S) {
     Problem<T> local = pr;
-    for (int64_t c = c0; c < c1; ++c) {
-      local.gw = partial.data() + c * n_w;
-      backward_rows(local, rows * c / chunks, rows * (c + 1) / chunks, false, S);
-    }
+    local.gw = partial.data() + c * n_w;
+    backward_rows(vb, local, bounds[c], bounds[c + 1], false, S);
   });
+  T* total = pr.gw;
   at::parallel_for(0, n_w, 1024, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       T acc = 0;

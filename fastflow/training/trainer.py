@@ -40,6 +40,9 @@ class TrainConfig:
     batch_cost: int = 1024          # padded atoms per batch (upstream: 4096 on a GPU)
     lr: float = 3e-4
     warmup_steps: int = 2000        # linear warm-up from 1% of lr (upstream QM9)
+    decay_start: int | None = None  # cosine decay of lr from this step ...
+    decay_steps: int = 0            # ... over this many steps, down to final_lr_fraction · lr (then held)
+    final_lr_fraction: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
@@ -111,8 +114,20 @@ class Trainer:
         return bucket_batches(self.dataset.sizes, self.config.batch_cost, plan, self.config.bucket_limits)
 
     def learning_rate(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / self.config.warmup_steps) if self.config.warmup_steps else 1.0
-        return self.config.lr * (0.01 + 0.99 * warm)
+        config = self.config
+        warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        lr = config.lr * (0.01 + 0.99 * warm)
+        if config.decay_start is not None and step >= config.decay_start:
+            progress = min(1.0, (step - config.decay_start) / max(config.decay_steps, 1))
+            cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+            lr *= config.final_lr_fraction + (1.0 - config.final_lr_fraction) * cosine
+        return lr
+
+    def set_decay(self, start: int, steps: int) -> None:
+        """Anneal the learning rate from step ``start`` over ``steps`` steps (also for a resumed run)."""
+        if start < 0 or steps < 1:
+            raise ValueError(f"lr decay needs start >= 0 and steps >= 1, got {start} and {steps}")
+        self.config = dataclasses.replace(self.config, decay_start=start, decay_steps=steps)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()

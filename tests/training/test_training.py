@@ -82,6 +82,21 @@ def test_resume_continues_identically(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_cosine_decay_of_the_learning_rate_survives_resume(tmp_path):
+    trainer = Trainer(TrainConfig(**{**FAST, "warmup_steps": 0}), train_set(), tmp_path)
+    assert trainer.learning_rate(50) == pytest.approx(1e-3)
+    trainer.set_decay(start=2, steps=4)
+    rates = [trainer.learning_rate(step) for step in range(8)]
+    assert rates[:3] == pytest.approx([1e-3] * 3)
+    assert rates[4] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down the cosine
+    assert rates[6:] == pytest.approx([1e-4, 1e-4])  # held at 10%
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    trainer.run(max_steps=3, progress=False)
+    assert Trainer.resume(train_set(), tmp_path).config.decay_start == 2
+    with pytest.raises(ValueError, match="lr decay"):
+        trainer.set_decay(start=3, steps=0)
+
+
 def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no training checkpoint"):
         Trainer.resume(train_set(), tmp_path)
