@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from rdkit import Chem
 
 from fastflow.chem.graph import MolGraph
-from fastflow.metrics.energy import MAX_ITERS, mmff_evaluate
+from fastflow.metrics.energy import MAX_ITERS, MMFFResult, mmff_evaluate
 from fastflow.metrics.molecules import novelty, uniqueness, validity
 from fastflow.metrics.stability import stability
 
@@ -61,7 +61,11 @@ def compute_metrics(
 
 def energy_metrics(mols: Sequence[Chem.Mol | None], max_iters: int = MAX_ITERS) -> dict[str, float]:
     """MMFF94 metrics; validities count every molecule, averages only those where MMFF succeeded."""
-    results = [mmff_evaluate(m, max_iters) for m in mols]
+    return summarise_mmff([mmff_evaluate(m, max_iters) for m in mols])
+
+
+def summarise_mmff(results: Sequence[MMFFResult]) -> dict[str, float]:
+    """The energy metrics of per-molecule MMFF results (a shard merge recomputes them from stored results)."""
     energies = [r for r in results if r.energy is not None]
     strained = [r for r in results if r.strain is not None]
     return {

@@ -296,6 +296,7 @@ def molecule_records(graphs: Sequence, mols: Sequence, energy: bool = True) -> d
 def aggregate_metrics(records: dict[str, list], energy: bool = True) -> dict[str, float]:
     """:func:`fastflow.metrics.compute_metrics` from per-molecule records (same keys, order and numbers)."""
     from fastflow.metrics.energy import MMFFResult
+    from fastflow.metrics.report import summarise_mmff
 
     n = len(records["n_atoms"])
     if n == 0:
@@ -309,20 +310,9 @@ def aggregate_metrics(records: dict[str, list], energy: bool = True) -> dict[str
         "connected_validity": sum(records["connected"]) / n,
         "uniqueness": len(set(keys)) / len(keys) if keys else float("nan"),
     }
-    if energy:  # as fastflow.metrics.report.energy_metrics
-        results = [MMFFResult(*row) for row in zip(records["mmff_atoms"], records["energy"],
-                                                   records["opt_energy"], records["opt_rmsd"])]
-        energies = [r for r in results if r.energy is not None]
-        strained = [r for r in results if r.strain is not None]
-        metrics.update({
-            "energy_validity": len(energies) / len(results),
-            "opt_energy_validity": sum(r.opt_energy is not None for r in results) / len(results),
-            "energy": _mean(r.energy for r in energies),
-            "energy_per_atom": _mean(r.energy / r.n_atoms for r in energies),
-            "strain": _mean(r.strain for r in strained),
-            "strain_per_atom": _mean(r.strain / r.n_atoms for r in strained),
-            "opt_rmsd": _mean(r.opt_rmsd for r in results if r.opt_rmsd is not None),
-        })
+    if energy:
+        metrics.update(summarise_mmff([MMFFResult(*row) for row in zip(
+            records["mmff_atoms"], records["energy"], records["opt_energy"], records["opt_rmsd"])]))
     return metrics
 
 
@@ -689,11 +679,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
 
 
 def _short(value) -> str:

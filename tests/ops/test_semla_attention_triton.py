@@ -1,6 +1,6 @@
 """fastflow::semla_attention, Triton backend: against the float64 reference, opcheck, dtype errors.
 
-Without a GPU these run on CPU tensors under Triton's interpreter (tests/ops/conftest.py sets
+Without a GPU these run on CPU tensors under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET), about 1 ms per op per program, so every shape here is tiny.
 """
 

@@ -1,7 +1,7 @@
 """fastflow.triton_kernels.tensor_product (e3nn tensor products in Triton) against the float64 reference.
 
 The kernels are called directly. Without a GPU they run on CPU tensors under Triton's interpreter
-(tests/ops/conftest.py sets TRITON_INTERPRET), about 1 ms per op per program, so every shape here is tiny:
+(tests/conftest.py sets TRITON_INTERPRET), about 1 ms per op per program, so every shape here is tiny:
 at most 6 samples / edges, multiplicities 1 to 3, l <= 2.
 """
 
