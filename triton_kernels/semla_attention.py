@@ -19,6 +19,22 @@ MIN_DOT = 16  # smallest size of every tl.dot dimension
 
 
 @triton.jit
+def _online_softmax_tile(z, in_softmax, m, s1, s2):
+    """One tile of j of the online softmax of logits z [BLOCK_J, K] (K heads or sets), j masked by in_softmax.
+
+    Returns the new running max, the factor that rescales everything accumulated so far, p = exp(z − max) (0 on
+    masked j), and the updated s1 = Σ p and s2 = Σ p².
+    """
+    z = tl.where(in_softmax[:, None], z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    # Until a head or set has seen an unmasked j its max is -inf; shifting by 0 then avoids -inf - -inf = nan.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    rescale = tl.exp(m - shift)
+    p = tl.exp(z - shift[None, :])
+    return m_new, rescale, p, s1 * rescale + tl.sum(p, axis=0), s2 * rescale * rescale + tl.sum(p * p, axis=0)
+
+
+@triton.jit
 def _semla_attention_kernel(
     a_ptr,  # node_terms_i [B, N, F] (b1 included)
     c_ptr,  # node_terms_j [B, N, F]
@@ -160,29 +176,15 @@ def _semla_attention_kernel(
         # Node attention, all heads at once: logits [BLOCK_J, BLOCK_H].
         w2_h_t = tl.load(w2_h_ptrs, mask=w2_h_mask, other=0.0)
         z_h = tl.dot(act, w2_h_t, input_precision="ieee") + b2_h[None, :]
-        z_h = tl.where(in_softmax[:, None], z_h, float("-inf"))
-        m_new = tl.maximum(m_h, tl.max(z_h, axis=0))
-        # Until a head has seen an unmasked j its max is -inf; shifting by 0 then avoids -inf - -inf = nan.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.exp(m_h - shift)
-        p = tl.exp(z_h - shift[None, :])  # 0 on masked j
-        s1_h = s1_h * rescale + tl.sum(p, axis=0)
-        s2_h = s2_h * rescale * rescale + tl.sum(p * p, axis=0)
+        m_h, rescale, p, s1_h, s2_h = _online_softmax_tile(z_h, in_softmax, m_h, s1_h, s2_h)
         v_j = tl.load(v_ptr + (pair_j[:, None, None] * H + offs_h[None, :, None]) * D + offs_d[None, None, :],
                       mask=mask_j[:, None, None] & mask_h[None, :, None] & mask_d[None, None, :], other=0.0)
         acc_h = acc_h * rescale[:, None] + tl.sum(p[:, :, None] * v_j, axis=0)
-        m_h = m_new
 
         # Coordinate attention, all sets at once: logits [BLOCK_J, BLOCK_P].
         w2_p_t = tl.load(w2_p_ptrs, mask=w2_p_mask, other=0.0)
         z_p = tl.dot(act, w2_p_t, input_precision="ieee") + b2_p[None, :]
-        z_p = tl.where(in_softmax[:, None], z_p, float("-inf"))
-        m_new = tl.maximum(m_p, tl.max(z_p, axis=0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.exp(m_p - shift)
-        p = tl.exp(z_p - shift[None, :])
-        s1_p = s1_p * rescale + tl.sum(p, axis=0)
-        s2_p = s2_p * rescale * rescale + tl.sum(p * p, axis=0)
+        m_p, rescale, p, s1_p, s2_p = _online_softmax_tile(z_p, in_softmax, m_p, s1_p, s2_p)
         # Unit vectors (Y_p,i − Y_p,j) / (‖·‖ + eps), one axis at a time.
         y_j_base = y_ptr + ((b * P + offs_p[None, :]) * N + offs_j[:, None]) * 3  # [BLOCK_J, BLOCK_P]
         y_j_mask = mask_j[:, None] & mask_p[None, :]
@@ -193,7 +195,6 @@ def _semla_attention_kernel(
         acc_p0 = acc_p0 * rescale + tl.sum(weight * d0, axis=0)
         acc_p1 = acc_p1 * rescale + tl.sum(weight * d1, axis=0)
         acc_p2 = acc_p2 * rescale + tl.sum(weight * d2, axis=0)
-        m_p = m_new
 
     # Σ_j α_j x_j · sqrt(Σ_j α_j²) with α = p / s1 is acc / s1 · sqrt(s2) / s1. Every row has at least one
     # softmax j, so s1 > 0.

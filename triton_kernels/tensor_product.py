@@ -138,6 +138,19 @@ def _path_tile(
 
 
 @triton.jit
+def _out_tile(out_ptr, rows, mask_z, dim_out, off_out, mul_out, d_out,
+              BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pointers to out[rows[z], off_out + w * d_out + k] for _path_tile's [BLOCK_Z, BLOCK_W, BLOCK_K] tile, and
+    the mask of the real ones (real rows, w < mul_out, k < d_out)."""
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_k = tl.arange(0, BLOCK_K)
+    cols = off_out + offs_w[:, None] * d_out + offs_k[None, :]  # [W, K]
+    ptrs = out_ptr + rows[:, None, None] * dim_out + cols[None]
+    mask = mask_z[:, None, None] & ((offs_w[:, None] < mul_out) & (offs_k[None, :] < d_out))[None]
+    return ptrs, mask
+
+
+@triton.jit
 def _tensor_product_kernel(
     x1_ptr, x2_ptr, w_ptr, out_ptr,
     Z, stride1, stride2, stride_w, dim_out,
@@ -154,11 +167,7 @@ def _tensor_product_kernel(
                      cg_i, cg_j, cg_v, k_start, off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
                      MODE, HAS_WEIGHT, BLOCK_Z, BLOCK_U, BLOCK_V, BLOCK_W, BLOCK_K)
     # The program owns its rows; earlier launches (other paths) may already have written to them.
-    offs_w = tl.arange(0, BLOCK_W)
-    offs_k = tl.arange(0, BLOCK_K)
-    cols = off_out + offs_w[:, None] * d_out + offs_k[None, :]  # [W, K]
-    ptrs = out_ptr + rows[:, None, None] * dim_out + cols[None]
-    mask = mask_z[:, None, None] & ((offs_w[:, None] < mul_out) & (offs_k[None, :] < d_out))[None]
+    ptrs, mask = _out_tile(out_ptr, rows, mask_z, dim_out, off_out, mul_out, d_out, BLOCK_W, BLOCK_K)
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
 
 
@@ -180,11 +189,7 @@ def _tp_conv_atomic_kernel(
     acc = _path_tile(x1_ptr, x2_ptr, w_ptr, src, edges, edges, mask_z, stride1, stride2, stride_w,
                      cg_i, cg_j, cg_v, k_start, off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
                      MODE, HAS_WEIGHT, BLOCK_Z, BLOCK_U, BLOCK_V, BLOCK_W, BLOCK_K)
-    offs_w = tl.arange(0, BLOCK_W)
-    offs_k = tl.arange(0, BLOCK_K)
-    cols = off_out + offs_w[:, None] * d_out + offs_k[None, :]
-    ptrs = out_ptr + dst[:, None, None] * dim_out + cols[None]
-    mask = mask_z[:, None, None] & ((offs_w[:, None] < mul_out) & (offs_k[None, :] < d_out))[None]
+    ptrs, mask = _out_tile(out_ptr, dst, mask_z, dim_out, off_out, mul_out, d_out, BLOCK_W, BLOCK_K)
     tl.atomic_add(ptrs, acc, mask=mask)  # several edges (in this block or others) may share a destination
 
 

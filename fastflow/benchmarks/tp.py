@@ -69,8 +69,11 @@ def default_out(results_dir: Path = RESULTS_DIR) -> Path:
     return Path(results_dir) / f"tp-{platform.node()}-{date}.json"
 
 
-def nequip_tensor_product(irreps_node: str, lmax: int):
-    """NequIP's convolution product (uvu, per-edge weights, sorted outputs) as an e3nn module."""
+def nequip_tensor_product(irreps_node: str, lmax: int, **options):
+    """NequIP's convolution product as an e3nn module: node features x spherical harmonics (l <= lmax) -> every
+    uvu-reachable irrep with l <= lmax, per-edge weights, instructions permuted to the sorted output irreps (as
+    NequIP builds it). options: further keyword arguments of ``o3.TensorProduct``; the module is built in the
+    default dtype."""
     from e3nn import o3
 
     irreps_node, irreps_sh = o3.Irreps(irreps_node), o3.Irreps.spherical_harmonics(lmax)
@@ -84,7 +87,7 @@ def nequip_tensor_product(irreps_node: str, lmax: int):
     irreps_mid, permutation, _ = o3.Irreps(irreps_mid).sort()
     instructions = [(i, j, permutation[k], mode, train) for i, j, k, mode, train in instructions]
     return o3.TensorProduct(irreps_node, irreps_sh, irreps_mid, instructions, shared_weights=False,
-                            internal_weights=False)
+                            internal_weights=False, **options)
 
 
 def case_inputs(tp, n_edges: int, n_nodes: int, seed: int = 0) -> dict:

@@ -19,6 +19,7 @@ from fastflow import _extension
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
 _warned: set[str] = set()  # reasons already warned about by `auto`
+_registered: set[str] = set()  # C++ ops whose fake kernel and autograd are registered
 
 
 def resolve_backend(name: str | None, device: torch.device | str) -> str:
@@ -42,6 +43,21 @@ def resolve_backend(name: str | None, device: torch.device | str) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {name!r} requested but {reason}")
     return name
+
+
+def register_cpp_op(name: str, fake, backward=None, setup_context=None):
+    """torch.ops.fastflow.<name>.default, a C++ op of fastflow._C (schema defined in C++), with its fake kernel
+    (and its autograd formula, if given) registered on the first call.
+
+    Call it from the op's module: torch checks that the fake kernel is registered from the module the C++ schema
+    names (``m.set_python_module`` in csrc/registration.cpp), and _stacklevel=2 makes that the caller's module.
+    """
+    if name not in _registered:
+        torch.library.register_fake(f"fastflow::{name}", _stacklevel=2)(fake)
+        if backward is not None:
+            torch.library.register_autograd(f"fastflow::{name}", backward, setup_context=setup_context)
+        _registered.add(name)
+    return getattr(torch.ops.fastflow, name).default
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

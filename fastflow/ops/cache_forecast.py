@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastflow.ops.backends import resolve_backend
+from fastflow.ops.backends import register_cpp_op, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -102,17 +102,9 @@ def _backward(ctx, grad):
     return [c * grad for c in ctx.coeffs], None
 
 
-_cpp_registered = False
-
-
 def _cpp_op():
     """The C++ op, with fake and autograd registered once fastflow._C has defined it (schema in C++)."""
-    global _cpp_registered
-    if not _cpp_registered:
-        torch.library.register_fake("fastflow::cache_forecast")(_forecast_fake)
-        torch.library.register_autograd("fastflow::cache_forecast", _backward, setup_context=_setup_context)
-        _cpp_registered = True
-    return torch.ops.fastflow.cache_forecast.default
+    return register_cpp_op("cache_forecast", _forecast_fake, _backward, _setup_context)
 
 
 if hasattr(torch.ops.fastflow, "cache_forecast"):  # fastflow._C was loaded before this module

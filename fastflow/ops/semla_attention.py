@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastflow.ops.backends import resolve_backend
+from fastflow.ops.backends import register_cpp_op, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 # Tensor arguments in schema order; the optional edge-input block is all given or all None.
@@ -204,17 +204,9 @@ def _backward(ctx, grad_node, grad_coord, grad_edge):
     return tuple(out)
 
 
-_cpp_registered = False
-
-
 def _cpp_op():
     """The C++ op, with fake and autograd registered once fastflow._C has defined it (schema in C++)."""
-    global _cpp_registered
-    if not _cpp_registered:
-        torch.library.register_fake("fastflow::semla_attention")(_semla_attention_fake)
-        torch.library.register_autograd("fastflow::semla_attention", _backward, setup_context=_setup_context)
-        _cpp_registered = True
-    return torch.ops.fastflow.semla_attention.default
+    return register_cpp_op("semla_attention", _semla_attention_fake, _backward, _setup_context)
 
 
 if hasattr(torch.ops.fastflow, "semla_attention"):  # fastflow._C was loaded before this module

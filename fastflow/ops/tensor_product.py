@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import warnings
+from typing import NamedTuple
 
 import torch
 
-from fastflow.ops.backends import resolve_backend
+from fastflow.ops.backends import register_cpp_op, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 MODES = ("uvw", "uvu", "uvv", "uuw", "uuu")  # index = the mode code in paths[:, 0]
@@ -106,29 +108,11 @@ def tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, p
 
 def tensor_product_reference(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int):
     """The definition, path by path with dense CG blocks and einsum (autograd and double backward included)."""
-    Z = x1.shape[0]
-    out = x1.new_zeros(Z, dim_out)
-    shared = weights.dim() == 1
-    for p, (mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight) in enumerate(
-            paths.tolist()):
-        mode = MODES[mode]
-        a = x1[:, off1:off1 + mul1 * d1].reshape(Z, mul1, d1)
-        b = x2[:, off2:off2 + mul2 * d2].reshape(Z, mul2, d2)
-        start, stop = cg_offsets[p].item(), cg_offsets[p + 1].item()
-        C = x1.new_zeros(d1, d2, d_out).index_put(tuple(cg_index[start:stop].T), cg_value[start:stop],
-                                                 accumulate=True)
-        w_idx = WEIGHT_INDICES[mode]
-        w_shape = [{"u": mul1, "v": mul2, "w": mul_out}[c] for c in w_idx]
-        if has_weight:
-            size = int(torch.tensor(w_shape).prod())
-            W = weights[..., w_off:w_off + size].reshape(*weights.shape[:-1], *w_shape)
-        else:
-            W = x1.new_ones(w_shape)
-        z = "" if shared or not has_weight else "z"
-        target = {"uvw": "w", "uvu": "u", "uvv": "v", "uuw": "w", "uuu": "u"}[mode]
-        second = "v" if mode in ("uvw", "uvu", "uvv") else "u"
-        result = torch.einsum(f"zui,z{second}j,ijk,{z}{w_idx}->z{target}k", a, b, C, W)
-        out[:, off_out:off_out + mul_out * d_out] += result.reshape(Z, mul_out * d_out)
+    out = x1.new_zeros(x1.shape[0], dim_out)
+    for path in _dense_paths(x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
+        t, s, w = path.indices
+        result = torch.einsum(f"zui,z{s}j,ijk,{w}->z{t}k", path.a, path.b, path.C, path.W)
+        out[:, path.cols_out] += result.flatten(1)
     return out
 
 
@@ -138,6 +122,53 @@ def tp_conv_reference(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nod
     messages = tensor_product_reference(node_feats[edge_src], edge_attrs, weights, paths, cg_index, cg_value,
                                         cg_offsets, dim_out)
     return node_feats.new_zeros(n_nodes, dim_out).index_add(0, edge_dst, messages)
+
+
+class _DensePath(NamedTuple):
+    """One path as the dense operands of the reference's einsums (forward and backward)."""
+
+    cols1: slice  # the columns of x1, x2 and the output the path reads or writes
+    cols2: slice
+    cols_out: slice
+    cols_w: slice | None  # its columns of the weights; None without weights
+    a: torch.Tensor  # x1's block [Z, mul1, d1]
+    b: torch.Tensor  # x2's block [Z, mul2, d2]
+    C: torch.Tensor  # its CG entries as a dense [d1, d2, d_out] block
+    W: torch.Tensor  # its weights [(Z,) *_weight_shape]; ones without weights
+    out_shape: tuple[int, int]  # (mul_out, d_out)
+    # einsum letters (t, s, w) of the output's multiplicity (w, u or v), of x2's (v, or u in the uu* modes) and of
+    # the weights (WEIGHT_INDICES[mode], after z for one row per sample)
+    indices: tuple[str, str, str]
+
+
+def _weight_shape(mode: str, mul1: int, mul2: int, mul_out: int) -> list[int]:
+    """The shape of a path's weights, in e3nn's order of the mode's indices (WEIGHT_INDICES)."""
+    return [{"u": mul1, "v": mul2, "w": mul_out}[c] for c in WEIGHT_INDICES[mode]]
+
+
+def _dense_paths(x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
+    """Yield a _DensePath per path of the descriptor."""
+    Z = x1.shape[0]
+    shared = weights.dim() == 1
+    for p, (mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight) in enumerate(
+            paths.tolist()):
+        mode = MODES[mode]
+        cols1, cols2 = slice(off1, off1 + mul1 * d1), slice(off2, off2 + mul2 * d2)
+        start, stop = cg_offsets[p].item(), cg_offsets[p + 1].item()
+        C = x1.new_zeros(d1, d2, d_out).index_put(tuple(cg_index[start:stop].T), cg_value[start:stop],
+                                                 accumulate=True)
+        w_shape = _weight_shape(mode, mul1, mul2, mul_out)
+        if has_weight:
+            cols_w = slice(w_off, w_off + math.prod(w_shape))
+            W = weights[..., cols_w].reshape(*weights.shape[:-1], *w_shape)
+        else:
+            cols_w, W = None, x1.new_ones(w_shape)
+        z = "" if shared or not has_weight else "z"
+        target = {"uvw": "w", "uvu": "u", "uvv": "v", "uuw": "w", "uuu": "u"}[mode]
+        second = "v" if mode in ("uvw", "uvu", "uvv") else "u"
+        yield _DensePath(cols1, cols2, slice(off_out, off_out + mul_out * d_out), cols_w,
+                         x1[:, cols1].reshape(Z, mul1, d1), x2[:, cols2].reshape(Z, mul2, d2), C, W,
+                         (mul_out, d_out), (target, second, z + WEIGHT_INDICES[mode]))
 
 
 # ---- argument checks ----
@@ -174,9 +205,7 @@ def _extents(paths) -> tuple[int, int, int, int]:
         widths[1] = max(widths[1], off2 + mul2 * d2)
         widths[2] = max(widths[2], off_out + mul_out * d_out)
         if has_weight:
-            shape = {"uvw": mul1 * mul2 * mul_out, "uvu": mul1 * mul2, "uvv": mul1 * mul2, "uuw": mul1 * mul_out,
-                     "uuu": mul1}[MODES[mode]]
-            widths[3] = max(widths[3], w_off + shape)
+            widths[3] = max(widths[3], w_off + math.prod(_weight_shape(MODES[mode], mul1, mul2, mul_out)))
     return tuple(widths)
 
 
@@ -341,33 +370,15 @@ def tensor_product_grads_reference(grad_out, x1, x2, weights, paths, cg_index, c
     backward written out, so it runs without autograd (inside an op) and is differentiable itself (create_graph)."""
     Z = x1.shape[0]
     grad_x1, grad_x2, grad_w = torch.zeros_like(x1), torch.zeros_like(x2), torch.zeros_like(weights)
-    shared = weights.dim() == 1
-    for p, (mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight) in enumerate(
-            paths.tolist()):
-        mode = MODES[mode]
-        a = x1[:, off1:off1 + mul1 * d1].reshape(Z, mul1, d1)
-        b = x2[:, off2:off2 + mul2 * d2].reshape(Z, mul2, d2)
-        g = grad_out[:, off_out:off_out + mul_out * d_out].reshape(Z, mul_out, d_out)
-        start, stop = cg_offsets[p].item(), cg_offsets[p + 1].item()
-        C = x1.new_zeros(d1, d2, d_out).index_put(tuple(cg_index[start:stop].T), cg_value[start:stop],
-                                                 accumulate=True)
-        w_idx = WEIGHT_INDICES[mode]
-        w_shape = [{"u": mul1, "v": mul2, "w": mul_out}[c] for c in w_idx]
-        size = int(torch.tensor(w_shape).prod())
-        if has_weight:
-            W = weights[..., w_off:w_off + size].reshape(*weights.shape[:-1], *w_shape)
-        else:
-            W = x1.new_ones(w_shape)
-        z = "" if shared or not has_weight else "z"
-        t = {"uvw": "w", "uvu": "u", "uvv": "v", "uuw": "w", "uuu": "u"}[mode]
-        s = "v" if mode in ("uvw", "uvu", "uvv") else "u"
-        grad_x1[:, off1:off1 + mul1 * d1] += torch.einsum(
-            f"z{t}k,z{s}j,ijk,{z}{w_idx}->zui", g, b, C, W).reshape(Z, mul1 * d1)
-        grad_x2[:, off2:off2 + mul2 * d2] += torch.einsum(
-            f"z{t}k,zui,ijk,{z}{w_idx}->z{s}j", g, a, C, W).reshape(Z, mul2 * d2)
-        if has_weight:
-            grad_w[..., w_off:w_off + size] += torch.einsum(
-                f"z{t}k,zui,z{s}j,ijk->{z}{w_idx}", g, a, b, C).reshape(*weights.shape[:-1], size)
+    for path in _dense_paths(x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
+        t, s, w = path.indices
+        a, b, C, W = path.a, path.b, path.C, path.W
+        g = grad_out[:, path.cols_out].reshape(Z, *path.out_shape)
+        grad_x1[:, path.cols1] += torch.einsum(f"z{t}k,z{s}j,ijk,{w}->zui", g, b, C, W).flatten(1)
+        grad_x2[:, path.cols2] += torch.einsum(f"z{t}k,zui,ijk,{w}->z{s}j", g, a, C, W).flatten(1)
+        if path.cols_w is not None:
+            grad = torch.einsum(f"z{t}k,zui,z{s}j,ijk->{w}", g, a, b, C)  # [(Z,) *weight shape]
+            grad_w[..., path.cols_w] += grad.flatten(weights.dim() - 1)
     return grad_x1, grad_x2, grad_w
 
 
@@ -447,17 +458,13 @@ def _cpp_ops():
         reason = cpp_unavailable_reason()  # loads fastflow._C
         if reason is not None:
             raise RuntimeError(f"fastflow::tensor_product / tp_conv are not available: {reason}")
-        torch.library.register_fake("fastflow::tensor_product")(_tensor_product_fake)
-        torch.library.register_fake("fastflow::tensor_product_backward")(_tensor_product_backward_fake)
-        torch.library.register_fake("fastflow::tp_conv")(_tp_conv_fake)
-        torch.library.register_fake("fastflow::tp_conv_backward")(_tp_conv_backward_fake)
-        torch.library.register_autograd(
-            "fastflow::tensor_product",
-            _make_backward(_cpp_backward("tensor_product"), tensor_product_grads_reference, 8),
-            setup_context=_tp_setup_context)
-        torch.library.register_autograd(
-            "fastflow::tp_conv", _make_backward(_cpp_backward("tp_conv"), tp_conv_grads_reference, 11),
-            setup_context=_conv_setup_context)
+        register_cpp_op("tensor_product", _tensor_product_fake,
+                        _make_backward(_cpp_backward("tensor_product"), tensor_product_grads_reference, 8),
+                        _tp_setup_context)
+        register_cpp_op("tensor_product_backward", _tensor_product_backward_fake)
+        register_cpp_op("tp_conv", _tp_conv_fake,
+                        _make_backward(_cpp_backward("tp_conv"), tp_conv_grads_reference, 11), _conv_setup_context)
+        register_cpp_op("tp_conv_backward", _tp_conv_backward_fake)
         _cpp_registered = True
     return torch.ops.fastflow
 

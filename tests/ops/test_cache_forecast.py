@@ -76,6 +76,7 @@ def sample_inputs(device="cpu", requires_grad=False):
 
 
 def test_opcheck_cpp():
+    assert _extension.load_extension(), _extension.extension_status()["reason"]
     cpp_op = op._cpp_op()
     for requires_grad in (False, True):
         for args in sample_inputs(requires_grad=requires_grad):

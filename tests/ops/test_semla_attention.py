@@ -1,13 +1,15 @@
 """fastflow::semla_attention, C++ backend: against the float64 reference, opcheck, gradients, symmetries, errors."""
 
 import importlib
-import zlib
 
 import pytest
 import torch
 
 from fastflow import _extension
 from fastflow.ops.semla_attention import semla_attention, semla_attention_reference
+
+from . import semla_helpers
+from .semla_helpers import cast, max_relative_errors, molecule_adjacency, seed_of
 
 op = importlib.import_module("fastflow.ops.semla_attention")  # the module: the name above is the function
 
@@ -22,22 +24,6 @@ CONFIGS = {
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # on max|out - ref64| / max|ref64|
 
 
-def seed_of(*key):
-    return zlib.crc32(repr(key).encode())  # a fresh, reproducible seed per case
-
-
-def molecule_adjacency(B, N, generator):
-    """Edges between the real atoms of each molecule, no self-loops. Molecules have padding atoms (N > 1);
-    the last one (B > 1) has a single real atom, so its rows and all padding rows have no edge."""
-    counts = torch.randint(max(1, N // 2), N + 1, (B,), generator=generator)
-    if N > 1:
-        counts[0] = N - 1  # some padding
-    if B > 1:
-        counts[-1] = 1
-    real = torch.arange(N)[None, :] < counts[:, None]
-    return real[:, :, None] & real[:, None, :] & ~torch.eye(N, dtype=torch.bool)
-
-
 def random_adjacency(B, N, generator):
     """Arbitrary bool adjacency (self-loops allowed), with every third row empty."""
     adjacency = torch.rand(B, N, N, generator=generator) < 0.5
@@ -45,54 +31,18 @@ def random_adjacency(B, N, generator):
     return adjacency
 
 
-def random_inputs(config, B, N, seed, edge_in=None, E_out=None, adjacency="molecules"):
-    """Float64 inputs of the op (13 tensors or None), all random and non-zero."""
+def random_inputs(config, B, N, seed, edge_in=None, E_out=None, adjacency=molecule_adjacency):
+    """Float64 inputs of the op for CONFIGS[config] (semla_helpers.random_inputs); edge_in (a bool) drops or adds
+    the edge-input block (16 channels where the config has none), E_out overrides the edge outputs."""
     F, S, H, D, P, E, EO = CONFIGS[config]
     E = E if edge_in is None else (E or 16) * edge_in
     EO = EO if E_out is None else E_out
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0, shift=0.0):
-        return torch.randn(shape, generator=generator, dtype=torch.float64) * scale + shift
-
-    make_adjacency = {"molecules": molecule_adjacency, "random": random_adjacency}[adjacency]
-    args = [
-        randn(B, N, F),  # node_terms_i
-        randn(B, N, F),  # node_terms_j
-        randn(B, S, N, 3),  # gram_coords
-        randn(F, S, scale=S**-0.5),  # gram_weight
-        randn(H + P + EO, F, scale=F**-0.5),  # out_weight
-        randn(H + P + EO, scale=0.5),  # out_bias
-        randn(B, N, H, D),  # values
-        randn(B, P, N, 3),  # attn_coords
-        make_adjacency(B, N, generator),
-    ]
-    if E:
-        args += [randn(B, N, N, E, scale=2.0, shift=0.5), randn(E, scale=0.2, shift=1.0), randn(E, scale=0.2),
-                 randn(F, E, scale=E**-0.5)]
-    else:
-        args += [None] * 4
-    return args
-
-
-def cast(args, dtype):
-    return [t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in args]
+    return semla_helpers.random_inputs((F, S, H, D, P, E, EO), B, N, seed, adjacency)
 
 
 def assert_matches_reference(args, dtype):
     """The cpp backend in `dtype` against the reference in float64; returns max|out - ref| / max|ref| per output."""
-    outputs = semla_attention(*cast(args, dtype), backend="cpp")
-    expected = semla_attention_reference(*args)
-    errors = []
-    for out, ref in zip(outputs, expected):
-        assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
-        if ref.numel() == 0:
-            errors.append(0.0)
-            continue
-        error, scale = (out.double() - ref).abs().max().item(), ref.abs().max().item()
-        assert error <= TOLERANCE[dtype] * scale, f"error {error:.3g} vs max|ref| {scale:.3g}"
-        errors.append(error / scale if scale else error)
-    return errors
+    return max_relative_errors(args, dtype, "cpp", TOLERANCE)
 
 
 # ---- against the reference ----
@@ -117,7 +67,8 @@ def test_cpp_matches_reference_configs(config, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("config", ["tiny", "odd"])
 def test_arbitrary_adjacency_with_empty_rows(config, dtype):
-    args = random_inputs(config, 3, 13, seed_of("random adjacency", config, str(dtype)), adjacency="random")
+    args = random_inputs(config, 3, 13, seed_of("random adjacency", config, str(dtype)),
+                         adjacency=random_adjacency)
     assert not args[8].any(dim=-1).all()  # rows without an edge take their softmax over every atom
     assert_matches_reference(args, dtype)
 
@@ -259,8 +210,7 @@ def test_bad_inputs_raise_clear_errors(case):
 def test_bad_dtypes_and_empty_batch():
     args = random_inputs("tiny", 2, 5, 0)
     with pytest.raises(TypeError, match="tensors must be float32 or float64, got torch.float16"):
-        semla_attention(*[t.half() if torch.is_tensor(t) and t.is_floating_point() else t for t in args],
-                        backend="cpp")
+        semla_attention(*cast(args, torch.float16), backend="cpp")
     empty = [t[:0] if i in (0, 1, 2, 6, 7, 8, 9) else t for i, t in enumerate(args)]  # the batch axis
     with pytest.raises(ValueError, match=r"empty batch \(node_terms_i has shape \[0, 5, 16\]\)"):
         semla_attention(*empty, backend="cpp")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from e3nn import o3
 
+from fastflow.benchmarks.tp import nequip_tensor_product
 from fastflow.nn import TensorProduct, TPConv
 from fastflow.ops.tensor_product import tp_conv
 from fastflow.tp import TPDescriptor
@@ -17,22 +18,10 @@ BACKENDS = ("reference", "cpp")
 
 
 def nequip_tp(irreps_node="3x0e+2x1o+1x2e", lmax=2, dtype=torch.float32):
-    """NequIP's convolution product: node features x spherical harmonics -> every uvu-reachable irrep (l <= lmax),
-    per-edge weights, instructions permuted to the sorted output irreps (as NequIP builds it)."""
-    irreps_node, irreps_sh = o3.Irreps(irreps_node), o3.Irreps.spherical_harmonics(lmax)
-    irreps_mid, instructions = [], []
-    for i, (mul, ir_in) in enumerate(irreps_node):
-        for j, (_, ir_edge) in enumerate(irreps_sh):
-            for ir_out in ir_in * ir_edge:
-                if ir_out.l <= lmax:
-                    instructions.append((i, j, len(irreps_mid), "uvu", True))
-                    irreps_mid.append((mul, ir_out))
-    irreps_mid = o3.Irreps(irreps_mid)
-    irreps_mid, permutation, _ = irreps_mid.sort()
-    instructions = [(i, j, permutation[k], mode, train) for i, j, k, mode, train in instructions]
+    """NequIP's convolution product (fastflow.benchmarks.tp.nequip_tensor_product) in `dtype`, with e3nn's einsum
+    optimisation off."""
     with default_dtype(dtype):
-        return o3.TensorProduct(irreps_node, irreps_sh, irreps_mid, instructions, shared_weights=False,
-                                internal_weights=False, _optimize_einsums=False)
+        return nequip_tensor_product(irreps_node, lmax, _optimize_einsums=False)
 
 
 def random_graph(n_nodes, n_edges, seed, isolated=(), duplicates=0):
