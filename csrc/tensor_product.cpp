@@ -15,6 +15,9 @@
 // per chunk of rows, the chunks fixed by the problem size alone and summed in order, so the result does not
 // depend on the thread count. tensor_product is the same code with edge z = row z.
 //
+// Edges are visited in destination (source) order, so their weight rows — most of the bytes read — come from
+// memory at random: the rows of the edge two slots ahead are prefetched while the current one is computed.
+//
 // Per path and row (a = x1 block [d1][mul1], b = x2 block [d2][mul2], o = output block [d_out][mul_out], entries
 // (i, j, k, c) the path's nonzero CG coefficients):
 //   uvu: y[j][u] = Σ_v W[u,v] b[j][v], then o[k][u] += Σ c a[i][u] y[j][u]
@@ -24,7 +27,7 @@
 //   uvw: per v, t[k][u] = Σ c a[i][u] b[j][v], then o[k][w] += Σ_u W[u,v,w] t[k][u]
 // and uvu with mul2 = 1 (the common message-passing case) first folds b into M[i][k] = Σ_j c b[j] over the
 // distinct (i, k) pairs of the path, then o[k][u] += W[u] Σ_i M[i][k] a[i][u] keeps each output vector in
-// registers. The hot loops are compiled three times (x86-64-v4, x86-64-v3, baseline) and picked at load time.
+// registers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,13 +38,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 // The row loops are compiled once per x86 instruction set, each with vectors of its native width (x86-64-v4:
 // 64 bytes, x86-64-v3: 32, baseline: 16), and picked at run time (the extension itself is built for the
-// baseline). FASTFLOW_TP_ISA=avx2 or =sse2 in the environment caps the choice (to test those variants on a
-// machine with AVX-512); elsewhere than x86-64 with GCC, the one variant uses 16-byte vectors.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__)
+// baseline). Not target_clones: the clones of one body would share one vector width, and vectors wider than the
+// instruction set lower to memory round trips (4-6x slower). FASTFLOW_TP_ISA=avx2 or =sse2 in the environment
+// caps the choice (to test those variants on a machine with AVX-512). Other compilers and CPUs get the one
+// variant with 16-byte vectors.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
 #define FASTFLOW_TP_X86_DISPATCH 1
 #define FASTFLOW_TP_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
 #define FASTFLOW_TP_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
@@ -95,7 +101,8 @@ struct Path {
   int64_t w_off, w_size;
   bool has_weight;
   int64_t begin, end;            // its CG entries
-  int64_t pair_begin, pair_end;  // its distinct (i, k) pairs, grouped by k (uvu with mul2 = 1 only)
+  int64_t pair_begin, pair_end;      // its distinct (i, k) pairs, grouped by k (uvu with mul2 = 1 only)
+  int64_t jgroup_begin, jgroup_end;  // and its terms again, grouped by j (for the backward)
 };
 
 template <typename T>
@@ -116,12 +123,26 @@ struct Term {
   T c;
 };
 
+// The same terms by j: gb[j] = Σ_t c_t D[q_t] over the terms begin : end of group j (q: the pair, from the
+// path's first)
+struct JGroup {
+  int32_t j, begin, end;
+};
+
+template <typename T>
+struct JTerm {
+  int32_t q;
+  T c;
+};
+
 template <typename T>
 struct Descriptor {
   std::vector<Path> paths;
   std::vector<Entry<T>> entries;
   std::vector<Pair> pairs;
   std::vector<Term<T>> terms;
+  std::vector<JGroup> jgroups;
+  std::vector<JTerm<T>> jterms;
   Layout in1, in2, out;
   std::vector<T> ones;  // W of the paths without weights
   int64_t scratch = 0;  // per-row scratch elements of the widest path
@@ -231,22 +252,40 @@ Descriptor<T> parse_descriptor(const char* op, const at::Tensor& paths_t, const 
                   q.d_out, ") of its path");
       D.entries[e] = {{static_cast<int32_t>(i), static_cast<int32_t>(j), static_cast<int32_t>(k)}, cv[e]};
     }
-    if (folded) {  // the distinct (i, k), grouped by k, each with its terms (j, c)
-      for (int64_t k = 0; k < q.d_out; ++k) {
-        for (int64_t i = 0; i < q.d1; ++i) {
-          const auto t_begin = static_cast<int32_t>(D.terms.size());
-          for (int64_t e = q.begin; e < q.end; ++e) {
-            const Entry<T>& x = D.entries[e];
-            if (x.idx[K] == k && x.idx[I] == i) D.terms.push_back({x.idx[J], x.c});
-          }
-          const auto t_end = static_cast<int32_t>(D.terms.size());
-          if (t_end > t_begin) {
-            D.pairs.push_back({static_cast<int32_t>(i), static_cast<int32_t>(k), t_begin, t_end});
-            ++q.pair_end;
-          }
+    if (folded) {  // the distinct (i, k), grouped by k, each with its terms (j, c); then the terms by j
+      std::vector<int64_t> order(q.end - q.begin);
+      for (size_t n = 0; n < order.size(); ++n) order[n] = q.begin + static_cast<int64_t>(n);
+      auto ki = [&](int64_t e) { return std::make_pair(D.entries[e].idx[K], D.entries[e].idx[I]); };
+      std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return ki(x) < ki(y); });
+      std::vector<std::pair<int32_t, int32_t>> term_pairs;  // (j, pair from the path's first) of each term
+      for (size_t n = 0; n < order.size(); ++n) {
+        const Entry<T>& x = D.entries[order[n]];
+        if (n == 0 || ki(order[n - 1]) != ki(order[n])) {
+          const auto t = static_cast<int32_t>(D.terms.size());
+          D.pairs.push_back({x.idx[I], x.idx[K], t, t});
+          ++q.pair_end;
         }
+        D.terms.push_back({x.idx[J], x.c});
+        D.pairs.back().t_end = static_cast<int32_t>(D.terms.size());
+        term_pairs.emplace_back(x.idx[J], static_cast<int32_t>(q.pair_end - 1 - q.pair_begin));
       }
       D.max_pairs = std::max(D.max_pairs, q.pair_end - q.pair_begin);
+      const int64_t first_term = static_cast<int64_t>(D.terms.size()) - static_cast<int64_t>(order.size());
+      std::vector<int64_t> by_j(order.size());
+      for (size_t n = 0; n < by_j.size(); ++n) by_j[n] = static_cast<int64_t>(n);
+      std::stable_sort(by_j.begin(), by_j.end(),
+                       [&](int64_t x, int64_t y) { return term_pairs[x].first < term_pairs[y].first; });
+      q.jgroup_begin = q.jgroup_end = static_cast<int64_t>(D.jgroups.size());
+      for (size_t n = 0; n < by_j.size(); ++n) {
+        const int32_t j = term_pairs[by_j[n]].first;
+        if (n == 0 || term_pairs[by_j[n - 1]].first != j) {
+          const auto t = static_cast<int32_t>(D.jterms.size());
+          D.jgroups.push_back({j, t, t});
+          ++q.jgroup_end;
+        }
+        D.jterms.push_back({term_pairs[by_j[n]].second, D.terms[first_term + by_j[n]].c});
+        D.jgroups.back().end = static_cast<int32_t>(D.jterms.size());
+      }
     }
   }
   D.in1.finish(dim1);
@@ -478,11 +517,11 @@ FASTFLOW_TP_INLINE void folded_forward(const Path& p, const Pair* pairs, const T
 
 // One block of the backward of one output row k, u in u0 : u0 + NV·lanes:
 //   ga[i][u] += M[i][k] W[u] g[k][u];  gW[u] += g[k][u] Σ_i M[i][k] a[i][u];
-//   gb[j] += Σ_u c a[i][u] W[u] g[k][u], kept as one vector per j (gbv[j], lanes summed once per edge)
+//   D[q] += Σ_u a[i][u] W[u] g[k][u], kept as one vector per pair (dv[q], lanes summed later)
 template <typename T, int VB, int NV>
-FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_t q1, const Term<T>* terms,
-                                              const T* M, const T* gk, const T* a, int64_t m1, const T* W, T* ga,
-                                              T* gW, T* gbv, int64_t u0) {
+FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* gk,
+                                              const T* a, int64_t m1, const T* W, T* ga, T* gW, T* dv,
+                                              int64_t u0) {
   using S = Simd<T, VB>;
   using V = typename S::V;
   constexpr int64_t VL = S::kLanes;
@@ -502,10 +541,7 @@ FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_
       d += xv * wg[v];
       t[v] += c * xv;
     }
-    for (const Term<T>* term = terms + pr[q].t_begin; term != terms + pr[q].t_end; ++term) {
-      T* g = gbv + term->j * VL;
-      S::store(g, S::load(g) + term->c * d);
-    }
+    S::store(dv + q * VL, S::load(dv + q * VL) + d);
   }
   if (gW != nullptr) {
     for (int v = 0; v < NV; ++v) {
@@ -516,9 +552,9 @@ FASTFLOW_TP_INLINE void folded_backward_block(const Pair* pr, int64_t q0, int64_
 }
 
 template <typename T>
-FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t q1, const Term<T>* terms,
-                                             const T* M, const T* gk, const T* a, int64_t m1, const T* W, T* ga,
-                                             T* gW, T* gb, int64_t u0, T* s) {
+FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t q1, const T* M, const T* gk,
+                                             const T* a, int64_t m1, const T* W, T* ga, T* gW, T* dv, int64_t VL,
+                                             int64_t u0, T* s) {
   const int64_t n = m1 - u0;
   T* __restrict wg = s;
   T* __restrict t = s + n;
@@ -538,7 +574,7 @@ FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t
       d += x[l] * wg[l];
       t[l] += c * x[l];
     }
-    for (const Term<T>* term = terms + pr[q].t_begin; term != terms + pr[q].t_end; ++term) gb[term->j] += term->c * d;
+    dv[q * VL] += d;
   }
   if (gW != nullptr) {
 #pragma omp simd
@@ -546,15 +582,19 @@ FASTFLOW_TP_INLINE void folded_backward_rest(const Pair* pr, int64_t q0, int64_t
   }
 }
 
-// gbv: [d2][lanes] vector accumulators of gb (summed by the caller); s: n_pairs + 2 mul1 elements
+// gbv: [d2][lanes] vector accumulators of gb (summed by the caller); s: n_pairs (1 + lanes) + 2 mul1 elements
 template <typename T, int VB>
-FASTFLOW_TP_INLINE void folded_backward(const Path& p, const Pair* pairs, const Term<T>* terms, const T* g,
-                                        const T* a, const T* b, const T* W, T* ga, T* gb, T* gbv, T* gW, T* s) {
-  constexpr int64_t VL = Simd<T, VB>::kLanes, NB = Simd<T, VB>::kBlock;
+FASTFLOW_TP_INLINE void folded_backward(const Path& p, const Pair* pairs, const Term<T>* terms,
+                                        const JGroup* jgroups, const JTerm<T>* jterms, const T* g, const T* a,
+                                        const T* b, const T* W, T* ga, T* gbv, T* gW, T* s) {
+  using S = Simd<T, VB>;
+  constexpr int64_t VL = S::kLanes, NB = S::kBlock;
   const int64_t m1 = p.mul1, n_pairs = p.pair_end - p.pair_begin;
   const Pair* pr = pairs + p.pair_begin;
   T* M = s;
+  T* dv = s + n_pairs;  // [n_pairs][VL]: D[q] = Σ_u a[i][u] W[u] g[k][u], lanes not yet summed
   fold_b(p, pairs, terms, b, M);
+  fill_zero(dv, n_pairs * VL);
   for (int64_t q0 = 0, q1; q0 < n_pairs; q0 = q1) {
     const int64_t k = pr[q0].k;
     for (q1 = q0 + 1; q1 < n_pairs && pr[q1].k == k; ++q1) {
@@ -562,12 +602,17 @@ FASTFLOW_TP_INLINE void folded_backward(const Path& p, const Pair* pairs, const 
     const T* gk = g + k * m1;
     int64_t u0 = 0;
     for (; u0 + NB * VL <= m1; u0 += NB * VL) {
-      folded_backward_block<T, VB, NB>(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gbv, u0);
+      folded_backward_block<T, VB, NB>(pr, q0, q1, M, gk, a, m1, W, ga, gW, dv, u0);
     }
-    for (; u0 + VL <= m1; u0 += VL) {
-      folded_backward_block<T, VB, 1>(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gbv, u0);
-    }
-    if (u0 < m1) folded_backward_rest(pr, q0, q1, terms, M, gk, a, m1, W, ga, gW, gb, u0, s + n_pairs);
+    for (; u0 + VL <= m1; u0 += VL) folded_backward_block<T, VB, 1>(pr, q0, q1, M, gk, a, m1, W, ga, gW, dv, u0);
+    if (u0 < m1) folded_backward_rest(pr, q0, q1, M, gk, a, m1, W, ga, gW, dv, VL, u0, dv + n_pairs * VL);
+  }
+  // gb[j] += Σ c D: per j, the sum over its terms in registers, then one update of its accumulator
+  for (const JGroup* jg = jgroups + p.jgroup_begin; jg != jgroups + p.jgroup_end; ++jg) {
+    typename S::V acc = S::zero();
+    for (const JTerm<T>* t = jterms + jg->begin; t != jterms + jg->end; ++t) acc += t->c * S::load(dv + t->q * VL);
+    T* gj = gbv + jg->j * VL;
+    S::store(gj, S::load(gj) + acc);
   }
 }
 
@@ -667,15 +712,15 @@ FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pai
 // gradient, ir_mul).
 template <typename T, int VB>
 FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pair* pairs, const Term<T>* terms,
-                                      const T* g, const T* a, const T* b, const T* W, T* ga, T* gb, T* gbv, T* gW,
-                                      T* s, int64_t half) {
+                                      const JGroup* jgroups, const JTerm<T>* jterms, const T* g, const T* a,
+                                      const T* b, const T* W, T* ga, T* gb, T* gbv, T* gW, T* s, int64_t half) {
   const Entry<T>* e0 = E + p.begin;
   const Entry<T>* e1 = E + p.end;
   const int64_t m1 = p.mul1, m2 = p.mul2, mo = p.mul_out;
   switch (p.mode) {
     case kUVU: {
       if (m2 == 1) {
-        folded_backward<T, VB>(p, pairs, terms, g, a, b, W, ga, gb, gbv, gW, s);
+        folded_backward<T, VB>(p, pairs, terms, jgroups, jterms, g, a, b, W, ga, gbv, gW, s);
         return;
       }
       T* y = s;  // [d2][m1] as in the forward
@@ -879,7 +924,8 @@ FASTFLOW_TP_INLINE void edge_range(const Problem<T>& pr, int64_t r, int64_t& beg
   }
 }
 
-// Thread-local rows: out (or ga) | x1 | x2 | gb | g | M/scratch
+// Per-thread buffers: the output row (forward) or grad_x1 row (backward) being summed, x1 / x2 / grad_out rows
+// transposed to ir_mul, the grad_x2 row and its vector accumulators, and the paths' scratch
 template <typename T>
 struct Scratch {
   std::vector<T> acc, x1, x2, gb, gbv, g, s;
@@ -890,7 +936,7 @@ struct Scratch {
         gb(pr.D->in2.width + 1),
         gbv((pr.D->fold_hi - pr.D->fold_lo) * (kMaxVectorBytes / sizeof(T)) + 1),
         g(pr.D->out.width + 1),
-        s(pr.D->scratch + 2 * pr.D->max_pairs + 1) {}
+        s(pr.D->scratch + pr.D->max_pairs * (1 + kMaxVectorBytes / sizeof(T)) + 1) {}
 };
 
 template <typename T>
@@ -949,7 +995,7 @@ FASTFLOW_TP_INLINE void prefetch_backward(const Problem<T>& pr, int64_t t, bool 
   const int64_t node = pr.other == nullptr ? e : pr.other[t];
   if (pr.w_stride != 0) prefetch_rows(pr.w + e * pr.w_stride, pr.n_weights);
   if (gw_per_row) prefetch_rows_for_write(pr.gw + e * pr.n_weights, pr.n_weights);
-  prefetch_rows(pr.g + node * pr.g_stride, pr.g_stride);
+  prefetch_rows(pr.g + node * pr.g_stride, std::min<int64_t>(pr.g_stride, 256 / sizeof(T)));
   prefetch_rows(pr.x2 + e * pr.dim2, pr.dim2);
   prefetch_rows_for_write(pr.gx2 + e * pr.dim2, pr.dim2);
 }
@@ -990,6 +1036,8 @@ FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int
   const Entry<T>* E = D.entries.data();
   const Pair* pairs = D.pairs.data();
   const Term<T>* terms = D.terms.data();
+  const JGroup* jgroups = D.jgroups.data();
+  const JTerm<T>* jterms = D.jterms.data();
   const int64_t half = D.scratch / 2;
   T* ga = S.acc.data();
   T* gb = S.gb.data();
@@ -1021,10 +1069,13 @@ FASTFLOW_TP_INLINE void backward_rows_impl(const Problem<T>& pr, int64_t r0, int
       for (const Path& p : D.paths) {
         const T* W = p.has_weight ? w + p.w_off : D.ones.data();
         T* gW = p.has_weight ? gw + p.w_off : nullptr;
-        path_backward<T, VB>(p, E, pairs, terms, g + p.pos_out, a + p.pos1, b + p.pos2, W, ga + p.pos1, gb + p.pos2,
-                      p.pos2 >= D.fold_lo ? gbv + (p.pos2 - D.fold_lo) * VL : nullptr, gW, S.s.data(), half);
+        T* gbv_p = p.pos2 >= D.fold_lo ? gbv + (p.pos2 - D.fold_lo) * VL : nullptr;
+        path_backward<T, VB>(p, E, pairs, terms, jgroups, jterms, g + p.pos_out, a + p.pos1, b + p.pos2, W,
+                             ga + p.pos1, gb + p.pos2, gbv_p, gW, S.s.data(), half);
       }
-      for (int64_t x = D.fold_lo; x < D.fold_hi; ++x) gb[x] += Simd<T, VB>::sum(Simd<T, VB>::load(gbv + (x - D.fold_lo) * VL));
+      for (int64_t x = D.fold_lo; x < D.fold_hi; ++x) {
+        gb[x] += Simd<T, VB>::sum(Simd<T, VB>::load(gbv + (x - D.fold_lo) * VL));
+      }
       from_ir_mul(D.in2, gb, pr.gx2 + e * pr.dim2, pr.dim2);
     }
     from_ir_mul(D.in1, ga, pr.gx1 + r * pr.dim1, pr.dim1);

@@ -227,6 +227,24 @@ def test_tp_conv_uvu_edge_sh_every_vector_width(mul, dtype):
                seed=seed + 1)
 
 
+@pytest.mark.parametrize("isa", ["sse2", "avx2"])
+def test_narrower_instruction_sets(isa, monkeypatch):
+    """The kernels are compiled per x86 instruction set (x86-64-v4, v3, baseline) with vectors of its width;
+    FASTFLOW_TP_ISA caps the choice, so the variants this machine would not pick are checked too (a no-op
+    where the CPU has no wider set, or on other architectures)."""
+    monkeypatch.setenv("FASTFLOW_TP_ISA", isa)
+    for mul, dtype in ((17, torch.float32), (33, torch.float32), (7, torch.float64), (48, torch.float64)):
+        seed = seed_of("isa", isa, mul, str(dtype))
+        desc = random_descriptor("uvu", seed, muls=(mul,), mul2_one=True, max_paths=12)
+        check_conv(desc, descriptor_tensors(desc, dtype, "some", seed), dtype, False, n_src=7, n_nodes=9, E=30,
+                   seed=seed)
+    for mode in ("uvw", "uuu"):
+        seed = seed_of("isa", isa, mode)
+        desc = random_descriptor(mode, seed)
+        check_conv(desc, descriptor_tensors(desc, torch.float32, "some", seed), torch.float32, True, n_src=7,
+                   n_nodes=9, E=30, seed=seed)
+
+
 def nequip_e3nn(node_irreps, edge_irreps="1x0e+1x1o+1x2e", lmax=2):
     """The message-passing product of NequIP: every uvu path with l_out <= lmax, one output block per path."""
     from e3nn import o3
@@ -411,6 +429,13 @@ def test_bitwise_deterministic_for_any_thread_count(shared):
         torch.set_num_threads(threads)
     for a, b, c in zip(first, again, parallel):
         assert torch.equal(a, b) and torch.equal(a, c)
+    # and right: many chunks, so the shared-weight gradient is a sum of partial sums
+    (exact, exact_grads), (scale, scale_grads) = reference_with_grads(
+        tp_conv_reference, (x, edge_attrs, w), (src, dst, 300), (desc.dim_out,), descriptor, g)
+    assert_bounded(first[0], exact, scale, TOL_FORWARD[torch.float32], "out")
+    for name, got, ex, sc in zip(("grad_node_feats", "grad_edge_attrs", "grad_weights"), first[1:], exact_grads,
+                                 scale_grads):
+        assert_bounded(got, ex, sc, TOL_GRAD[torch.float32], name)
 
 
 # ---- the public functions (fastflow.ops.tensor_product) with backend="cpp" ----
@@ -452,10 +477,10 @@ def test_public_functions_with_cpp_backend(conv):
 def conv_args():
     """Valid tp_conv arguments (a dict), fp32."""
     desc, (paths, cg_index, cg_value, cg_offsets) = small_case()
-    return dict(node_feats=torch.randn(4, desc.dim_in1), edge_attrs=torch.randn(6, desc.dim_in2),
-                weights=torch.randn(6, desc.weight_numel), edge_src=torch.tensor([0, 1, 2, 3, 0, 1]),
-                edge_dst=torch.tensor([1, 1, 0, 2, 4, 0]), n_nodes=5, paths=paths, cg_index=cg_index,
-                cg_value=cg_value, cg_offsets=cg_offsets, dim_out=desc.dim_out)
+    return {"node_feats": torch.randn(4, desc.dim_in1), "edge_attrs": torch.randn(6, desc.dim_in2),
+            "weights": torch.randn(6, desc.weight_numel), "edge_src": torch.tensor([0, 1, 2, 3, 0, 1]),
+            "edge_dst": torch.tensor([1, 1, 0, 2, 4, 0]), "n_nodes": 5, "paths": paths, "cg_index": cg_index,
+            "cg_value": cg_value, "cg_offsets": cg_offsets, "dim_out": desc.dim_out}
 
 
 def edit_path(column, value, path=0):
