@@ -91,7 +91,8 @@ def max_relative_error(got, expected) -> float:
 def compiled_or_none(fn, example: dict):
     """torch.compile(fn) warmed up on ``example``, or None with a printed reason when it does not compile here."""
     try:
-        compiled = torch.compile(fn)
+        torch._dynamo.reset()  # a fresh, static-shape compile per case: no recompile limit, no stale graphs
+        compiled = torch.compile(fn, dynamic=False)
         with torch.inference_mode():
             compiled(**example)
         return compiled

@@ -122,7 +122,8 @@ def cuequivariance_module(irreps_node: str, lmax: int):
 def _compiled(fn, example: tuple, backward: bool):
     """torch.compile(fn) warmed up (both passes), or the reason it failed."""
     try:
-        compiled = torch.compile(fn)
+        torch._dynamo.reset()  # a fresh, static-shape compile per case: no recompile limit, no stale graphs
+        compiled = torch.compile(fn, dynamic=False)
         out = compiled(*example)
         if backward:
             out.backward(torch.ones_like(out))
