@@ -335,6 +335,8 @@ def add_bench_parser(commands) -> None:
     kernels.add_argument("--sampling-molecules", type=int, default=64,
                          help="molecules for the end-to-end sampling rows (0: skip) (default 64)")
     kernels.add_argument("--sampling-steps", type=int, default=100, help="solver steps (default 100)")
+    kernels.add_argument("--parts", nargs="+", choices=("op", "forward", "sampling"),
+                         default=["op", "forward", "sampling"], help="what to measure (default all)")
     kernels.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     kernels.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     kernels.set_defaults(handler=run_bench_kernels)
@@ -357,7 +359,7 @@ def run_bench_kernels(args) -> int:
         torch.set_num_threads(args.threads)
     run(presets=tuple(args.presets), backend=args.backend, repeats=args.repeats, compile_reference=args.compile,
         memory=args.memory, sampling_molecules=args.sampling_molecules, sampling_steps=args.sampling_steps,
-        out=args.out)
+        out=args.out, parts=tuple(args.parts))
     return 0
 
 

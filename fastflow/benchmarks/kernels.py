@@ -181,6 +181,8 @@ def _peak_memory_worker(config: dict, B: int, N: int, kernels: str, threads: int
     def resident(field: str) -> int:  # kB
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 
+    with torch.inference_mode():
+        model(**inputs)  # warm-up: lazy library and allocator initialisation is not activation memory
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident set
     before = resident("VmRSS:")
     with torch.inference_mode():
@@ -238,8 +240,9 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
 
 
 def run(presets=("semlaflow", "small"), backend: str = "auto", repeats: int = 5, compile_reference: bool = True,
-        memory: bool = True, sampling_molecules: int = 64, sampling_steps: int = 100, out: Path | None = None):
-    """Run every part, print the tables, write JSON to ``out`` (when given) and return the results."""
+        memory: bool = True, sampling_molecules: int = 64, sampling_steps: int = 100, out: Path | None = None,
+        parts=("op", "forward", "sampling")):
+    """Run the chosen parts, print the tables, write JSON to ``out`` (when given) and return the results."""
     from fastflow.ops.backends import resolve_backend
 
     backend = resolve_backend(backend, "cpu" if not torch.cuda.is_available() else "cuda")
@@ -256,12 +259,15 @@ def run(presets=("semlaflow", "small"), backend: str = "auto", repeats: int = 5,
         warnings.filterwarnings("ignore", message=".*TF32.*")
         for preset in presets:
             config = SemlaConfig.preset(preset)
-            results["op"][preset] = bench_op(config, backend, repeats * 4, compile_reference, peak)
-            print_table(f"semla_attention, one core layer of '{preset}'", results["op"][preset], op_columns)
-            results["forward"][preset] = bench_forward(config, backend, repeats, compile_reference, peak, memory)
-            print_table(f"generator forward, '{preset}'", results["forward"][preset],
-                        op_columns + ["reference_peak_mib", f"{backend}_peak_mib"])
-    if sampling_molecules:
+            if "op" in parts:
+                results["op"][preset] = bench_op(config, backend, repeats * 4, compile_reference, peak)
+                print_table(f"semla_attention, one core layer of '{preset}'", results["op"][preset], op_columns)
+            if "forward" in parts:
+                results["forward"][preset] = bench_forward(config, backend, repeats, compile_reference, peak,
+                                                           memory)
+                print_table(f"generator forward, '{preset}'", results["forward"][preset],
+                            op_columns + ["reference_peak_mib", f"{backend}_peak_mib"])
+    if sampling_molecules and "sampling" in parts:
         results["sampling"] = bench_sampling(sampling_molecules, sampling_steps, backend)
         print_table(f"sampling, packaged model, {sampling_molecules} molecules x {sampling_steps} steps",
                     results["sampling"], ["kernels", "cache", "nfe", "seconds", "molecules_per_second", "speedup",
