@@ -9,7 +9,8 @@
 Times are medians of interleaved repeats after warm-up, so a noisy machine slows every variant alike. FLOPs are
 counted by ``torch.utils.flop_counter`` on the split (minimal) formulation — the patched model on its reference
 op — and set against the machine's measured fp32 matmul rate. Peak memory is the growth of the resident set's
-high-water mark during one forward, in a fresh process (Linux ``/proc/self/clear_refs``).
+high-water mark during one forward, in a fresh process (Linux ``/proc/self/clear_refs``): a crude measure that
+also counts allocator caching and lazy library initialisation.
 """
 
 from __future__ import annotations
@@ -181,8 +182,6 @@ def _peak_memory_worker(config: dict, B: int, N: int, kernels: str, threads: int
     def resident(field: str) -> int:  # kB
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 
-    with torch.inference_mode():
-        model(**inputs)  # warm-up: lazy library and allocator initialisation is not activation memory
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident set
     before = resident("VmRSS:")
     with torch.inference_mode():
