@@ -915,6 +915,19 @@ struct Problem {
   T* gw;                // [E, n_weights] (gw_per_row false) or a chunk's partial sums [n_weights]
 };
 
+// The inputs every kernel reads: first input (rows, or already ir_mul), second input, weights (shared: stride 0).
+template <typename T>
+Problem<T> input_problem(const Descriptor<T>& D, const at::Tensor& x1, int64_t dim1, bool x1_ir_mul,
+                         const at::Tensor& x2, const at::Tensor& w, int64_t n_w, int64_t dim_out) {
+  Problem<T> pr{};
+  pr.D = &D;
+  pr.x1 = x1.const_data_ptr<T>(), pr.dim1 = dim1, pr.x1_stride = x1.size(1), pr.x1_ir_mul = x1_ir_mul;
+  pr.x2 = x2.const_data_ptr<T>(), pr.dim2 = x2.size(1);
+  pr.w = w.const_data_ptr<T>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
+  pr.dim_out = dim_out;
+  return pr;
+}
+
 template <typename T>
 FASTFLOW_TP_INLINE void edge_range(const Problem<T>& pr, int64_t r, int64_t& begin, int64_t& end) {
   if (pr.row_ptr == nullptr) {
@@ -1336,12 +1349,7 @@ at::Tensor tensor_product_cpu(const at::Tensor& x1, const at::Tensor& x2, const 
   AT_DISPATCH_FLOATING_TYPES(dtype, "tensor_product_cpu", [&] {
     const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
                                                               a.size(1), b.size(1), dim_out, n_w);
-    Problem<scalar_t> pr{};
-    pr.D = &D;
-    pr.x1 = a.const_data_ptr<scalar_t>(), pr.dim1 = a.size(1), pr.x1_stride = a.size(1), pr.x1_ir_mul = false;
-    pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
-    pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
-    pr.dim_out = dim_out;
+    Problem<scalar_t> pr = input_problem(D, a, a.size(1), false, b, w, n_w, dim_out);
     pr.out = out.mutable_data_ptr<scalar_t>();
     run_forward(pr, Z, Z);
   });
@@ -1363,12 +1371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_product_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(dtype, "tensor_product_backward_cpu", [&] {
     const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
                                                               a.size(1), b.size(1), g.size(1), n_w);
-    Problem<scalar_t> pr{};
-    pr.D = &D;
-    pr.x1 = a.const_data_ptr<scalar_t>(), pr.dim1 = a.size(1), pr.x1_stride = a.size(1), pr.x1_ir_mul = false;
-    pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
-    pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
-    pr.dim_out = g.size(1);
+    Problem<scalar_t> pr = input_problem(D, a, a.size(1), false, b, w, n_w, g.size(1));
     pr.g = g.const_data_ptr<scalar_t>(), pr.g_stride = g.size(1), pr.g_ir_mul = false;
     pr.gx1 = gx1.mutable_data_ptr<scalar_t>(), pr.gx2 = gx2.mutable_data_ptr<scalar_t>();
     pr.gw = gw.mutable_data_ptr<scalar_t>();
@@ -1402,13 +1405,8 @@ at::Tensor tp_conv_cpu(const at::Tensor& node_feats, const at::Tensor& edge_attr
     sort_edges(dst.const_data_ptr<int64_t>(), src.const_data_ptr<int64_t>(), E, n_nodes, row_ptr, perm,
                src_sorted);
     const at::Tensor xt = D.in1.trivial ? x : rows_to_ir_mul<scalar_t>(D.in1, x);
-    Problem<scalar_t> pr{};
-    pr.D = &D;
-    pr.x1 = xt.const_data_ptr<scalar_t>(), pr.dim1 = x.size(1), pr.x1_stride = xt.size(1), pr.x1_ir_mul = true;
-    pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
-    pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
+    Problem<scalar_t> pr = input_problem(D, xt, x.size(1), true, b, w, n_w, dim_out);
     pr.row_ptr = row_ptr.data(), pr.perm = perm.data(), pr.other = src_sorted.data();
-    pr.dim_out = dim_out;
     pr.out = out.mutable_data_ptr<scalar_t>();
     run_forward(pr, n_nodes, E);
   });
@@ -1441,13 +1439,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tp_conv_backward_cpu(
                dst_sorted);
     const at::Tensor xt = D.in1.trivial ? x : rows_to_ir_mul<scalar_t>(D.in1, x);
     const at::Tensor gt = D.out.trivial ? g : rows_to_ir_mul<scalar_t>(D.out, g);
-    Problem<scalar_t> pr{};
-    pr.D = &D;
-    pr.x1 = xt.const_data_ptr<scalar_t>(), pr.dim1 = x.size(1), pr.x1_stride = xt.size(1), pr.x1_ir_mul = true;
-    pr.x2 = b.const_data_ptr<scalar_t>(), pr.dim2 = b.size(1);
-    pr.w = w.const_data_ptr<scalar_t>(), pr.w_stride = w.dim() == 2 ? n_w : 0, pr.n_weights = n_w;
+    Problem<scalar_t> pr = input_problem(D, xt, x.size(1), true, b, w, n_w, dim_out);
     pr.row_ptr = row_ptr.data(), pr.perm = perm.data(), pr.other = dst_sorted.data();
-    pr.dim_out = dim_out;
     pr.g = gt.const_data_ptr<scalar_t>(), pr.g_stride = gt.size(1), pr.g_ir_mul = true;
     pr.gx1 = gx.mutable_data_ptr<scalar_t>(), pr.gx2 = gb.mutable_data_ptr<scalar_t>();
     pr.gw = gw.mutable_data_ptr<scalar_t>();
