@@ -385,6 +385,21 @@ FASTFLOW_TP_INLINE void fill_zero(T* x, int64_t n) {
   std::memset(x, 0, n * sizeof(T));
 }
 
+// uvv: z[i][v] = Σ_u W[u][v] a[i][u], the first input mixed into the output multiplicity (forward and backward)
+template <typename T>
+FASTFLOW_TP_INLINE void mix_first_input(T* z, const T* a, const T* W, int64_t d1, int64_t m1, int64_t m2) {
+  fill_zero(z, d1 * m2);
+  for (int64_t u = 0; u < m1; ++u) {
+    const T* __restrict Wu = W + u * m2;
+    for (int64_t i = 0; i < d1; ++i) {
+      T* __restrict zi = z + i * m2;
+      const T av = a[i * m1 + u];
+#pragma omp simd
+      for (int64_t v = 0; v < m2; ++v) zi[v] += Wu[v] * av;
+    }
+  }
+}
+
 // ---- one path on one row ----
 
 // Paths without weights, uuw and uvw: o[k][w] += Σ_u t[k][u] for every w (W = 1)
@@ -641,16 +656,7 @@ FASTFLOW_TP_INLINE void path_forward(const Path& p, const Entry<T>* E, const Pai
     }
     case kUVV: {
       T* z = s;  // [d1][m2]
-      fill_zero(z, p.d1 * m2);
-      for (int64_t u = 0; u < m1; ++u) {
-        const T* __restrict Wu = W + u * m2;
-        for (int64_t i = 0; i < p.d1; ++i) {
-          T* __restrict zi = z + i * m2;
-          const T av = a[i * m1 + u];
-#pragma omp simd
-          for (int64_t v = 0; v < m2; ++v) zi[v] += Wu[v] * av;
-        }
-      }
+      mix_first_input(z, a, W, p.d1, m1, m2);
       contract<K, I, J>(o, m2, z, m2, b, m2, m2, e0, e1);
       return;
     }
@@ -754,16 +760,7 @@ FASTFLOW_TP_INLINE void path_backward(const Path& p, const Entry<T>* E, const Pa
     }
     case kUVV: {
       T* z = s;  // [d1][m2] as in the forward
-      fill_zero(z, p.d1 * m2);
-      for (int64_t u = 0; u < m1; ++u) {
-        const T* __restrict Wu = W + u * m2;
-        for (int64_t i = 0; i < p.d1; ++i) {
-          T* __restrict zi = z + i * m2;
-          const T av = a[i * m1 + u];
-#pragma omp simd
-          for (int64_t v = 0; v < m2; ++v) zi[v] += Wu[v] * av;
-        }
-      }
+      mix_first_input(z, a, W, p.d1, m1, m2);
       contract<J, I, K>(gb, m2, z, m2, g, m2, m2, e0, e1);
       T* gz = s + half;  // [d1][m2]: Σ c g[k][v] b[j][v]
       fill_zero(gz, p.d1 * m2);
