@@ -190,6 +190,9 @@ def add_train_parser(commands) -> None:
     train.add_argument("--lr-decay", type=int, nargs=2, default=None, metavar=("START", "STEPS"),
                        help="cosine-anneal the learning rate to 10%% from step START over STEPS steps "
                             "(with --resume: changes the resumed run's schedule)")
+    train.add_argument("--lr-decay-peak", type=float, default=None, metavar="LR",
+                       help="learning rate at the start of --lr-decay (default: --lr); with --resume, a warm "
+                            "restart of the annealing from this lower peak")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--ot", action="store_true", help="equivariant OT between prior and data (Hungarian + Kabsch)")
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -230,8 +233,10 @@ def run_train(args) -> int:
                              objective=Objective(equivariant_ot=args.ot), val_minutes=args.val_minutes,
                              checkpoint_minutes=args.checkpoint_minutes)
         trainer = Trainer(config, dataset, args.out)
+    if args.lr_decay_peak is not None and args.lr_decay is None:
+        raise ValueError("--lr-decay-peak needs --lr-decay START STEPS")
     if args.lr_decay is not None:
-        trainer.set_decay(*args.lr_decay)
+        trainer.set_decay(*args.lr_decay, peak_lr=args.lr_decay_peak)
     print(f"training from step {trainer.step}; log: {args.out / 'log.jsonl'}", file=sys.stderr)
     print(json.dumps(trainer.run(args.steps, args.minutes, progress=args.progress, export_dir=args.export_to)))
     return 0

@@ -32,7 +32,8 @@ def compute_metrics(
 
     Keys: n, atom_stability, mol_stability, validity, connected_validity, uniqueness, [novelty], and with
     ``energy``: energy_validity, opt_energy_validity, energy, energy_per_atom, strain, strain_per_atom,
-    opt_rmsd. Validity-type fractions count every molecule; uniqueness and novelty are over valid molecules;
+    opt_rmsd, and the standard errors of the per-atom means (energy_per_atom_sem, strain_per_atom_sem: strain
+    is heavy-tailed, so two runs' means differ by several percent by chance). Validity-type fractions count every molecule; uniqueness and novelty are over valid molecules;
     energies (kcal/mol) average only the molecules where MMFF succeeded, so read them with energy_validity.
     NaN marks an average over nothing.
     """
@@ -73,8 +74,10 @@ def summarise_mmff(results: Sequence[MMFFResult]) -> dict[str, float]:
         "opt_energy_validity": sum(r.opt_energy is not None for r in results) / len(results),
         "energy": _mean(r.energy for r in energies),
         "energy_per_atom": _mean(r.energy / r.n_atoms for r in energies),
+        "energy_per_atom_sem": _standard_error(r.energy / r.n_atoms for r in energies),
         "strain": _mean(r.strain for r in strained),
         "strain_per_atom": _mean(r.strain / r.n_atoms for r in strained),
+        "strain_per_atom_sem": _standard_error(r.strain / r.n_atoms for r in strained),
         "opt_rmsd": _mean(r.opt_rmsd for r in results if r.opt_rmsd is not None),
     }
 
@@ -102,3 +105,12 @@ def _format(value: float | None) -> str:
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
+
+
+def _standard_error(values: Iterable[float]) -> float:
+    """Sample standard deviation / √n (NaN below two values)."""
+    values = list(values)
+    if len(values) < 2:
+        return float("nan")
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))

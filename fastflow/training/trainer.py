@@ -43,6 +43,7 @@ class TrainConfig:
     decay_start: int | None = None  # cosine decay of lr from this step ...
     decay_steps: int = 0            # ... over this many steps, down to final_lr_fraction · lr (then held)
     final_lr_fraction: float = 0.1
+    decay_peak_lr: float | None = None  # lr at decay_start (default lr): a resumed run may restart lower
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
@@ -120,14 +121,18 @@ class Trainer:
         if config.decay_start is not None and step >= config.decay_start:
             progress = min(1.0, (step - config.decay_start) / max(config.decay_steps, 1))
             cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-            lr *= config.final_lr_fraction + (1.0 - config.final_lr_fraction) * cosine
+            peak = lr if config.decay_peak_lr is None else config.decay_peak_lr
+            lr = peak * (config.final_lr_fraction + (1.0 - config.final_lr_fraction) * cosine)
         return lr
 
-    def set_decay(self, start: int, steps: int) -> None:
-        """Anneal the learning rate from step ``start`` over ``steps`` steps (also for a resumed run)."""
+    def set_decay(self, start: int, steps: int, peak_lr: float | None = None) -> None:
+        """Anneal the learning rate from ``peak_lr`` (default: the run's lr) at step ``start`` over ``steps``
+        steps (also for a resumed run: a second anneal from a lower peak is a warm restart)."""
         if start < 0 or steps < 1:
             raise ValueError(f"lr decay needs start >= 0 and steps >= 1, got {start} and {steps}")
-        self.config = dataclasses.replace(self.config, decay_start=start, decay_steps=steps)
+        if peak_lr is not None and not (math.isfinite(peak_lr) and peak_lr > 0):
+            raise ValueError(f"lr decay peak must be a positive number, got {peak_lr}")
+        self.config = dataclasses.replace(self.config, decay_start=start, decay_steps=steps, decay_peak_lr=peak_lr)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 from rdkit import Chem
 
 from fastflow.chem import ATOM_INDEX, mol_to_graph
@@ -17,6 +18,8 @@ ENERGY_KEYS = {
     "strain",
     "strain_per_atom",
     "opt_rmsd",
+    "energy_per_atom_sem",
+    "strain_per_atom_sem",
 }
 
 
@@ -31,9 +34,9 @@ def test_real_molecules():
         assert metrics[key] == 1.0, key
     assert metrics["novelty"] == 0.75
     assert metrics["strain"] > 0 and metrics["strain_per_atom"] > 0 and math.isfinite(metrics["energy"])
-    assert metrics["energy_per_atom"] == pytest.approx(
-        sum(mmff_energy(g.to_rdkit()) / g.n_atoms for g in graphs) / 12
-    )
+    per_atom = torch.tensor([mmff_energy(g.to_rdkit()) / g.n_atoms for g in graphs], dtype=torch.float64)
+    assert metrics["energy_per_atom"] == pytest.approx(per_atom.mean().item())
+    assert metrics["energy_per_atom_sem"] == pytest.approx(per_atom.std().item() / math.sqrt(12))
 
 
 def test_failures_count_in_denominators_only():

@@ -95,6 +95,16 @@ def test_cosine_decay_of_the_learning_rate_survives_resume(tmp_path):
     assert Trainer.resume(train_set(), tmp_path).config.decay_start == 2
     with pytest.raises(ValueError, match="lr decay"):
         trainer.set_decay(start=3, steps=0)
+    with pytest.raises(ValueError, match="lr decay peak"):
+        trainer.set_decay(start=3, steps=2, peak_lr=float("nan"))
+
+
+def test_a_warm_restart_anneals_from_a_lower_peak():
+    trainer = Trainer(TrainConfig(**{**FAST, "warmup_steps": 0}), train_set(), "unused")
+    trainer.set_decay(start=4, steps=2, peak_lr=2e-4)
+    rates = [trainer.learning_rate(step) for step in range(8)]
+    assert rates[:4] == pytest.approx([1e-3] * 4)  # before the restart: the run's own lr
+    assert rates[4:] == pytest.approx([2e-4, 2e-4 * (0.1 + 0.9 * 0.5), 2e-5, 2e-5])
 
 
 def test_bad_checkpoints_are_refused(tmp_path):
