@@ -335,13 +335,13 @@ def add_bench_parser(commands) -> None:
     kernels.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
     kernels.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                          help="also time torch.compile of the reference (default on)")
-    kernels.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                         help="peak memory of one forward, in fresh processes (default on)")
     kernels.add_argument("--sampling-molecules", type=int, default=64,
                          help="molecules for the end-to-end sampling rows (0: skip) (default 64)")
     kernels.add_argument("--sampling-steps", type=int, default=100, help="solver steps (default 100)")
-    kernels.add_argument("--parts", nargs="+", choices=("op", "forward", "sampling"),
-                         default=["op", "forward", "sampling"], help="what to measure (default all)")
+    kernels.add_argument("--parts", nargs="+", choices=("op", "forward", "memory", "sampling"),
+                         default=["op", "forward", "memory", "sampling"],
+                         help="what to measure (default all; memory: peak activation memory of one forward, "
+                              "CPU allocator via the profiler, one thread)")
     kernels.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     kernels.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     kernels.set_defaults(handler=run_bench_kernels)
@@ -363,7 +363,7 @@ def run_bench_kernels(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     run(presets=tuple(args.presets), backend=args.backend, repeats=args.repeats, compile_reference=args.compile,
-        memory=args.memory, sampling_molecules=args.sampling_molecules, sampling_steps=args.sampling_steps,
+        sampling_molecules=args.sampling_molecules, sampling_steps=args.sampling_steps,
         out=args.out, parts=tuple(args.parts))
     return 0
 

@@ -3,27 +3,29 @@
 - op: ``fastflow::semla_attention`` for one core layer of the config — fused backend vs the reference op eager vs
   ``torch.compile`` of the reference op;
 - forward: the whole generator unpatched (the reference) vs ``patch_model(kernels=...)`` vs ``torch.compile`` of
-  the unpatched model, with the patched outputs' max relative error and the peak memory of one forward;
+  the unpatched model, with the patched outputs' max relative error;
+- memory: the peak activation memory of one forward, unpatched vs patched;
 - sampling: molecules/s of a model with kernels, with the predictive cache, and with both.
 
 Times are medians of interleaved repeats after warm-up, so a noisy machine slows every variant alike. FLOPs are
 counted by ``torch.utils.flop_counter`` on the split (minimal) formulation — the patched model on its reference
-op — and set against the machine's measured fp32 matmul rate. Peak memory is the growth of the resident set's
-high-water mark during one forward, in a fresh process (Linux ``/proc/self/clear_refs``): a crude measure that
-also counts allocator caching and lazy library initialisation.
+op — and set against the machine's measured fp32 matmul rate. Peak memory is the activation memory of one
+forward under ``torch.no_grad()`` on one intra-op thread: the peak of the live bytes allocated by torch's CPU
+allocator during the call, above those live before it (inputs and weights excluded), replayed from the
+profiler's memory events. Allocations inside the fused C++ op (its ``at::empty`` tile scratch) are counted;
+memory outside torch's allocator (MKL's GEMM buffers, ``std::vector`` row scratch) is not.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from fastflow.benchmarks.timing import machine_metadata, matmul_gflops, median_seconds
+from fastflow.benchmarks.timing import machine_metadata, matmul_gflops, median_seconds, peak_allocated_bytes
 from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
 from fastflow.models import Semla, SemlaConfig
 from fastflow.ops.semla_attention import semla_attention, semla_attention_flops
@@ -135,8 +137,7 @@ def bench_op(config: SemlaConfig, backend: str, repeats: int, compile_reference:
     return rows
 
 
-def bench_forward(config: SemlaConfig, backend: str, repeats: int, compile_reference: bool, peak_gflops: float,
-                  memory: bool):
+def bench_forward(config: SemlaConfig, backend: str, repeats: int, compile_reference: bool, peak_gflops: float):
     """The whole generator: unpatched vs patched vs compiled unpatched; FLOPs of the patched (split) form."""
     reference = Semla(config).eval()
     fused = Semla(config).eval()
@@ -154,39 +155,33 @@ def bench_forward(config: SemlaConfig, backend: str, repeats: int, compile_refer
         with torch.inference_mode():
             error = max_relative_error(variants[backend](), variants["reference"]())
             flops = count_flops(variants[backend])
-        row = timed_row(B, N, variants, backend, flops, error, repeats, peak_gflops)
-        if memory:
-            for variant in ("reference", backend):
-                row[f"{variant}_peak_mib"] = peak_memory_mib(config, B, N, variant)
-        rows.append(row)
+        rows.append(timed_row(B, N, variants, backend, flops, error, repeats, peak_gflops))
     return rows
 
 
-def peak_memory_mib(config: SemlaConfig, B: int, N: int, kernels: str) -> float | None:
-    """Growth of the peak resident set during one forward, measured in a fresh process (None off Linux)."""
-    if not Path("/proc/self/clear_refs").exists():
-        return None
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(_peak_memory_worker, (config.to_dict(), B, N, kernels, torch.get_num_threads()))
+def bench_memory(config: SemlaConfig, backend: str) -> list[dict]:
+    """Peak activation memory of one forward, unpatched vs patched, at each size."""
+    rows = []
+    for B, N in CASES:
+        if N < config.max_atoms:
+            reference, fused = (peak_memory_mib(config, B, N, variant) for variant in ("reference", backend))
+            rows.append({"molecules": B, "atoms": N, "reference_peak_mib": reference,
+                         f"{backend}_peak_mib": fused, "ratio": fused / reference})
+    return rows
 
 
-def _peak_memory_worker(config: dict, B: int, N: int, kernels: str, threads: int) -> float:
-    torch.set_num_threads(threads)
-    config = SemlaConfig.from_dict(config)
+def peak_memory_mib(config: SemlaConfig, B: int, N: int, kernels: str) -> float:
+    """Peak activation memory (MiB) of one forward of a random-weight ``config`` model on B x N atoms,
+    unpatched (``kernels="reference"``) or ``patch_model(kernels=kernels)``: the peak of the live bytes
+    torch's CPU allocator holds during the call, above those held before it (``peak_allocated_bytes``, one
+    thread)."""
     model = Semla(config).eval()
     if kernels != "reference":
         patch_model(model, kernels=kernels)
     inputs = random_inputs(config, B, N)
-
-    def resident(field: str) -> int:  # kB
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
-
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident set
-    before = resident("VmRSS:")
-    with torch.inference_mode():
-        model(**inputs)
-    return (resident("VmHWM:") - before) / 1024
+    with torch.no_grad():
+        model(**inputs)  # warm-up: lazy initialisation is not activation memory
+        return peak_allocated_bytes(lambda: model(**inputs)) / 2**20
 
 
 def bench_sampling(n: int, steps: int, backend: str, seed: int = 0) -> list[dict]:
@@ -239,8 +234,8 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
 
 
 def run(presets=("semlaflow", "small"), backend: str = "auto", repeats: int = 5, compile_reference: bool = True,
-        memory: bool = True, sampling_molecules: int = 64, sampling_steps: int = 100, out: Path | None = None,
-        parts=("op", "forward", "sampling")):
+        sampling_molecules: int = 64, sampling_steps: int = 100, out: Path | None = None,
+        parts=("op", "forward", "memory", "sampling")):
     """Run the chosen parts, print the tables, write JSON to ``out`` (when given) and return the results."""
     from fastflow.ops.backends import resolve_backend
 
@@ -250,7 +245,7 @@ def run(presets=("semlaflow", "small"), backend: str = "auto", repeats: int = 5,
                            "reference")
     peak = matmul_gflops()
     results = {"metadata": {**machine_metadata(), "backend": backend, "repeats": repeats,
-                            "matmul_gflops": peak}, "op": {}, "forward": {}}
+                            "matmul_gflops": peak}, "op": {}, "forward": {}, "memory": {}}
     print(f"fp32 matmul rate: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads); backend {backend}")
     op_columns = ["molecules", "atoms", "reference_ms", "compiled_ms", f"{backend}_ms", "speedup",
                   "speedup_vs_compiled", "gflops", "fraction_of_matmul", "max_rel_error"]
@@ -262,10 +257,13 @@ def run(presets=("semlaflow", "small"), backend: str = "auto", repeats: int = 5,
                 results["op"][preset] = bench_op(config, backend, repeats * 4, compile_reference, peak)
                 print_table(f"semla_attention, one core layer of '{preset}'", results["op"][preset], op_columns)
             if "forward" in parts:
-                results["forward"][preset] = bench_forward(config, backend, repeats, compile_reference, peak,
-                                                           memory)
-                print_table(f"generator forward, '{preset}'", results["forward"][preset],
-                            op_columns + ["reference_peak_mib", f"{backend}_peak_mib"])
+                results["forward"][preset] = bench_forward(config, backend, repeats, compile_reference, peak)
+                print_table(f"generator forward, '{preset}'", results["forward"][preset], op_columns)
+            if "memory" in parts:
+                results["memory"][preset] = bench_memory(config, backend)
+                print_table(f"peak activation memory of one forward, '{preset}' (MiB, one thread)",
+                            results["memory"][preset],
+                            ["molecules", "atoms", "reference_peak_mib", f"{backend}_peak_mib", "ratio"])
     if sampling_molecules and "sampling" in parts:
         results["sampling"] = bench_sampling(sampling_molecules, sampling_steps, backend)
         print_table(f"sampling, packaged model, {sampling_molecules} molecules x {sampling_steps} steps",

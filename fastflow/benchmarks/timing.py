@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: interleaved medians, the machine's matmul rate, machine metadata."""
+"""Helpers shared by the benchmarks: interleaved medians, the machine's matmul rate, machine metadata, and the
+peak of live bytes allocated by torch's CPU allocator during a call."""
 
 from __future__ import annotations
 
@@ -33,6 +34,39 @@ def matmul_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu") -> floa
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     seconds = median_seconds({"mm": lambda: a @ b}, repeats)["mm"]
     return 2 * n**3 / seconds / 1e9
+
+
+def peak_allocated_bytes(fn, single_thread: bool = True) -> int:
+    """Peak live bytes allocated by torch's CPU allocator while ``fn()`` runs, above the live bytes before it.
+
+    Tensors that exist before the call (inputs, weights) do not count; everything allocated during it does —
+    inside C++ ops too (a fused kernel's ``at::empty`` scratch), since the allocator itself reports to the
+    profiler — and so does ``fn``'s result. The profiler's ``[memory]`` events (+bytes per allocation, -bytes
+    per free) are replayed in time order; the peak is the maximum of the running sum.
+
+    Caveats. Frees of blocks allocated before the call are not subtracted (the profiler does not know their
+    sizes): for a call that frees its inputs the result is an upper bound. Memory outside torch's allocator
+    (``std::vector``, MKL/oneDNN internal buffers, Python objects) is not counted. Allocations on OpenMP
+    intra-op worker threads are not reported to the profiler, so by default ``fn`` runs on one intra-op thread
+    (the previous thread count is restored afterwards).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    threads = torch.get_num_threads()
+    if single_thread:
+        torch.set_num_threads(1)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):  # stable: ties keep the recorded order
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def cpu_model() -> str:
