@@ -137,8 +137,13 @@ def test_cli_train_resume_export_and_eval(tmp_path, capsys):
                  *common]) == 0
     assert main(["train", "--steps", "3", *common]) == 2  # a checkpoint exists: refuses to overwrite it
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", "--resume", "--steps", "5", "--export-to", str(tmp_path / "latest"), *common]) == 0
+    assert main(["train", "--resume", "--steps", "4", "--lr-decay-peak", "1e-4", *common]) == 2
+    assert "--lr-decay-peak needs --lr-decay" in capsys.readouterr().err
+    assert main(["train", "--resume", "--steps", "5", "--export-to", str(tmp_path / "latest"),
+                 "--lr-decay", "3", "4", "--lr-decay-peak", "1e-4", *common]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 5
+    resumed = Trainer.resume(train_set(), run).config  # the warm restart is saved with the run
+    assert (resumed.decay_start, resumed.decay_steps, resumed.decay_peak_lr) == (3, 4, 1e-4)
     assert json.loads((tmp_path / "latest" / "training.json").read_text())["step"] == 5
     assert main(["train", "--export", str(tmp_path / "model"), "--out", str(run)]) == 0
     assert main(["eval", "--n", "4", "--steps", "2", "--no-energy", "--json", "--cache-dir", str(cache),
