@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path; the plot goes next to it as .png "
                              "(default bench/results/caching_pareto-<host>-<date>.json)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                        help="run only the rows whose name starts with one of these (e.g. base adaptive); "
+                             "the first row run is the speed-up's and RMSD's base")
     parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                         help="write the speed–quality plot next to the JSON (needs matplotlib) "
                              "(default on)")
@@ -143,7 +146,14 @@ def run(args) -> dict:
         warmup.unpatch()
 
     rows, base = [], None
-    for name, steps, cache in runs(args.quick, steps_base):
+    only = getattr(args, "only", None)
+    table = runs(args.quick, steps_base)
+    if only is not None:
+        names = [name for name, _, _ in table]
+        table = [row for row in table if row[0].startswith(tuple(only))]
+        if not table:
+            raise ValueError(f"--only {' '.join(only)} matches no row; rows: {names}")
+    for name, steps, cache in table:
         handle = patch_model(model, kernels=kernels, cache=cache)
         try:
             result = sample(model, steps=steps, **request)
@@ -181,6 +191,7 @@ def run(args) -> dict:
         **request,
         "steps": steps_base,
         "quick": args.quick,
+        "only": only,
         "kernels": kernels,
         "kernel_backend": backend,
     }

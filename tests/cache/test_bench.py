@@ -37,3 +37,13 @@ def test_matched_quality_is_the_issues_bar():
     assert not matched_quality({**base, "mol_stability": 0.90}, base)
     assert not matched_quality({**base, "strain_per_atom": 5.3}, base)
     assert not matched_quality({**base, "energy_per_atom": math.nan}, base)
+
+
+def test_bench_caching_only_runs_the_chosen_rows(tmp_path, capsys):
+    out = tmp_path / "adaptive.json"
+    assert main(["bench", "caching", "--quick", "--config", "tiny", "--n", "2", "--steps", "4", "--no-plot",
+                 "--only", "base", "adaptive", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["run"] for row in rows] == ["base", "adaptive tol=0.05", "adaptive tol=0.2"]
+    assert main(["bench", "caching", "--quick", "--config", "tiny", "--only", "nothing", "--out", str(out)]) == 2
+    assert "--only nothing matches no row" in capsys.readouterr().err
