@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 
 from rdkit import Chem
@@ -33,9 +34,9 @@ def compute_metrics(
     Keys: n, atom_stability, mol_stability, validity, connected_validity, uniqueness, [novelty], and with
     ``energy``: energy_validity, opt_energy_validity, energy, energy_per_atom, strain, strain_per_atom,
     opt_rmsd, and the standard errors of the per-atom means (energy_per_atom_sem, strain_per_atom_sem: strain
-    is heavy-tailed, so two runs' means differ by several percent by chance). Validity-type fractions count every molecule; uniqueness and novelty are over valid molecules;
-    energies (kcal/mol) average only the molecules where MMFF succeeded, so read them with energy_validity.
-    NaN marks an average over nothing.
+    is heavy-tailed, so two runs' means differ by several percent by chance). Validity-type fractions count
+    every molecule; uniqueness and novelty are over valid molecules; energies (kcal/mol) average only the
+    molecules where MMFF succeeded, so read them with energy_validity. NaN marks an average over nothing.
     """
     if len(graphs) == 0:
         raise ValueError("compute_metrics needs at least one molecule")
@@ -110,7 +111,4 @@ def _mean(values: Iterable[float]) -> float:
 def _standard_error(values: Iterable[float]) -> float:
     """Sample standard deviation / √n (NaN below two values)."""
     values = list(values)
-    if len(values) < 2:
-        return float("nan")
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 2 else float("nan")
