@@ -172,7 +172,10 @@ def semla_attention_flops(node_terms_i_shape, node_terms_j_shape, gram_coords_sh
 def _semla_attention_fake(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values,
                           attn_coords, adjacency, edge_feats, edge_norm_weight, edge_norm_bias, edge_weight,
                           edge_norm_eps, coord_eps):
-    # Output shapes, so torch.compile and torch.export can trace the op.
+    # Output shapes, so torch.compile and torch.export can trace the op; the checks also run here because a
+    # meta or fake input sends even the C++ op to this function instead of its kernel.
+    check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values, attn_coords,
+                 adjacency, edge_feats, edge_norm_weight, edge_norm_bias, edge_weight)
     B, N, _ = node_terms_i.shape
     H, d_head, P = values.size(2), values.size(3), attn_coords.size(1)
     E_out = out_weight.size(0) - H - P
@@ -223,6 +226,9 @@ def semla_attention_triton(node_terms_i: torch.Tensor, node_terms_j: torch.Tenso
                            edge_norm_eps: float, coord_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastflow.triton_kernels import semla_attention as kernel  # lazy: importing fastflow never needs triton
 
+    # Checked here too, not only in semla_attention(): a kernel launched on wrong shapes reads out of bounds.
+    check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values, attn_coords,
+                 adjacency, edge_feats, edge_norm_weight, edge_norm_bias, edge_weight)
     return kernel.semla_attention(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias,
                                   values, attn_coords, adjacency, edge_feats, edge_norm_weight, edge_norm_bias,
                                   edge_weight, edge_norm_eps, coord_eps)

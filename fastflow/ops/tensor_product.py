@@ -197,7 +197,7 @@ def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: s
 
 def _extents(paths) -> tuple[int, int, int, int]:
     """Widths the paths read or write: (x1, x2, out, weights); CPU descriptors only (no device sync)."""
-    if paths.device.type != "cpu" or paths.numel() == 0 or torch.compiler.is_compiling():
+    if paths.device.type != "cpu" or paths.numel() == 0 or not _readable(paths):
         return 0, 0, 0, 0
     widths = [0, 0, 0, 0]
     for mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight in paths.tolist():
@@ -279,11 +279,30 @@ def check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nod
             raise TypeError(f"{op}: {name} must be int64, got {index.dtype}")
         if index.device != node_feats.device:
             raise ValueError(f"{op}: {name} is on {index.device}, expected {node_feats.device} like node_feats")
-        if E and not torch.compiler.is_compiling():
+        if E and _readable(index):
             low, high = (int(v) for v in torch.aminmax(index))
             if low < 0 or high >= bound:
                 raise IndexError(f"{op}: {name} holds indices in [{low}, {high}], outside [0, {bound}) "
                                  f"({bound_name} = {bound})")
+
+
+def check_grad(op, grad_out, rows: int | None, like: torch.Tensor) -> None:
+    """The incoming gradient of a backward op: ``[rows, dim_out]`` (any rows for None), dtype and device of the
+    forward's input."""
+    if not torch.is_tensor(grad_out) or grad_out.dim() != 2 or rows not in (None, grad_out.size(0)):
+        got = f"shape {list(grad_out.shape)}" if torch.is_tensor(grad_out) else type(grad_out).__name__
+        raise ValueError(f"{op}: grad_out must have shape [{'n_nodes' if rows is None else rows}, dim_out], "
+                         f"got {got}")
+    if torch.is_tensor(like) and (grad_out.dtype != like.dtype or grad_out.device != like.device):
+        raise TypeError(f"{op}: grad_out is {grad_out.dtype} on {grad_out.device}, expected {like.dtype} on "
+                        f"{like.device} like the inputs")
+
+
+def _readable(tensor: torch.Tensor) -> bool:
+    """Whether the values of ``tensor`` can be read for a check: not for fake or meta tensors (tracing, fake
+    kernels) nor while torch.compile traces."""
+    return (not torch.compiler.is_compiling() and tensor.device.type != "meta"
+            and not torch._subclasses.fake_tensor.is_fake(tensor))
 
 
 def _fail_2d(op, name, tensor):
@@ -344,22 +363,43 @@ def _resolve(backend: str | None, device: torch.device) -> str:
 # ---- fake (meta) kernels: output shapes for torch.compile / torch.export ----
 
 
+# The checks run here too: a meta or fake input sends even the C++ ops here instead of to their kernels.
+
+
 def _tensor_product_fake(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out):
+    check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
     return x1.new_empty(x1.size(0), dim_out)
 
 
 def _tensor_product_backward_fake(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
+    _check_tensor_product_backward(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets)
     return torch.empty_like(x1), torch.empty_like(x2), torch.empty_like(weights)
 
 
 def _tp_conv_fake(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index, cg_value,
                   cg_offsets, dim_out):
+    check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index, cg_value,
+                      cg_offsets, dim_out)
     return node_feats.new_empty(n_nodes, dim_out)
 
 
 def _tp_conv_backward_fake(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value,
                            cg_offsets):
+    _check_tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value,
+                            cg_offsets)
     return torch.empty_like(node_feats), torch.empty_like(edge_attrs), torch.empty_like(weights)
+
+
+def _check_tensor_product_backward(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
+    check_grad("tensor_product_backward", grad_out, x1.size(0) if torch.is_tensor(x1) else None, x1)
+    check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, grad_out.size(1))
+
+
+def _check_tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index,
+                            cg_value, cg_offsets):
+    check_grad("tp_conv_backward", grad_out, None, node_feats)
+    check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, grad_out.size(0), paths, cg_index,
+                      cg_value, cg_offsets, grad_out.size(1))
 
 
 # ---- autograd: fused backward kernel, or the reference's VJP when the backward builds a graph ----
@@ -485,6 +525,8 @@ def _triton_kernels():
 def tensor_product_triton(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, paths: torch.Tensor,
                           cg_index: torch.Tensor, cg_value: torch.Tensor, cg_offsets: torch.Tensor,
                           dim_out: int) -> torch.Tensor:
+    # Every Triton op checks before launching: a kernel launched on wrong shapes reads out of bounds.
+    check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
     return _triton_kernels().tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
 
 
@@ -492,6 +534,7 @@ def tensor_product_triton(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Ten
 def tensor_product_backward_triton(grad_out: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor,
                                    paths: torch.Tensor, cg_index: torch.Tensor, cg_value: torch.Tensor,
                                    cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_tensor_product_backward(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets)
     return tuple(_triton_kernels().tensor_product_backward(grad_out, x1, x2, weights, paths, cg_index, cg_value,
                                                            cg_offsets))
 
@@ -500,6 +543,8 @@ def tensor_product_backward_triton(grad_out: torch.Tensor, x1: torch.Tensor, x2:
 def tp_conv_triton(node_feats: torch.Tensor, edge_attrs: torch.Tensor, weights: torch.Tensor, edge_src: torch.Tensor,
                    edge_dst: torch.Tensor, n_nodes: int, paths: torch.Tensor, cg_index: torch.Tensor,
                    cg_value: torch.Tensor, cg_offsets: torch.Tensor, dim_out: int) -> torch.Tensor:
+    check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index, cg_value,
+                      cg_offsets, dim_out)
     return _triton_kernels().tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index,
                                      cg_value, cg_offsets, dim_out)
 
@@ -509,6 +554,8 @@ def tp_conv_backward_triton(grad_out: torch.Tensor, node_feats: torch.Tensor, ed
                             weights: torch.Tensor, edge_src: torch.Tensor, edge_dst: torch.Tensor, paths: torch.Tensor,
                             cg_index: torch.Tensor, cg_value: torch.Tensor,
                             cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index,
+                            cg_value, cg_offsets)
     return tuple(_triton_kernels().tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst,
                                                     paths, cg_index, cg_value, cg_offsets))
 
