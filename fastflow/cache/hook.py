@@ -128,13 +128,7 @@ class CacheHook:
     def _wrap(self, module: nn.Module, handler) -> None:
         """Set the instance's ``forward`` (never the class's) to ``handler(original, *args, **kwargs)``."""
         self._saved.append((module, module.__dict__.get("forward")))
-        original = module.forward
-
-        @functools.wraps(original)  # inspect.signature sees the original's
-        def forward(*args, **kwargs):
-            return handler(original, *args, **kwargs)
-
-        module.forward = forward
+        module.forward = _HookedForward(handler, module.forward)
 
     def _prefix(self) -> list[nn.Module]:
         from fastflow.models.semla import EquiMessagePassingLayer
@@ -156,13 +150,7 @@ class CacheHook:
 
     def _model_forward(self, original, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
-        coords, inv_feats = list(bound.arguments.values())[:2]
-        mask = bound.arguments.get("atom_mask")
-        mask = (
-            torch.ones(coords.shape[:2], dtype=torch.bool, device=coords.device)
-            if mask is None
-            else mask.bool()
-        )
+        coords, inv_feats, mask = self._check_inputs(bound)
         t = inv_feats[:, 0, 0].to("cpu", torch.float64, copy=True)  # by value: callers may reuse the tensor
         context = current_step()
         trajectory = self._trajectory(coords, mask, t, context)
@@ -207,6 +195,36 @@ class CacheHook:
         if context is not None:
             context.nfe = len(rows)
         return output
+
+    def _check_inputs(self, bound) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every call, forecast steps too: the model's own ``check_inputs`` (same signature as its forward) where
+        it has one, then what the hook reads itself. Returns coords, inv_feats and the bool atom mask."""
+        check = getattr(self.model, "check_inputs", None)
+        if callable(check):
+            check(*bound.args, **bound.kwargs)
+        coords, inv_feats = list(bound.arguments.values())[:2]
+        if not torch.is_tensor(coords) or coords.dim() != 3 or coords.size(-1) != 3:
+            raise ValueError(f"fastflow cache: coords must be a [B, N, 3] tensor, got {_describe(coords)}")
+        B, N, _ = coords.shape
+        if B == 0 or N == 0:
+            raise ValueError(f"fastflow cache: empty batch (coords has shape {list(coords.shape)})")
+        if not torch.is_tensor(inv_feats) or inv_feats.dim() != 3 or inv_feats.shape[:2] != (B, N) or (
+                inv_feats.size(-1) == 0):
+            raise ValueError(f"fastflow cache: inv_feats must be a [{B}, {N}, 1 + features] tensor with the solver "
+                             f"time in channel 0, got {_describe(inv_feats)}")
+        for name, tensor in (("coords", coords), ("inv_feats", inv_feats)):
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"fastflow cache: {name} must be finite floating point, got {tensor.dtype}"
+                                 + (" with NaN or inf values" if tensor.is_floating_point() else ""))
+        mask = bound.arguments.get("atom_mask")
+        if mask is None:
+            return coords, inv_feats, torch.ones(B, N, dtype=torch.bool, device=coords.device)
+        if not torch.is_tensor(mask) or mask.shape != (B, N):
+            raise ValueError(f"fastflow cache: atom_mask must have shape [{B}, {N}], got {_describe(mask)}")
+        mask = mask.bool()
+        if not bool(mask.any(1).all()):
+            raise ValueError("fastflow cache: a molecule of the batch has no real atoms (all-padding row)")
+        return coords, inv_feats, mask
 
     def _trajectory(self, coords, mask, t, context) -> TrajectoryState:
         signature = (tuple(coords.shape[:2]), coords.dtype, coords.device)
@@ -322,6 +340,19 @@ class CacheHook:
         return original(coords, node_feats, *args, **kwargs)
 
 
+class _HookedForward:
+    """An instance ``forward``: ``handler(original, *args, **kwargs)``. An object holding two bound methods, not a
+    closure, so that ``copy.deepcopy(model)`` rebinds both to the copies (the copy's hook, the copy's forward):
+    a copy runs its own weights and keeps its own cache state."""
+
+    def __init__(self, handler, original):
+        self.handler, self.original = handler, original
+        functools.update_wrapper(self, original)  # inspect.signature sees the original's
+
+    def __call__(self, *args, **kwargs):
+        return self.handler(self.original, *args, **kwargs)
+
+
 def _combine_rows(history: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """Σ_k coeffs[k, b] · history[k, b] for each molecule b: history ``[K, B, ...]``, coeffs ``[K, B]``.
 
@@ -334,6 +365,10 @@ def _combine_rows(history: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     for k in range(1, len(history)):
         out.addcmul_(history[k], coeffs[k])
     return out
+
+
+def _describe(value) -> str:
+    return f"shape {list(value.shape)} ({value.dtype})" if torch.is_tensor(value) else type(value).__name__
 
 
 def _flatten(output) -> list[torch.Tensor]:

@@ -444,7 +444,7 @@ class Semla(nn.Module):
 
     def forward(self, coords, inv_feats, edge_feats=None, cond_coords=None, cond_atomics=None, cond_bonds=None,
                 atom_mask=None):
-        atom_mask = self._check_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds,
+        atom_mask = self.check_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds,
                                        atom_mask)
         adj_matrix = adjacency_from_mask(atom_mask)
         n_atoms = atom_mask.sum(dim=-1).long()
@@ -467,8 +467,11 @@ class Semla(nn.Module):
         bond_logits = self.edge_out_proj(pred_edges + pred_edges.transpose(1, 2))
         return pred_coords, type_logits, bond_logits, charge_logits
 
-    def _check_inputs(self, coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask):
-        """Clear errors for malformed inputs; returns the atom mask (all ones when not given)."""
+    def check_inputs(self, coords, inv_feats, edge_feats=None, cond_coords=None, cond_atomics=None, cond_bonds=None,
+                     atom_mask=None):
+        """Clear errors for malformed inputs (``forward``'s signature); returns the atom mask (all ones when not
+        given). Public so that wrappers that may not run ``forward`` (the cache on a forecast step) check the
+        same things."""
         config = self.config
         if not torch.is_tensor(coords) or coords.dim() != 3 or coords.size(-1) != 3:
             raise ValueError(f"coords must be a [B, N, 3] tensor, got {_describe(coords)}")

@@ -187,3 +187,66 @@ def test_hooks_that_match_nothing_are_refused(model):
     with pytest.raises(ValueError, match="skip_prefix"):
         patch_model(model, cache=CacheConfig(block="dynamics.final_ff_block", skip_prefix=True))
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("block", [None, "dynamics.layers.1"])
+def test_a_deepcopy_of_a_patched_model_runs_its_own_weights(block):
+    import copy
+
+    original = perturbed_model(TINY)
+    handle = patch_model(original, kernels="reference", cache=CacheConfig(interval=2, block=block))
+    twin = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    scaled = copy.deepcopy(twin)  # what the copy must equal: the scaled weights, patched afresh
+    scaled._fastflow_patch.unpatch()
+    patch_model(scaled, kernels="reference", cache=CacheConfig(interval=2, block=block))
+    before = sample(original, **REQUEST)
+    assert_same_samples(sample(twin, **REQUEST), sample(scaled, **REQUEST))
+    assert not torch.equal(sample(twin, **REQUEST).coords[0], before.coords[0])
+    assert_same_samples(sample(original, **REQUEST), before)  # the original is untouched
+    twin_handle = twin._fastflow_patch
+    assert twin_handle is not handle and twin_handle.model is twin and twin_handle.stats()["evaluations"] > 0
+    twin_handle.unpatch()  # the copy's handle undoes the copy only
+    assert "forward" not in twin.__dict__ and "forward" in original.__dict__ and handle.active
+
+
+def _bad_inputs(config, self_cond):
+    """(name, inputs) that the unpatched model refuses; built from valid inputs of two molecules."""
+    def valid():
+        inputs = random_inputs(config, [4, 5])
+        inputs["inv_feats"][..., 0] = 0.5
+        return inputs
+
+    nan = valid()
+    nan["coords"][0, 1, 2] = float("nan")
+    yield "NaN coords", nan
+    yield "B = 0", {name: value[:0] for name, value in valid().items()}
+    empty = valid()
+    yield "N = 0", {name: value[:, :0, :0] if value.dim() >= 4 else value[:, :0] for name, value in empty.items()}
+    flat = valid()
+    flat["inv_feats"] = flat["inv_feats"][:, 0]
+    yield "2-D inv_feats", flat
+    padding = valid()
+    padding["atom_mask"][1] = 0
+    yield "all-padding molecule", padding
+
+
+@pytest.mark.parametrize("which", ["semla", "stub"])
+def test_forecast_steps_check_inputs_like_the_model(model, which):
+    """A forecast step never runs the model, so the hook checks what the model would: the model's own
+    check_inputs where it has one (Semla), its own checks of what it reads otherwise (the stub has none)."""
+    net = model if which == "semla" else StubModel()
+    handle = patch_model(net, kernels="reference", cache=CacheConfig(interval=10))
+    try:
+        for t in (0.1, 0.2, 0.3):  # one evaluation, then forecasts
+            inputs = random_inputs(TINY, [4, 5])
+            inputs["inv_feats"][..., 0] = t
+            net(**inputs)
+        assert handle.stats()["forecasts"] == 2 * 2
+        for name, inputs in _bad_inputs(TINY, False):
+            with pytest.raises(ValueError):
+                net(**inputs)
+    finally:
+        handle.unpatch()
