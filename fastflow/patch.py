@@ -19,7 +19,7 @@ from torch import nn
 from fastflow.cache import CacheConfig, CacheHook
 from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer
 from fastflow.nn.tensor_product import TensorProduct, cuequivariance_unavailable_reason
-from fastflow.ops.backends import resolve_backend
+from fastflow.ops.backends import BackendUnavailable, resolve_backend
 
 KERNELS = ("auto", "cpp", "triton", "reference", "cuequivariance")
 _ATTRIBUTE = "_fastflow_patch"
@@ -37,7 +37,7 @@ class PatchHandle:
         if kernels == "cuequivariance":
             reason = cuequivariance_unavailable_reason(device)
             if reason is not None:
-                raise RuntimeError(f"kernels='cuequivariance' is not available here: {reason}. Use kernels='auto' "
+                raise BackendUnavailable(f"kernels='cuequivariance' is not available here: {reason}. Use kernels='auto' "
                                    "(fastflow's C++ / Triton kernels)")
         self.backend = "reference" if kernels == "reference" else resolve_backend(
             "auto" if kernels == "cuequivariance" else kernels, device)

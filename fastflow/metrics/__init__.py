@@ -10,7 +10,7 @@ from fastflow.metrics.molecules import (
     uniqueness,
     validity,
 )
-from fastflow.metrics.report import compute_metrics, energy_metrics, format_metrics_table
+from fastflow.metrics.report import compute_metrics, energy_metrics, format_metrics_table, summary_json
 from fastflow.metrics.stability import (
     REVISITED_VALENCES,
     SEMLAFLOW_VALENCES,

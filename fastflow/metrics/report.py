@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 import statistics
 from collections.abc import Iterable, Sequence
 
@@ -95,6 +97,24 @@ def format_metrics_table(rows: dict[str, dict[str, float]]) -> str:
     for metric, line in zip(metrics, cells):
         lines.append("  ".join([metric.ljust(label_width), *(c.rjust(w) for c, w in zip(line, widths))]))
     return "\n".join(lines)
+
+
+def summary_json(summary: dict, leading_keys: Sequence[str] = ()) -> str:
+    """One line of strict JSON: ``leading_keys`` first (null where absent), then the rest of ``summary``. NaN
+    and infinities (a metric with nothing to measure, e.g. uniqueness without a valid molecule) become null:
+    ``NaN`` is not JSON and breaks the tools that read this line."""
+    ordered = {key: summary.get(key) for key in leading_keys} | summary
+    return json.dumps(_finite_or_null(ordered), allow_nan=False, default=float)
+
+
+def _finite_or_null(value):
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def _format(value: float | None) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import warnings
 from pathlib import Path
 
@@ -35,9 +34,9 @@ def load_semlaflow_checkpoint(path: str | os.PathLike, map_location: str | torch
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+    except Exception as error:  # a file that does not load is the file's problem, whatever the reader raised
         raise CheckpointError(f"{path} is not a loadable PyTorch checkpoint (read with weights_only=True, "
-                              f"which refuses pickled code): {error}") from None
+                              f"which refuses pickled code): {_first_line(error)}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path} is not a Lightning checkpoint with 'state_dict' and 'hyper_parameters' "
@@ -121,6 +120,11 @@ def load_pretrained_dir(directory: str | os.PathLike, map_location: str | torch.
     if counts_path.is_file():  # the training split's atom-count histogram, what the sampler draws sizes from
         model.size_counts = {int(n): count for n, count in json.loads(counts_path.read_text()).items()}
     return model.to(map_location).eval()
+
+
+def _first_line(error: Exception) -> str:
+    """The reader's own first line: torch.load's weights_only errors run to a page of advice."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _strip_prefix(state_dict: dict, prefix: str) -> dict[str, torch.Tensor]:

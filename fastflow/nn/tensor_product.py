@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastflow.ops.backends import BACKENDS
+from fastflow.ops.backends import BACKENDS, BackendUnavailable
 from fastflow.ops.tensor_product import cpp_unavailable_reason, tensor_product, tp_conv
 from fastflow.tp.descriptor import TPDescriptor
 
@@ -54,7 +54,7 @@ def _check_backend(backend: str, cue_method: str | None) -> None:
     if backend == "cuequivariance" and cue_method is None:
         reason = cuequivariance_unavailable_reason()
         if reason is not None:
-            raise RuntimeError(f"backend='cuequivariance' is not available here: {reason}. Use backend='auto' "
+            raise BackendUnavailable(f"backend='cuequivariance' is not available here: {reason}. Use backend='auto' "
                                "(fastflow's C++ / Triton kernels)")
 
 

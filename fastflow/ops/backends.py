@@ -18,6 +18,10 @@ from fastflow import _extension
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here (the message says why and what to use instead)."""
+
+
 _warned: set[str] = set()  # reasons already warned about by `auto`
 _registered: set[str] = set()  # C++ ops whose fake kernel and autograd are registered
 
@@ -41,7 +45,7 @@ def resolve_backend(name: str | None, device: torch.device | str) -> str:
         return "reference"
     reason = _unavailable_reason(name, device)
     if reason is not None:
-        raise RuntimeError(f"backend {name!r} requested but {reason}")
+        raise BackendUnavailable(f"backend {name!r} requested but {reason}")
     return name
 
 

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastflow.ops.backends import register_cpp_op, resolve_backend
+from fastflow.ops.backends import BackendUnavailable, register_cpp_op, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 MODES = ("uvw", "uvu", "uvv", "uuw", "uuu")  # index = the mode code in paths[:, 0]
@@ -353,7 +353,7 @@ def _resolve(backend: str | None, device: torch.device) -> str:
         _available.add(chosen)
         return chosen
     if (backend or "auto") != "auto":
-        raise RuntimeError(f"backend {backend!r} requested but {reason}")
+        raise BackendUnavailable(f"backend {backend!r} requested but {reason}")
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"fastflow: tensor products use the PyTorch reference ops: {reason}", stacklevel=3)
@@ -497,7 +497,7 @@ def _cpp_ops():
     if not _cpp_registered:
         reason = cpp_unavailable_reason()  # loads fastflow._C
         if reason is not None:
-            raise RuntimeError(f"fastflow::tensor_product / tp_conv are not available: {reason}")
+            raise BackendUnavailable(f"fastflow::tensor_product / tp_conv are not available: {reason}")
         register_cpp_op("tensor_product", _tensor_product_fake,
                         _make_backward(_cpp_backward("tensor_product"), tensor_product_grads_reference, 8),
                         _tp_setup_context)

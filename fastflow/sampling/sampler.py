@@ -174,6 +174,11 @@ def sample(
         raise ValueError(f"n_molecules must be an integer >= 1, got {n_molecules!r}")
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_seed(seed)
+    if not isinstance(noise_level, numbers.Real) or not math.isfinite(noise_level) or noise_level < 0:
+        raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
+    if not math.isfinite(coord_scale) or coord_scale <= 0:
+        raise ValueError(f"coord_scale must be a finite number > 0 (Å per model unit), got {coord_scale!r}")
     indices = _check_indices(n_molecules, indices)
     max_atoms = getattr(config, "max_atoms", None)
     sizes = _check_sizes(n_molecules, seed, sizes, size_distribution, max_atoms, indices)
@@ -263,6 +268,12 @@ def _nonfinite(pred: Prediction, mask: torch.Tensor, pair_mask: torch.Tensor) ->
                  & torch.isfinite(pred.charge_logits).all(-1))
     pair_bad = ~torch.isfinite(pred.bond_logits).all(-1)
     return (atom_bad & mask).any() | (pair_bad & pair_mask).any()
+
+
+def check_seed(seed) -> None:
+    """Seeds are 64-bit keys of the random streams."""
+    if not _is_int(seed) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63) (a 64-bit key), got {seed!r}")
 
 
 def _is_int(value) -> bool:

@@ -24,7 +24,8 @@ Files are written under a temporary name and renamed when complete; a shard's JS
 and is the shard's commit mark. A rerun of the same request samples only the shards without a valid JSON
 (killed ranks or jobs lose at most the shards in flight; nothing is duplicated); a directory whose manifest
 holds another request is refused, naming the differing keys, unless ``overwrite`` (``--overwrite``) starts
-over. One job per directory at a time.
+over. One job per directory at a time: rank 0 holds an exclusive lock on ``DIR/.lock`` (:class:`DirectoryLock`)
+for the whole job, and a second job (or ``fastflow merge``) into the same directory is refused while it runs.
 
 Coordination (torch.distributed, only to coordinate; molecules never cross it): gloo on CPU, nccl on CUDA.
 Rank 0 checks or writes the manifest, removes stale temporary files, lists the shards still missing and
@@ -40,6 +41,7 @@ killed rank.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -58,6 +60,7 @@ import torch
 
 FORMAT = "fastflow-shards/1"
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 MERGED_SDF = "molecules.sdf"
 MERGED_JSON = "metrics.json"
 DEFAULT_SHARD_SIZE = 1000
@@ -82,6 +85,44 @@ class MissingShards(ValueError):
 
 class OtherRankFailed(RuntimeError):
     """Raised on ranks other than 0 when rank 0 refused the request (rank 0 raises the ValueError)."""
+
+
+class DirectoryLock:
+    """One job per shard directory: an exclusive ``flock`` on ``DIR/.lock``, held from :meth:`acquire` until
+    :meth:`release` (or the process's end, however it ends: the kernel drops the lock, so a killed job leaves
+    no stale lock; the file stays, naming the last holder). On NFS, Linux maps flock to POSIX locks, so jobs on
+    different nodes exclude each other too."""
+
+    def __init__(self, directory: Path, fd: int):
+        self.directory, self._fd = directory, fd
+
+    @classmethod
+    def acquire(cls, directory: Path, purpose: str = "sampling", create: bool = True) -> DirectoryLock:
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory} exists and is not a directory")
+        if not create and not directory.is_dir():
+            raise FileNotFoundError(f"shard directory {directory} not found")
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
+            os.close(fd)
+            if isinstance(error, BlockingIOError):
+                raise ValueError(f"{directory} is in use by another fastflow job ({holder}); one job per shard "
+                                 f"directory: wait for it to finish, or choose another directory") from None
+            raise ValueError(f"cannot lock {directory / LOCK}: {error}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"purpose": purpose, "pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": _now()}).encode(), 0)
+        return cls(directory, fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
 
 
 # -- shards and the manifest -------------------------------------------------------------------------------
@@ -220,12 +261,9 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
 
 
 def prepare_directory(directory: Path, manifest: dict, overwrite: bool = False) -> list[Shard]:
-    """Rank 0 before sampling: refuse another request (unless overwrite), write the manifest, remove stale
-    temporary files; returns the shards still to sample."""
+    """Rank 0 before sampling, holding the directory's lock: refuse another request (unless overwrite), write
+    the manifest, remove stale temporary files; returns the shards still to sample."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--out {directory} exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
     ours = sorted(p.name for p in directory.iterdir() if _OUR_FILES.match(p.name))
     if (directory / MANIFEST).exists() and not overwrite:
         old = load_manifest(directory)
@@ -394,22 +432,34 @@ def sample_sharded(
     """
     coordinator = coordinator or Coordinator()
     directory = Path(directory)
-    rank, world = coordinator.rank, coordinator.world_size
     started = time.time()
-    status = None
-    if rank == 0:
+    status, lock = None, None
+    if coordinator.rank == 0:
         try:
+            lock = DirectoryLock.acquire(directory)
             manifest = build_manifest(request, description, cache_label)
             status = ("ok", [s.index for s in prepare_directory(directory, manifest, overwrite)])
         except (ValueError, OSError) as error:
             status = ("error", str(error))
-    status = coordinator.broadcast(status)
-    if status[0] == "error":
-        if rank == 0:
-            raise ValueError(status[1])
-        raise OtherRankFailed(status[1])
+    try:
+        status = coordinator.broadcast(status)
+        if status[0] == "error":
+            if coordinator.rank == 0:
+                raise ValueError(status[1])
+            raise OtherRankFailed(status[1])
+        return _sample_missing(model, directory, request, coordinator, status[1], started, handle, batch_size,
+                               size_distribution, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample_missing(model, directory, request, coordinator, missing_indices, started, handle, batch_size,
+                    size_distribution, progress) -> dict | None:
+    """This rank's share of the missing shards, then (rank 0) the run record and the merge."""
+    rank, world = coordinator.rank, coordinator.world_size
     shards = plan_shards(request.n, request.shard_size)
-    missing = [shards[k] for k in status[1]]
+    missing = [shards[k] for k in missing_indices]
     mine = missing[rank::world]
     show = rank == 0 and (sys.stderr.isatty() if progress is None else progress)
     bar = _Progress(directory, shards, missing, world, show) if rank == 0 else None
@@ -589,6 +639,8 @@ def merge(directory: Path, out: Path | None = None) -> dict:
         raise MissingShards(directory, missing, len(shards))
 
     out = Path(out) if out is not None else directory / MERGED_SDF
+    if out.is_dir():
+        raise ValueError(f"merge output {out} is a directory; give the path of an SDF file")
     records: dict[str, list] = {}
     written = 0
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -638,10 +690,10 @@ def merge(directory: Path, out: Path | None = None) -> dict:
 
 def print_summary(summary: dict, as_json: bool, json_keys: Sequence[str] = ()) -> None:
     """As ``fastflow sample`` prints a single-process run: one JSON object, or the metrics table and a line."""
-    from fastflow.metrics import format_metrics_table
+    from fastflow.metrics import format_metrics_table, summary_json
 
     if as_json:
-        print(json.dumps({key: summary.get(key) for key in json_keys} | summary, default=float))
+        print(summary_json(summary, json_keys))
         return
     metrics = {key: summary[key] for key in summary if key not in _NOT_METRICS}
     print(format_metrics_table({"generated": metrics}))
@@ -704,6 +756,7 @@ __all__ = [
     "MERGED_JSON",
     "MERGED_SDF",
     "Coordinator",
+    "DirectoryLock",
     "MissingShards",
     "OtherRankFailed",
     "Shard",

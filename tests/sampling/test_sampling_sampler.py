@@ -165,6 +165,13 @@ def test_plan_batches_sorted_balanced_and_complete():
     (dict(sizes=[3, 4, 5], size_distribution={3: 1}), ValueError, "either sizes or size_distribution"),
     (dict(device="cuda"), ValueError, "model is on cpu"),
     (dict(sizes=[3, 4, 5], max_batch_atoms=4), ValueError, "max_batch_atoms"),
+    (dict(seed=2**70), ValueError, "seed must be an integer"),
+    (dict(seed=1.5), ValueError, "seed must be an integer"),
+    (dict(seed=True), ValueError, "seed must be an integer"),
+    (dict(noise_level=float("nan")), ValueError, "noise_level"),
+    (dict(noise_level=-0.5), ValueError, "noise_level"),
+    (dict(coord_scale=-1.0), ValueError, "coord_scale"),
+    (dict(coord_scale=float("inf")), ValueError, "coord_scale"),
 ])
 def test_errors(kwargs, error, message):
     args = dict(n_molecules=3, steps=2) | kwargs

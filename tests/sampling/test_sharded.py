@@ -192,3 +192,37 @@ def test_one_process_directory_resume_refusal_and_merge(tmp_path, capsys):
     (out / MANIFEST).unlink()
     assert main([*args, "--out", str(out)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_one_job_per_directory_and_a_killed_holder_leaves_no_stale_lock(tmp_path, capsys):
+    """A second job into a directory that a running job holds is refused before it touches anything; once the
+    holder dies (SIGKILL: no clean-up), the directory is free again."""
+    directory = tmp_path / "shards"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fastflow.sampling.sharded import DirectoryLock; "
+         f"DirectoryLock.acquire({str(directory)!r}); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        request = ["sample", "--config", "tiny", "--n", "2", "--steps", "2", "--no-energy", "--out", str(directory)]
+        assert main(request) == 2
+        err = capsys.readouterr().err
+        assert "in use by another fastflow job" in err and f'"pid": {holder.pid}' in err
+        assert main(["merge", str(directory)]) == 2
+        assert sorted(p.name for p in directory.iterdir()) == [".lock"]  # nothing half-written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(request) == 0
+    assert (directory / MANIFEST).is_file() and (directory / "molecules.sdf").is_file()
+
+
+def test_merge_into_a_directory_is_a_clear_error(tmp_path, capsys):
+    directory = tmp_path / "shards"
+    assert main(["sample", "--config", "tiny", "--n", "2", "--steps", "2", "--no-energy", "--shard-size", "1",
+                 "--out", str(directory)]) == 0
+    (tmp_path / "somewhere").mkdir()
+    capsys.readouterr()
+    assert main(["merge", str(directory), "--out", str(tmp_path / "somewhere")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "missing")]) == 2
