@@ -13,7 +13,7 @@ N ?= 100
 STEPS ?= 100
 SEED ?= 0
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-dev install-moses demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
+
+# MOSES SMILES for `fastflow data moses3d`: the molsets wheel, WITHOUT its dependencies (they pull pomegranate,
+# which does not build on Python 3.11, fcd_torch and an unpinned torch); fastflow only reads its csv.gz files.
+install-moses: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps molsets==0.3.1
 
 install-dev: $(VENV)/.installed-dev
 

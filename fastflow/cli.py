@@ -104,14 +104,21 @@ def load_model(args) -> tuple[torch.nn.Module, str]:
     from fastflow.models import Semla, SemlaConfig
     from fastflow.models.checkpoint import load_pretrained_dir, load_semlaflow_checkpoint
     from fastflow.pretrained import DEFAULT_MODEL, has_pretrained, load_pretrained
+    from fastflow.sampling.sampler import check_seed
 
     if args.checkpoint is not None:
         if args.checkpoint.is_dir():
             return load_pretrained_dir(args.checkpoint), f"fastflow model {args.checkpoint}"
+        if args.checkpoint.name == "model.safetensors":  # the weights file of a model directory
+            return load_pretrained_dir(args.checkpoint.parent), f"fastflow model {args.checkpoint.parent}"
+        if args.checkpoint.suffix == ".safetensors":
+            raise ValueError(f"{args.checkpoint}: a fastflow model is a directory holding config.json and "
+                             "model.safetensors; pass the directory")
         return load_semlaflow_checkpoint(args.checkpoint), f"SemlaFlow checkpoint {args.checkpoint}"
     if args.config is None and has_pretrained():
         return load_pretrained(), f"packaged model {DEFAULT_MODEL} (fastflow.load_pretrained())"
     preset = args.config or DEFAULT_RANDOM_PRESET
+    check_seed(args.seed)
     torch.manual_seed(args.seed)
     model = Semla(SemlaConfig.preset(preset)).eval()
     return model, (f"RANDOMLY INITIALISED '{preset}' model: the molecules are noise; use --checkpoint (or no "
@@ -120,7 +127,7 @@ def load_model(args) -> tuple[torch.nn.Module, str]:
 
 def run_sample(args) -> int:
     from fastflow.chem.sdf import write_sdf
-    from fastflow.metrics import compute_metrics, format_metrics_table
+    from fastflow.metrics import compute_metrics, format_metrics_table, summary_json
     from fastflow.sampling import sample
     from fastflow.sampling.sharded import sample_command, shard_directory
 
@@ -158,7 +165,7 @@ def run_sample(args) -> int:
         summary["sdf"] = str(args.out)
         print(f"wrote {written} of {args.n} molecules to {args.out}", file=sys.stderr)
     if args.json:
-        print(json.dumps({key: summary.get(key) for key in JSON_KEYS} | summary, default=float))
+        print(summary_json(summary, JSON_KEYS))
     else:
         print(format_metrics_table({"generated": metrics}))
         print(f"{args.n} molecules, {args.steps} steps, {result.stats['nfe']} network evaluations, "
@@ -170,10 +177,14 @@ def run_sample(args) -> int:
 def add_train_parser(commands) -> None:
     from fastflow.training.trainer import TrainConfig
 
-    train = commands.add_parser("train", help="train a Semla generator on QM9 (resumable), or export its weights")
+    train = commands.add_parser("train", help="train a Semla generator on QM9 or MOSES3D (resumable), or export "
+                                              "its weights")
     train.add_argument("--config", choices=sorted(PRESETS), default="small", help="model preset (default small)")
-    train.add_argument("--data", choices=("qm9",), default="qm9", help="training set (default qm9)")
-    train.add_argument("--out", type=Path, default=Path("runs/qm9-small"), help="run directory")
+    train.add_argument("--data", choices=("qm9", "moses3d"), default=None,
+                       help="training set: qm9, or moses3d (drug-size, built by `fastflow data moses3d`; GEOM "
+                            "coordinate scale and size buckets) (default qm9; --resume keeps the run's)")
+    train.add_argument("--out", type=Path, default=None,
+                       help="run directory (default runs/qm9-small, or runs/moses3d-small with --data moses3d)")
     train.add_argument("--steps", type=int, default=None, help="stop at this total step count")
     train.add_argument("--minutes", type=float, default=None, help="stop after this many minutes of this call")
     train.add_argument("--resume", action="store_true",
@@ -206,20 +217,34 @@ def add_train_parser(commands) -> None:
 
 
 def run_train(args) -> int:
-    from fastflow.data import MissingDataPackage, load_qm9, qm9_split
+    from fastflow.data import (DRUG_BUCKET_LIMITS, QM9_BUCKET_LIMITS, MissingDataPackage, load_moses3d, load_qm9,
+                               moses3d_split, qm9_split)
     from fastflow.pretrained import export_pretrained
     from fastflow.training import Objective, TrainConfig, Trainer
-    from fastflow.training.trainer import CHECKPOINT
+    from fastflow.training.trainer import CHECKPOINT, load_checkpoint
 
-    if args.export is not None:
+    data_name = args.data or "qm9"
+    if args.out is None:
+        args.out = Path(f"runs/{data_name}-small")
+    if args.export is not None:  # the model folder's config.json carries the run's coord_std
         directory = export_pretrained(args.out / CHECKPOINT, args.export)
         print(f"exported the EMA weights of {args.out / CHECKPOINT} to {directory}", file=sys.stderr)
         return 0
     if args.steps is None and args.minutes is None:
         raise ValueError("give --steps and/or --minutes")
+    if args.resume:  # the run's own training set
+        saved = load_checkpoint(args.out / CHECKPOINT)["train_config"].get("data", "qm9")
+        if args.data is not None and args.data != saved:
+            raise ValueError(f"{args.out} was trained on --data {saved}, not {args.data}")
+        data_name = saved
     torch.set_num_threads(args.threads)
     try:
-        dataset = qm9_split(load_qm9(args.cache_dir), "train")
+        if data_name == "moses3d":
+            dataset = moses3d_split(load_moses3d(args.cache_dir, progress=args.progress), "train")
+            bucket_limits = DRUG_BUCKET_LIMITS
+        else:
+            dataset = qm9_split(load_qm9(args.cache_dir), "train")
+            bucket_limits = QM9_BUCKET_LIMITS
     except MissingDataPackage as error:
         print(f"fastflow train: error: {error}", file=sys.stderr)
         return 2
@@ -228,7 +253,8 @@ def run_train(args) -> int:
     elif (args.out / CHECKPOINT).exists():
         raise ValueError(f"{args.out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
     else:
-        config = TrainConfig(preset=args.config, batch_cost=args.batch_cost, lr=args.lr,
+        config = TrainConfig(preset=args.config, data=data_name, bucket_limits=bucket_limits,
+                             batch_cost=args.batch_cost, lr=args.lr,
                              warmup_steps=args.warmup_steps, seed=args.seed,
                              objective=Objective(equivariant_ot=args.ot), val_minutes=args.val_minutes,
                              checkpoint_minutes=args.checkpoint_minutes)
@@ -243,23 +269,52 @@ def run_train(args) -> int:
 
 
 def add_data_parser(commands) -> None:
+    from fastflow.data.moses3d import DEFAULT_SIZES
+
     data = commands.add_parser("data", help="preprocess a training set into the on-disk cache")
-    data.add_argument("dataset", choices=("qm9",), help="qm9: the qm9pack wheel's 130,831 DFT geometries")
+    data.add_argument("dataset", choices=("qm9", "moses3d"),
+                      help="qm9: the qm9pack wheel's 130,831 DFT geometries; moses3d: MOSES SMILES (molsets wheel, "
+                           "`pip install --no-deps molsets==0.3.1`) with RDKit ETKDGv3 + MMFF94 conformers "
+                           "(resumable: rerun after an interruption)")
     data.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default ~/.cache/fastflow)")
+    sizes = data.add_argument_group("moses3d")
+    for split in ("train", "val", "test"):
+        sizes.add_argument(f"--n-{split}", type=int, default=None,
+                           help=f"{split} molecules (default {DEFAULT_SIZES[split]:,})")
+    sizes.add_argument("--workers", type=int, default=None, help="conformer processes (default 2)")
     data.set_defaults(handler=run_data)
 
 
 def run_data(args) -> int:
-    from fastflow.data import MissingDataPackage, default_cache_dir, load_qm9
+    import time
 
+    from fastflow.data import MissingDataPackage, default_cache_dir, load_moses3d, load_qm9
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    options = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
+    if args.dataset != "moses3d" and (any(v is not None for v in options.values()) or args.workers is not None):
+        raise ValueError("--n-train/--n-val/--n-test/--workers are moses3d options")
+    started = time.monotonic()
     try:
-        data = load_qm9(args.cache_dir)
+        if args.dataset == "moses3d":
+            data = load_moses3d(args.cache_dir, **options, workers=args.workers or 2, progress=True)
+        else:
+            data = load_qm9(args.cache_dir)
     except MissingDataPackage as error:
         print(f"fastflow data: error: {error}", file=sys.stderr)
         return 2
     splits = ", ".join(f"{name} {len(indices)}" for name, indices in data["split"].items())
+    if args.dataset == "moses3d":
+        reasons = ", ".join(f"{reason} {count}" for reason, count in data["failures"].items()) or "none"
+        sizes = data["tensors"]["atom_ptr"].diff().float()
+        print(f"MOSES3D: {data['n_read']} SMILES read, {data['n_failed']} dropped ({reasons}), "
+              f"{data['n_read'] - data['n_failed']} kept; split {splits}; atoms with H: mean {sizes.mean():.1f}, "
+              f"max {int(sizes.max())}; {data['mmff_unconverged']} MMFF runs hit the iteration limit (kept)")
+        print(f"conformer generation {data['seconds']:.1f} s (all runs); this call {time.monotonic() - started:.1f} s "
+              f"wall; cache in {cache_dir}")
+        return 0
     print(f"QM9: {data['n_read']} read, {data['n_failed']} dropped (bond perception or sanitisation failed), "
-          f"{data['n_read'] - data['n_failed']} kept; split {splits}; cache in {args.cache_dir or default_cache_dir()}")
+          f"{data['n_read'] - data['n_failed']} kept; split {splits}; cache in {cache_dir}")
     return 0
 
 
@@ -285,7 +340,7 @@ def add_eval_parser(commands) -> None:
 
 def run_eval(args) -> int:
     from fastflow.data import MissingDataPackage, load_qm9
-    from fastflow.metrics import format_metrics_table
+    from fastflow.metrics import format_metrics_table, summary_json
     from fastflow.pretrained import ema_model
     from fastflow.training import load_checkpoint
     from fastflow.training.evaluate import evaluate
@@ -314,7 +369,7 @@ def run_eval(args) -> int:
         "kernels": handle.report()["kernels"]["backend"],
                    "threads": torch.get_num_threads()}
         summary.update({f"data_{key}": value for key, value in rows.get("data", {}).items()})
-        print(json.dumps({key: summary.get(key) for key in JSON_KEYS} | summary, default=float))
+        print(summary_json(summary, JSON_KEYS))
     else:
         table_keys = [key for key in generated if key not in ("nfe", "seconds", "molecules_per_second")]
         print(format_metrics_table({name: {k: row.get(k) for k in table_keys} for name, row in rows.items()}))
@@ -385,22 +440,45 @@ def add_merge_parser(commands) -> None:
 
 def run_merge(args) -> int:
     """Exit status 0 when merged, 1 when shards are missing (listed on stderr), 2 for other errors."""
-    from fastflow.sampling.sharded import MissingShards, merge, print_summary
+    from fastflow.sampling.sharded import DirectoryLock, MissingShards, merge, print_summary
 
+    lock = DirectoryLock.acquire(args.directory, "merge", create=False)  # not while a job samples into it
     try:
         summary = merge(args.directory, args.out)
     except MissingShards as error:
         print(f"fastflow merge: incomplete: {error}", file=sys.stderr)
         return 1
+    finally:
+        lock.release()
     print_summary(summary, args.json, JSON_KEYS)
     return 0
 
 
+def check_device(name: str | None) -> None:
+    """--device: a device string torch knows, and one this machine has."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}"
+                         f"{', a CPU-only build' if torch.version.cuda is None else ''})")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: fastflow samples on cpu or cuda")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 on success, 2 for a user error (one line on stderr, no traceback)."""
+    from fastflow.data import MissingDataPackage
+    from fastflow.ops.backends import BackendUnavailable
+
     args = build_parser().parse_args(argv)
     try:
+        check_device(getattr(args, "device", None))
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError, BackendUnavailable, MissingDataPackage) as error:
         print(f"fastflow {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,7 @@ class TrainConfig:
     """Everything that defines a run (saved in the checkpoint; a resumed run keeps the saved values)."""
 
     preset: str = "small"
+    data: str = "qm9"               # training set name ("qm9", "moses3d"): what `fastflow train --resume` reloads
     batch_cost: int = 1024          # padded atoms per batch (upstream: 4096 on a GPU)
     lr: float = 3e-4
     warmup_steps: int = 2000        # linear warm-up from 1% of lr (upstream QM9)
@@ -70,7 +71,15 @@ class Trainer:
                  model_config: SemlaConfig | None = None):
         self.config, self.dataset, self.out = config, dataset, Path(out)
         torch.manual_seed(config.seed)
-        self.model = Semla(model_config or SemlaConfig.preset(config.preset))
+        if model_config is None:  # the preset, in the dataset's coordinate units and large enough for it
+            model_config = SemlaConfig.preset(config.preset, coord_std=float(dataset.coord_std))
+            largest = int(dataset.sizes.max()) if len(dataset) else 0
+            if largest >= model_config.max_atoms:
+                model_config = dataclasses.replace(model_config, max_atoms=largest + 1)
+        elif not math.isclose(model_config.coord_std, float(dataset.coord_std), rel_tol=1e-6):
+            raise ValueError(f"the model's coord_std {model_config.coord_std} differs from the dataset's "
+                             f"{dataset.coord_std}: is this run on another training set (--data)?")
+        self.model = Semla(model_config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, amsgrad=True)
         self.size_counts = torch.bincount(dataset.sizes)
