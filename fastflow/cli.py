@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--checkpoint", type=Path, default=None,
                        help="an upstream SemlaFlow Lightning .ckpt, or a fastflow model directory "
                             "(default: the packaged QM9 model)")
+    add_model_argument(model)
     sample.add_argument("--batch-size", type=int, default=128, help="molecules per batch (default 128)")
     sample.add_argument("--device", default=None, help="cpu or cuda (default: the model's device, cpu)")
     sample.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -57,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     add_merge_parser(commands)
     return parser
+
+
+def add_model_argument(parser) -> None:
+    from fastflow.pretrained import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help=f"a packaged model: {DEFAULT_MODEL} (QM9, the default) or moses3d-small (drug-size)")
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +115,8 @@ def load_model(args) -> tuple[torch.nn.Module, str]:
     from fastflow.pretrained import DEFAULT_MODEL, has_pretrained, load_pretrained
     from fastflow.sampling.sampler import check_seed
 
+    if args.checkpoint is not None and getattr(args, "model", None) is not None:
+        raise ValueError("give --checkpoint or --model, not both")
     if args.checkpoint is not None:
         if args.checkpoint.is_dir():
             return load_pretrained_dir(args.checkpoint), f"fastflow model {args.checkpoint}"
@@ -115,6 +126,8 @@ def load_model(args) -> tuple[torch.nn.Module, str]:
             raise ValueError(f"{args.checkpoint}: a fastflow model is a directory holding config.json and "
                              "model.safetensors; pass the directory")
         return load_semlaflow_checkpoint(args.checkpoint), f"SemlaFlow checkpoint {args.checkpoint}"
+    if args.model is not None:
+        return load_pretrained(args.model), f"packaged model {args.model} (fastflow.load_pretrained({args.model!r}))"
     if args.config is None and has_pretrained():
         return load_pretrained(), f"packaged model {DEFAULT_MODEL} (fastflow.load_pretrained())"
     preset = args.config or DEFAULT_RANDOM_PRESET
@@ -217,8 +230,7 @@ def add_train_parser(commands) -> None:
 
 
 def run_train(args) -> int:
-    from fastflow.data import (DRUG_BUCKET_LIMITS, QM9_BUCKET_LIMITS, MissingDataPackage, load_moses3d, load_qm9,
-                               moses3d_split, qm9_split)
+    from fastflow.data import dataset_spec
     from fastflow.pretrained import export_pretrained
     from fastflow.training import Objective, TrainConfig, Trainer
     from fastflow.training.trainer import CHECKPOINT, load_checkpoint
@@ -238,22 +250,14 @@ def run_train(args) -> int:
             raise ValueError(f"{args.out} was trained on --data {saved}, not {args.data}")
         data_name = saved
     torch.set_num_threads(args.threads)
-    try:
-        if data_name == "moses3d":
-            dataset = moses3d_split(load_moses3d(args.cache_dir, progress=args.progress), "train")
-            bucket_limits = DRUG_BUCKET_LIMITS
-        else:
-            dataset = qm9_split(load_qm9(args.cache_dir), "train")
-            bucket_limits = QM9_BUCKET_LIMITS
-    except MissingDataPackage as error:
-        print(f"fastflow train: error: {error}", file=sys.stderr)
-        return 2
+    spec = dataset_spec(data_name)
+    dataset = spec.split(spec.load(args.cache_dir, progress=args.progress), "train")
     if args.resume:
         trainer = Trainer.resume(dataset, args.out)
     elif (args.out / CHECKPOINT).exists():
         raise ValueError(f"{args.out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
     else:
-        config = TrainConfig(preset=args.config, data=data_name, bucket_limits=bucket_limits,
+        config = TrainConfig(preset=args.config, data=data_name, bucket_limits=spec.bucket_limits,
                              batch_cost=args.batch_cost, lr=args.lr,
                              warmup_steps=args.warmup_steps, seed=args.seed,
                              objective=Objective(equivariant_ot=args.ot), val_minutes=args.val_minutes,
@@ -319,17 +323,24 @@ def run_data(args) -> int:
 
 
 def add_eval_parser(commands) -> None:
-    evaluate = commands.add_parser("eval", help="metrics of generated molecules next to held-out QM9 test molecules")
+    evaluate = commands.add_parser("eval", help="metrics of generated molecules next to held-out test molecules")
     evaluate.add_argument("--n", type=int, default=1000, help="molecules to generate, and test molecules (default 1000)")
     evaluate.add_argument("--steps", type=int, default=100, help="ODE solver steps (default 100)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     evaluate.add_argument("--checkpoint", type=Path, default=None,
                           help="a fastflow model directory, a training run's checkpoint.pt (EMA weights) or an "
                                "upstream .ckpt (default: the packaged model)")
+    add_model_argument(evaluate)
+    evaluate.add_argument("--data", choices=("qm9", "moses3d"), default=None,
+                          help="test and training molecules for the data row and novelty (default: the data set "
+                               "the model was trained on, else qm9)")
+    evaluate.add_argument("--posebusters", action="store_true",
+                          help="add the PoseBusters PB-valid fraction and per-check failure rates "
+                               "(`pip install posebusters`)")
     evaluate.add_argument("--batch-size", type=int, default=128, help="molecules per batch (default 128)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     evaluate.add_argument("--no-energy", action="store_true", help="skip the MMFF energy and strain metrics")
-    evaluate.add_argument("--cache-dir", type=Path, default=None, help="QM9 cache (default ~/.cache/fastflow)")
+    evaluate.add_argument("--cache-dir", type=Path, default=None, help="data cache (default ~/.cache/fastflow)")
     evaluate.add_argument("--json", action="store_true",
                           help="one JSON object: the keys of `sample --json`, and data_* for the data row")
     evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -339,7 +350,7 @@ def add_eval_parser(commands) -> None:
 
 
 def run_eval(args) -> int:
-    from fastflow.data import MissingDataPackage, load_qm9
+    from fastflow.data import MissingDataPackage, dataset_spec
     from fastflow.metrics import format_metrics_table, summary_json
     from fastflow.pretrained import ema_model
     from fastflow.training import load_checkpoint
@@ -347,26 +358,30 @@ def run_eval(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.posebusters and importlib.util.find_spec("posebusters") is None:  # before sampling, not after
+        raise ValueError("--posebusters needs the posebusters package: pip install posebusters")
     if args.checkpoint is not None and args.checkpoint.suffix == ".pt":
         model, description = ema_model(load_checkpoint(args.checkpoint)), f"EMA weights of {args.checkpoint}"
     else:
         model, description = load_model(args)
     print(f"model: {description}", file=sys.stderr)
+    dataset = args.data or getattr(model, "training_data", "qm9")
     try:
-        data = load_qm9(args.cache_dir)
+        data = dataset_spec(dataset).load(args.cache_dir)
     except MissingDataPackage as error:
         print(f"fastflow eval: no data row and no novelty: {error}", file=sys.stderr)
         data = None
     handle = patch_from_args(model, args)
     cache = handle.cache
     rows = evaluate(model, args.n, args.steps, args.seed, data, energy=not args.no_energy,
-                    batch_size=args.batch_size, progress=args.progress)
+                    batch_size=args.batch_size, progress=args.progress, dataset=dataset,
+                    posebusters=args.posebusters)
     generated = rows["generated"]
     if args.json:
-        summary = {**generated, "steps": args.steps, "seed": args.seed, "model": description,
+        summary = {**generated, "steps": args.steps, "seed": args.seed, "model": description, "data": dataset,
                    "cache": args.cache if cache is None else repr(cache),
                    "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
-        "kernels": handle.report()["kernels"]["backend"],
+                   "kernels": handle.report()["kernels"]["backend"],
                    "threads": torch.get_num_threads()}
         summary.update({f"data_{key}": value for key, value in rows.get("data", {}).items()})
         print(summary_json(summary, JSON_KEYS))
@@ -375,7 +390,8 @@ def run_eval(args) -> int:
         print(format_metrics_table({name: {k: row.get(k) for k in table_keys} for name, row in rows.items()}))
         print(f"{args.n} molecules, {args.steps} steps, {generated['nfe']} network evaluations, "
               f"{generated['seconds']:.2f} s ({generated['molecules_per_second']:.1f} molecules/s, "
-              f"{torch.get_num_threads()} threads); data row: {args.n} QM9 test molecules")
+              f"{torch.get_num_threads()} threads)" + (f"; data row: {args.n} {dataset} test molecules"
+                                                        if data is not None else ""))
     return 0
 
 

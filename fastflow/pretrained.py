@@ -70,4 +70,5 @@ def ema_model(state: dict) -> Semla:
     model = Semla(SemlaConfig.from_dict(state["model_config"]))
     load_weights(model, state["ema"], source="the training checkpoint's EMA weights")
     model.size_counts = {n: int(c) for n, c in enumerate(state["size_counts"].tolist()) if c}
+    model.training_data = state["train_config"].get("data", "qm9")
     return model.eval()

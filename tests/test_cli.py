@@ -72,6 +72,13 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
         assert "Traceback" not in err
 
 
+def test_packaged_models_by_name(capsys):
+    assert main(["sample", "--model", "qm9-small", "--n", "2", "--steps", "2", "--no-energy", "--json"]) == 0
+    assert "qm9-small" in json.loads(capsys.readouterr().out)["model"]
+    assert main(["sample", "--model", "no-such-model", "--n", "1"]) == 2
+    assert "no packaged model 'no-such-model'" in capsys.readouterr().err
+
+
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "fastflow", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "sample" in result.stdout

@@ -20,9 +20,11 @@ from fastflow.data.qm9 import (
     qm9_split,
     qm9pack_data_dir,
 )
+from fastflow.data.registry import DATASETS, DatasetSpec, dataset_spec
 
 __all__ = [
-    "DRUG_BUCKET_LIMITS", "INSTALL_HINT", "QM9_BUCKET_LIMITS", "MOSES_INSTALL_HINT", "MissingDataPackage", "MolDataset", "bucket_batches",
-    "default_cache_dir", "load_qm9", "midi_split", "pack_graphs", "preprocess_qm9", "qm9_split",
-    "qm9pack_data_dir", "load_moses3d", "moses3d_split", "moses_data_dir", "preprocess_moses3d", "smiles_to_graph",
+    "DATASETS", "DRUG_BUCKET_LIMITS", "DatasetSpec", "INSTALL_HINT", "MOSES_INSTALL_HINT", "MissingDataPackage",
+    "MolDataset", "QM9_BUCKET_LIMITS", "bucket_batches", "dataset_spec", "default_cache_dir", "load_moses3d",
+    "load_qm9", "midi_split", "moses3d_split", "moses_data_dir", "pack_graphs", "preprocess_moses3d",
+    "preprocess_qm9", "qm9_split", "qm9pack_data_dir", "smiles_to_graph",
 ]

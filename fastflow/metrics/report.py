@@ -23,6 +23,7 @@ def compute_metrics(
     energy: bool = True,
     valence_table: str = "semlaflow",
     max_iters: int = MAX_ITERS,
+    posebusters: bool = False,
 ) -> dict[str, float]:
     """SemlaFlow's metrics for a set of generated molecules.
 
@@ -32,6 +33,8 @@ def compute_metrics(
         train_smiles: training-set SMILES for novelty (a ``CanonicalSmilesSet`` skips canonicalisation);
             without it ``novelty`` is absent.
         energy: compute the MMFF94 metrics (the slow part: one minimisation per molecule).
+        posebusters: add the PoseBusters numbers (pb_valid, pb_valid_of_valid, pb_fail_<check>; see
+            :mod:`fastflow.metrics.posebusters`; needs the posebusters package).
 
     Keys: n, atom_stability, mol_stability, validity, connected_validity, uniqueness, [novelty], and with
     ``energy``: energy_validity, opt_energy_validity, energy, energy_per_atom, strain, strain_per_atom,
@@ -60,6 +63,10 @@ def compute_metrics(
         metrics["novelty"] = novelty(mols, train_smiles)
     if energy:
         metrics.update(energy_metrics(mols, max_iters))
+    if posebusters:
+        from fastflow.metrics.posebusters import posebusters_metrics  # lazy: pandas and posebusters are optional
+
+        metrics.update(posebusters_metrics(mols))
     return metrics
 
 

@@ -96,7 +96,8 @@ def save_pretrained(model: Semla, directory: str | os.PathLike) -> Path:
 
 def load_pretrained_dir(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Semla:
     """Load a model written by :func:`save_pretrained`, in eval mode; with a ``size_counts.json`` beside it
-    (written by ``fastflow train --export``), ``model.size_counts`` holds that size histogram."""
+    (written by ``fastflow train --export``), ``model.size_counts`` holds that size histogram, and with a
+    ``training.json``, ``model.training_data`` names its training set ("qm9", "moses3d")."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -119,6 +120,9 @@ def load_pretrained_dir(directory: str | os.PathLike, map_location: str | torch.
     counts_path = directory / "size_counts.json"
     if counts_path.is_file():  # the training split's atom-count histogram, what the sampler draws sizes from
         model.size_counts = {int(n): count for n, count in json.loads(counts_path.read_text()).items()}
+    training_path = directory / "training.json"
+    if training_path.is_file():  # the data set it was trained on: what `fastflow eval` compares it with
+        model.training_data = json.loads(training_path.read_text()).get("train_config", {}).get("data", "qm9")
     return model.to(map_location).eval()
 
 

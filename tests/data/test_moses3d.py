@@ -173,3 +173,20 @@ def test_cli_data_summary_and_training_on_moses3d(tiny_dir, tmp_path, monkeypatc
     model = load_pretrained_dir(model_dir)
     assert model.config.coord_std == GEOM_COORD_STD
     assert model.size_counts == {n: int(c) for n, c in enumerate(state["size_counts"].tolist()) if c}
+
+
+def test_eval_on_moses3d_with_posebusters(tiny_cache, tmp_path, capsys):
+    """`fastflow eval --data moses3d --posebusters`: the data row is MOSES3D test molecules (MMFF-relaxed, so
+    PoseBusters passes them), and both rows carry the PoseBusters numbers."""
+    from fastflow.models import Semla, SemlaConfig
+    from fastflow.models.checkpoint import save_pretrained
+
+    pytest.importorskip("posebusters")
+    cache, _ = tiny_cache
+    save_pretrained(Semla(SemlaConfig.preset("tiny", coord_std=GEOM_COORD_STD)), tmp_path / "model")
+    assert main(["eval", "--checkpoint", str(tmp_path / "model"), "--n", "2", "--steps", "2", "--no-energy",
+                 "--json", "--data", "moses3d", "--cache-dir", str(cache), "--posebusters"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["data"] == "moses3d"
+    assert summary["data_pb_valid"] == 1.0 and summary["data_pb_checked"] == 2
+    assert 0.0 <= summary["pb_valid"] <= summary["validity"]
