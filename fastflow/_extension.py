@@ -39,6 +39,11 @@ def load_extension() -> bool:
     return _status["loaded"]
 
 
+def is_loaded() -> bool:
+    """Whether fastflow._C is loaded already (never loads it)."""
+    return _status is not None and _status["loaded"]
+
+
 def extension_status() -> dict:
     """{"loaded": bool, "how": "prebuilt" | "jit" | None, "reason": str | None}; loads on first call."""
     load_extension()

@@ -506,8 +506,8 @@ class Semla(nn.Module):
                 raise ValueError(f"{name} is on {tensor.device} but the model is on {param.device}")
             if tensor.is_floating_point() and tensor.dtype != param.dtype:
                 raise TypeError(f"{name} has dtype {tensor.dtype} but the model's parameters are {param.dtype}")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{name} contains NaN or inf values")
+            if tensor.is_floating_point():
+                _require(torch.isfinite(tensor).all(), f"{name} contains NaN or inf values")
 
         if atom_mask is None:
             return torch.ones(B, N, dtype=coords.dtype, device=coords.device)
@@ -515,16 +515,25 @@ class Semla(nn.Module):
             raise ValueError(f"atom_mask must have shape {[B, N]}, got {list(atom_mask.shape)}")
         if atom_mask.device != param.device:
             raise ValueError(f"atom_mask is on {atom_mask.device} but the model is on {param.device}")
-        if not bool(((atom_mask == 0) | (atom_mask == 1)).all()):
-            raise ValueError("atom_mask must contain only 0/1 (or False/True)")
+        _require(((atom_mask == 0) | (atom_mask == 1)).all(), "atom_mask must contain only 0/1 (or False/True)")
         n_atoms = atom_mask.sum(dim=-1)
-        if bool((n_atoms == 0).any()):
-            rows = torch.nonzero(n_atoms == 0).flatten().tolist()
-            raise ValueError(f"molecules {rows} of the batch have no real atoms (all-padding rows)")
-        if int(n_atoms.max()) >= config.max_atoms:
-            raise ValueError(f"a molecule has {int(n_atoms.max())} atoms; this model embeds sizes up to "
-                             f"max_atoms-1 = {config.max_atoms - 1}")
+        _require((n_atoms > 0).all(), lambda: f"molecules {torch.nonzero(n_atoms == 0).flatten().tolist()} of "
+                                             "the batch have no real atoms (all-padding rows)")
+        _require((n_atoms < config.max_atoms).all(),
+                 lambda: f"a molecule has {int(n_atoms.max())} atoms; this model embeds sizes up to max_atoms-1 = "
+                         f"{config.max_atoms - 1}")
         return atom_mask
+
+
+def _require(condition: torch.Tensor, message) -> None:
+    """A check of the input values (``condition``: a bool tensor; ``message``: a string, or a function making it
+    from the data). Eager: a ValueError. Under torch.compile / torch.export: an assertion inside the graph
+    (``torch._assert_async``) instead of a data-dependent branch, so a compiled or exported model keeps the
+    check without a graph break (it raises a RuntimeError with the message; on CUDA, a device-side assert)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, message if isinstance(message, str) else "invalid model input")
+    elif not bool(condition):
+        raise ValueError(message if isinstance(message, str) else message())
 
 
 def _describe(value) -> str:

@@ -24,6 +24,7 @@ class BackendUnavailable(RuntimeError):
 
 _warned: set[str] = set()  # reasons already warned about by `auto`
 _registered: set[str] = set()  # C++ ops whose fake kernel and autograd are registered
+_pending_binders: list = []  # op modules' binders still waiting for fastflow._C (see bind_cpp_ops)
 
 
 def resolve_backend(name: str | None, device: torch.device | str) -> str:
@@ -64,6 +65,21 @@ def register_cpp_op(name: str, fake, backward=None, setup_context=None):
     return getattr(torch.ops.fastflow, name).default
 
 
+def bind_cpp_ops(binder) -> None:
+    """Run ``binder()`` — an op module's function that calls :func:`register_cpp_op` for its C++ ops — as soon as
+    fastflow._C is loaded: now if it is, else when a backend resolution loads it. So the registration happens in
+    eager Python before any use, never first inside a torch.compile trace, where the caller's module (which
+    torch checks against csrc/registration.cpp's set_python_module) would be misread."""
+    _pending_binders.append(binder)
+    if _extension.is_loaded():
+        _run_binders()
+
+
+def _run_binders() -> None:
+    while _pending_binders:
+        _pending_binders.pop(0)()
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Concrete backends that can run on tensors on `device`."""
     device = torch.device(device)
@@ -95,6 +111,8 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
             return f"the cpp backend runs on cpu tensors, got {device.type} tensors"
         if not _extension.load_extension():
             return _extension.extension_status()["reason"]
+        if _pending_binders:
+            _run_binders()
         return None
     if name == "triton":
         if importlib.util.find_spec("triton") is None:

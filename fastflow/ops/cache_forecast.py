@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastflow.ops.backends import register_cpp_op, resolve_backend
+from fastflow.ops.backends import bind_cpp_ops, register_cpp_op, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -107,8 +107,7 @@ def _cpp_op():
     return register_cpp_op("cache_forecast", _forecast_fake, _backward, _setup_context)
 
 
-if hasattr(torch.ops.fastflow, "cache_forecast"):  # fastflow._C was loaded before this module
-    _cpp_op()
+bind_cpp_ops(_cpp_op)
 
 
 # custom_op, not triton_op: triton_op traces the launcher with fake tensors, which breaks opcheck, compile and

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastflow.ops.backends import register_cpp_op, resolve_backend
+from fastflow.ops.backends import bind_cpp_ops, register_cpp_op, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 # Tensor arguments in schema order; the optional edge-input block is all given or all None.
@@ -212,8 +212,7 @@ def _cpp_op():
     return register_cpp_op("semla_attention", _semla_attention_fake, _backward, _setup_context)
 
 
-if hasattr(torch.ops.fastflow, "semla_attention"):  # fastflow._C was loaded before this module
-    _cpp_op()
+bind_cpp_ops(_cpp_op)
 
 
 # custom_op, not triton_op: see cache_forecast.py.

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastflow.ops.backends import BackendUnavailable, register_cpp_op, resolve_backend
+from fastflow.ops.backends import BackendUnavailable, bind_cpp_ops, register_cpp_op, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 MODES = ("uvw", "uvu", "uvv", "uuw", "uuu")  # index = the mode code in paths[:, 0]
@@ -487,30 +487,30 @@ def _cpp_backward(name):
     return get
 
 
-_cpp_registered = False
-
-
 def _cpp_ops():
-    """torch.ops.fastflow, with the fake kernels and autograd of these ops registered once fastflow._C has
-    defined them (schemas in C++)."""
-    global _cpp_registered
-    if not _cpp_registered:
+    """torch.ops.fastflow, with the fake kernels and autograd of these ops registered (schemas in C++)."""
+    if "cpp" not in _available:  # checked once: torch.compile cannot trace the check
         reason = cpp_unavailable_reason()  # loads fastflow._C
         if reason is not None:
             raise BackendUnavailable(f"fastflow::tensor_product / tp_conv are not available: {reason}")
-        register_cpp_op("tensor_product", _tensor_product_fake,
-                        _make_backward(_cpp_backward("tensor_product"), tensor_product_grads_reference, 8),
-                        _tp_setup_context)
-        register_cpp_op("tensor_product_backward", _tensor_product_backward_fake)
-        register_cpp_op("tp_conv", _tp_conv_fake,
-                        _make_backward(_cpp_backward("tp_conv"), tp_conv_grads_reference, 11), _conv_setup_context)
-        register_cpp_op("tp_conv_backward", _tp_conv_backward_fake)
-        _cpp_registered = True
+    _bind_cpp_ops()
     return torch.ops.fastflow
 
 
-if hasattr(torch.ops.fastflow, "tp_conv"):  # fastflow._C was loaded before this module
-    _cpp_ops()
+def _bind_cpp_ops():
+    """Register the fake kernels and autograd of the C++ ops, where fastflow._C has them (an older build may not)."""
+    if not hasattr(torch.ops.fastflow, "tp_conv"):
+        return
+    register_cpp_op("tensor_product", _tensor_product_fake,
+                    _make_backward(_cpp_backward("tensor_product"), tensor_product_grads_reference, 8),
+                    _tp_setup_context)
+    register_cpp_op("tensor_product_backward", _tensor_product_backward_fake)
+    register_cpp_op("tp_conv", _tp_conv_fake,
+                    _make_backward(_cpp_backward("tp_conv"), tp_conv_grads_reference, 11), _conv_setup_context)
+    register_cpp_op("tp_conv_backward", _tp_conv_backward_fake)
+
+
+bind_cpp_ops(_bind_cpp_ops)
 
 
 # ---- Triton: custom ops around fastflow.triton_kernels.tensor_product (imported lazily) ----
