@@ -489,8 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status 0 on success, 2 for a user error (one line on stderr, no traceback)."""
     from fastflow.data import MissingDataPackage
     from fastflow.ops.backends import BackendUnavailable
+    from fastflow.runtime import retain_freed_buffers
 
     args = build_parser().parse_args(argv)
+    retain_freed_buffers()  # the CLI owns its process: reuse freed pair-sized buffers (see fastflow.runtime)
     try:
         check_device(getattr(args, "device", None))
         return args.handler(args)

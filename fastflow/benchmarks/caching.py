@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastflow.benchmarks.timing import machine_metadata
+from fastflow.benchmarks.timing import machine_header, machine_metadata
 from fastflow.cache import CacheConfig, FixedInterval
 from fastflow.metrics import compute_metrics
 from fastflow.models import Semla, SemlaConfig
@@ -145,6 +145,10 @@ def run(args) -> dict:
     finally:
         warmup.unpatch()
 
+    parameter = next(model.parameters(), None)
+    device = parameter.device.type if parameter is not None else "cpu"
+    machine = machine_metadata(device)
+    print(machine_header(machine))
     rows, base = [], None
     only = getattr(args, "only", None)
     table = runs(args.quick, steps_base)
@@ -183,10 +187,8 @@ def run(args) -> dict:
         rows[-1]["matched_quality"] = matched_quality(rows[-1], rows[0])
         print_row(rows[-1], header=len(rows) == 1)
 
-    parameter = next(model.parameters(), None)
-    device = parameter.device.type if parameter is not None else "cpu"
     metadata = {
-        **machine_metadata(device),
+        **machine,
         "model": args.checkpoint or args.config or "fastflow.load_pretrained()",
         **request,
         "steps": steps_base,

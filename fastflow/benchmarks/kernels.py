@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from fastflow.benchmarks.timing import machine_metadata, matmul_gflops, median_seconds, peak_allocated_bytes
+from fastflow.benchmarks.timing import machine_header, machine_metadata, median_seconds, peak_allocated_bytes
 from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
 from fastflow.models import Semla, SemlaConfig
 from fastflow.ops.semla_attention import semla_attention, semla_attention_flops
@@ -243,10 +243,12 @@ def run(presets=("semlaflow", "small"), backend: str = "auto", repeats: int = 5,
     if backend == "reference":
         raise RuntimeError("no fused backend is available here; `fastflow bench kernels` compares one to the "
                            "reference")
-    peak = matmul_gflops()
-    results = {"metadata": {**machine_metadata(), "backend": backend, "repeats": repeats,
+    machine = machine_metadata()
+    peak = machine["gemm_gflops"]["fp32"]
+    results = {"metadata": {**machine, "backend": backend, "repeats": repeats,
                             "matmul_gflops": peak}, "op": {}, "forward": {}, "memory": {}}
-    print(f"fp32 matmul rate: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads); backend {backend}")
+    print(machine_header(machine))
+    print(f"backend {backend}; gflops columns are fractions of the fp32 matmul rate {peak:.1f} GFLOP/s")
     op_columns = ["molecules", "atoms", "reference_ms", "compiled_ms", f"{backend}_ms", "speedup",
                   "speedup_vs_compiled", "gflops", "fraction_of_matmul", "max_rel_error"]
     with warnings.catch_warnings():

@@ -29,9 +29,9 @@ def median_seconds(fns: dict, repeats: int, warmup: int = 2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu") -> float:
-    """The machine's fp32 matmul rate (GFLOP/s, 2n³ per n×n product) at the current thread count."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu", dtype=torch.float32) -> float:
+    """The machine's matmul rate (GFLOP/s, 2n³ per n×n product) in ``dtype`` at the current thread count."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = median_seconds({"mm": lambda: a @ b}, repeats)["mm"]
     return 2 * n**3 / seconds / 1e9
 
@@ -78,8 +78,16 @@ def cpu_model() -> str:
 
 
 def machine_metadata(device: str = "cpu") -> dict:
+    """What a benchmark ran on: CPU and its ISA, the measured fp32 and bf16 matmul rates at 1024³ (the matrix
+    engines show in the bf16 one: AMX, AVX512-BF16), threads, the C-heap setting, versions and the date."""
+    from fastflow.runtime import cpu_isa, heap_setting
+
     return {
         "cpu": cpu_model(),
+        "isa": list(cpu_isa()),
+        "gemm_gflops": {name: round(matmul_gflops(device=device, dtype=dtype), 1)
+                        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
+        "heap": heap_setting(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -87,3 +95,10 @@ def machine_metadata(device: str = "cpu") -> dict:
         "host": platform.node(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def machine_header(metadata: dict) -> str:
+    """One line for the top of a benchmark's table: the machine :func:`machine_metadata` describes."""
+    rates = ", ".join(f"{name} {rate:.0f}" for name, rate in metadata["gemm_gflops"].items())
+    return (f"# {metadata['cpu']}; ISA {' '.join(metadata['isa']) or 'baseline'}; matmul GFLOP/s at 1024^3: "
+            f"{rates}; {metadata['threads']} threads; heap: {metadata['heap']}; torch {metadata['torch']}")

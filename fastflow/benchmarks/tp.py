@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fastflow.benchmarks.timing import machine_metadata, median_seconds
+from fastflow.benchmarks.timing import machine_header, machine_metadata, median_seconds
 
 CONFIGS = {
     "l1": ("32x0e+32x1o", 2),
@@ -243,13 +243,15 @@ def run(configs=tuple(CONFIGS), edges=EDGES, degree: int = 20, ops=OPS, passes=P
     from fastflow.ops.tensor_product import _resolve
 
     resolved = _resolve(backend, torch.device("cuda" if backend == "triton" else "cpu"))
+    machine = machine_metadata()
+    print(machine_header(machine))
     print(f"fastflow bench tp: backend {backend} -> {resolved}, {torch.get_num_threads()} threads")
     rows = []
     for config in configs:
         for n_edges in edges:
             rows += bench_case(config, n_edges, degree, ops, passes, backend, repeats, compile_e3nn, cuequivariance,
                                memory_limit_gb)
-    results = {"benchmark": "tp", "machine": machine_metadata(), "backend": backend, "resolved_backend": resolved,
+    results = {"benchmark": "tp", "machine": machine, "backend": backend, "resolved_backend": resolved,
                "repeats": repeats, "degree": degree, "rows": rows}
     if out is not None:
         out = Path(out)
