@@ -142,13 +142,13 @@ def run_sample(args) -> int:
     from fastflow.chem.sdf import write_sdf
     from fastflow.metrics import compute_metrics, format_metrics_table, summary_json
     from fastflow.sampling import sample
-    from fastflow.sampling.sharded import sample_command, shard_directory
+    from fastflow.sampling.sharded import shard_directory
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     directory = shard_directory(args.out, args.shard_size)
     if directory is not None:  # a shard directory, alone or under torchrun
-        return sample_command(args, directory)
+        return run_sharded_sample(args, directory)
     model, description = load_model(args)
     if args.device is not None:
         model = model.to(args.device)
@@ -185,6 +185,45 @@ def run_sample(args) -> int:
               f"{summary['seconds']:.2f} s ({summary['molecules_per_second']:.1f} molecules/s, "
               f"{summary['threads']} threads)")
     return 0
+
+
+def run_sharded_sample(args, directory: Path) -> int:
+    """``fastflow sample --out DIR`` (alone or under torchrun): the CLI's options, :func:`sample_sharded`'s work."""
+    from fastflow.sampling.sharded import (DEFAULT_SHARD_SIZE, Coordinator, OtherRankFailed, ShardedRequest,
+                                           model_fingerprint, print_summary, sample_sharded)
+
+    coordinator = Coordinator.from_env(args.device)
+    try:
+        model, description = load_model(args)
+        if coordinator.device is not None:
+            model = model.to(coordinator.device)
+        if coordinator.rank == 0:
+            print(f"model: {description}", file=sys.stderr)
+            if coordinator.distributed:
+                import torch.distributed as dist
+
+                print(f"sharded sampling: {coordinator.world_size} ranks ({dist.get_backend()}) into "
+                      f"{directory}", file=sys.stderr)
+        cache = cache_config(args)
+        request = ShardedRequest(n=args.n, steps=args.steps, schedule=args.schedule, seed=args.seed,
+                                 shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
+                                 model_fingerprint=model_fingerprint(model), cache=cache,
+                                 energy=not args.no_energy)
+        handle = patch_from_args(model, args)
+        try:
+            summary = sample_sharded(model, directory, request, coordinator, handle=handle,
+                                     description=description,
+                                     cache_label=args.cache if cache is None else repr(cache),
+                                     batch_size=args.batch_size,
+                                     size_distribution=getattr(model, "size_counts", None),
+                                     overwrite=args.overwrite, progress=args.progress)
+        except OtherRankFailed:
+            return 2
+        if summary is not None:
+            print_summary(summary, args.json, JSON_KEYS)
+        return 0
+    finally:
+        coordinator.close()
 
 
 def add_train_parser(commands) -> None:
@@ -231,9 +270,10 @@ def add_train_parser(commands) -> None:
 
 def run_train(args) -> int:
     from fastflow.data import dataset_spec
-    from fastflow.pretrained import export_pretrained
+    from fastflow.training.export import export_pretrained
     from fastflow.training import Objective, TrainConfig, Trainer
-    from fastflow.training.trainer import CHECKPOINT, load_checkpoint
+    from fastflow.training.checkpoint import load_checkpoint
+    from fastflow.training.trainer import CHECKPOINT
 
     data_name = args.data or "qm9"
     if args.out is None:
@@ -352,7 +392,7 @@ def add_eval_parser(commands) -> None:
 def run_eval(args) -> int:
     from fastflow.data import MissingDataPackage, dataset_spec
     from fastflow.metrics import format_metrics_table, summary_json
-    from fastflow.pretrained import ema_model
+    from fastflow.training.export import ema_model
     from fastflow.training import load_checkpoint
     from fastflow.training.evaluate import evaluate
 

@@ -1,7 +1,7 @@
 """Chemistry: vocabularies, tensors ⇄ RDKit molecules, SDF I/O."""
 
-from fastflow.chem.convert import canonical_smiles, graph_to_mol, mol_to_graph
-from fastflow.chem.graph import MolGraph
+from fastflow.chem.convert import canonical_smiles, mol_to_graph
+from fastflow.chem.graph import MolGraph, graph_to_mol
 from fastflow.chem.sdf import read_sdf, write_sdf
 
 from fastflow.chem.vocab import (

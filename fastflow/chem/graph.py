@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+from rdkit import Chem, rdBase
 from torch import Tensor
 
-from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES, N_CHARGE_TYPES
-
-if TYPE_CHECKING:
-    from rdkit import Chem
+from fastflow.chem.vocab import ATOM_VOCAB, CHARGES, N_ATOM_TYPES, N_BOND_TYPES, N_CHARGE_TYPES
 
 
 @dataclass
@@ -83,8 +80,6 @@ class MolGraph:
 
     def to_rdkit(self, sanitize: bool = True) -> Chem.Mol | None:
         """RDKit molecule with one 3D conformer, or None if it cannot be built (or sanitised)."""
-        from fastflow.chem.convert import graph_to_mol  # convert imports MolGraph
-
         return graph_to_mol(self, sanitize=sanitize)
 
 
@@ -113,3 +108,54 @@ def _check(name: str, t: Tensor, shape: tuple[int, ...], floating: bool = False,
         raise TypeError(f"{name} must be a torch.long tensor, got {t.dtype}")
     if t.numel() and (t.min() < 0 or t.max() >= n_classes):
         raise ValueError(f"{name} values must lie in [0, {n_classes}), got [{t.min()}, {t.max()}]")
+
+
+FIRST_ELEMENT = 2  # vocabulary indices 0 and 1 are <PAD> and <MASK>
+RDKIT_BOND = {
+    1: Chem.BondType.SINGLE,
+    2: Chem.BondType.DOUBLE,
+    3: Chem.BondType.TRIPLE,
+    4: Chem.BondType.AROMATIC,
+}
+BOND_CLASS = {rdkit_type: cls for cls, rdkit_type in RDKIT_BOND.items()}
+
+
+def graph_to_mol(graph: MolGraph, sanitize: bool = True) -> Chem.Mol | None:
+    """Build an RDKit molecule exactly as SemlaFlow does; None when that fails.
+
+    Atoms from tokens (any ``<PAD>``/``<MASK>`` fails the molecule), formal charges, one 3D conformer, and
+    one bond per strict-lower-triangle entry (i > j) with class > 0. Hydrogens are only those in the graph;
+    RDKit may still add implicit ones during sanitisation, as upstream. With ``sanitize`` a molecule that
+    fails ``SanitizeMol`` gives None. RDKit's log output is silenced.
+    """
+    atom_types = graph.atom_types.tolist()
+    if min(atom_types) < FIRST_ELEMENT:
+        return None
+    charges = graph.charges.tolist()
+    bonds = strict_lower(graph.bond_types.cpu())
+    starts, ends = bonds.nonzero(as_tuple=True)  # row-major, as upstream's bond list
+
+    with rdBase.BlockLogs():
+        editable = Chem.RWMol()
+        for type_idx, charge_idx in zip(atom_types, charges):
+            atom = Chem.Atom(ATOM_VOCAB[type_idx])
+            atom.SetFormalCharge(CHARGES[charge_idx])
+            editable.AddAtom(atom)
+        for i, j, cls in zip(starts.tolist(), ends.tolist(), bonds[starts, ends].tolist()):
+            editable.AddBond(i, j, RDKIT_BOND[cls])
+        mol = editable.GetMol()
+
+        conformer = Chem.Conformer(graph.n_atoms)
+        for idx, xyz in enumerate(graph.coords.double().tolist()):
+            conformer.SetAtomPosition(idx, xyz)
+        conformer.Set3D(True)
+        mol.AddConformer(conformer, assignId=True)
+
+        try:
+            for atom in mol.GetAtoms():
+                atom.UpdatePropertyCache(strict=False)
+            if sanitize:
+                Chem.SanitizeMol(mol)
+        except Exception:
+            return None
+    return mol

@@ -774,47 +774,8 @@ __all__ = [
     "print_summary",
     "read_graphs",
     "read_shard_info",
-    "sample_command",
     "sample_sharded",
     "save_graphs",
     "shard_directory",
     "write_json",
 ]
-
-
-def sample_command(args, directory: Path) -> int:
-    """``fastflow sample --out DIR`` (alone or under torchrun): the CLI's options, this module's sampling."""
-    from fastflow.cli import JSON_KEYS, cache_config, load_model, patch_from_args
-
-    coordinator = Coordinator.from_env(args.device)
-    try:
-        model, description = load_model(args)
-        if coordinator.device is not None:
-            model = model.to(coordinator.device)
-        if coordinator.rank == 0:
-            print(f"model: {description}", file=sys.stderr)
-            if coordinator.distributed:
-                import torch.distributed as dist
-
-                print(f"sharded sampling: {coordinator.world_size} ranks ({dist.get_backend()}) into "
-                      f"{directory}", file=sys.stderr)
-        cache = cache_config(args)
-        request = ShardedRequest(n=args.n, steps=args.steps, schedule=args.schedule, seed=args.seed,
-                                 shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
-                                 model_fingerprint=model_fingerprint(model), cache=cache,
-                                 energy=not args.no_energy)
-        handle = patch_from_args(model, args)
-        try:
-            summary = sample_sharded(model, directory, request, coordinator, handle=handle,
-                                     description=description,
-                                     cache_label=args.cache if cache is None else repr(cache),
-                                     batch_size=args.batch_size,
-                                     size_distribution=getattr(model, "size_counts", None),
-                                     overwrite=args.overwrite, progress=args.progress)
-        except OtherRankFailed:
-            return 2
-        if summary is not None:
-            print_summary(summary, args.json, JSON_KEYS)
-        return 0
-    finally:
-        coordinator.close()

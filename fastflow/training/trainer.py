@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from fastflow.data.dataset import QM9_BUCKET_LIMITS, MolDataset, bucket_batches
 from fastflow.models import Semla, SemlaConfig
-from fastflow.models.checkpoint import CheckpointError
+from fastflow.training.checkpoint import load_checkpoint
 from fastflow.training.objective import Objective, flow_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -212,7 +212,7 @@ class Trainer:
         return record
 
     def _export(self, directory) -> None:
-        from fastflow.pretrained import export_pretrained
+        from fastflow.training.export import export_pretrained  # export reads checkpoints the trainer writes
 
         export_pretrained(self.save(), directory)
 
@@ -237,21 +237,6 @@ class Trainer:
         metrics = compute_metrics(result.graphs, result.molecules, energy=False)
         return {"kind": "val", "step": self.step, "train_seconds": round(self.train_seconds, 2),
                 "steps": self.config.val_steps, **metrics, "seconds": round(time.monotonic() - tic, 2)}
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A training checkpoint written by :meth:`Trainer.save`, read with ``weights_only=True``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no training checkpoint at {path} (start without --resume)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"{path} is not a readable fastflow training checkpoint: {error}") from None
-    required = {"model", "ema", "optimizer", "generator", "step", "train_config", "model_config"}
-    if not isinstance(state, dict) or not required <= set(state):
-        raise CheckpointError(f"{path} is not a fastflow training checkpoint (it lacks "
-                              f"{sorted(required - set(state)) if isinstance(state, dict) else required})")
-    return state
 
 
 def _to_json(config: TrainConfig) -> dict:

@@ -9,7 +9,7 @@ from fastflow.cli import main
 from fastflow.data import qm9_split
 from fastflow.models import SemlaConfig
 from fastflow.models.checkpoint import CheckpointError, load_pretrained_dir
-from fastflow.pretrained import export_pretrained
+from fastflow.training.export import export_pretrained
 from fastflow.training import Objective, TrainConfig, Trainer, equivariant_ot, interpolate, random_rotations
 from fastflow.training.trainer import CHECKPOINT, LOG
 from tests.data.helpers import fixture_data, write_fixture_cache
