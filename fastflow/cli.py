@@ -1,10 +1,11 @@
-"""The ``fastflow`` command line: ``fastflow sample …`` (more subcommands arrive with their issues)."""
+"""The ``fastflow`` command line: sample, eval, train, data, bench and merge."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -149,6 +150,8 @@ def run_sample(args) -> int:
     directory = shard_directory(args.out, args.shard_size)
     if directory is not None:  # a shard directory, alone or under torchrun
         return run_sharded_sample(args, directory)
+    if args.out is not None:
+        check_output_file(args.out)
     model, description = load_model(args)
     if args.device is not None:
         model = model.to(args.device)
@@ -510,6 +513,17 @@ def run_merge(args) -> int:
     return 0
 
 
+def check_output_file(path: Path) -> None:
+    """Refuse an output file that cannot be written, before any work is done."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give the path of a .sdf file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {path}: no permission to write in {parent}")
+
+
 def check_device(name: str | None) -> None:
     """--device: a device string torch knows, and one this machine has."""
     if name is None:
@@ -535,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_buffers()  # the CLI owns its process: reuse freed pair-sized buffers (see fastflow.runtime)
     try:
         check_device(getattr(args, "device", None))
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         return args.handler(args)
     except (ValueError, OSError, BackendUnavailable, MissingDataPackage) as error:
         print(f"fastflow {args.command}: error: {error}", file=sys.stderr)

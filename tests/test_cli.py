@@ -63,6 +63,15 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 not a whole zip")
     cases[4] = (cases[4][0], "not a loadable PyTorch checkpoint")
     cases.append((["sample", "--n", "1", "--checkpoint", str(weights)], "Semla config|safetensors"))
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    cases += [
+        (["sample", "--n", "1", "--checkpoint", str(text)], "not a loadable PyTorch checkpoint"),
+        (["sample", "--n", "1", "--config", "tiny", "--threads", "0"], "--threads must be at least 1"),
+        (["sample", "--n", "1", "--config", "tiny", "--out", str(tmp_path / "missing" / "x.sdf")],
+         "does not exist"),
+        (["eval", "--n", "1", "--threads", "-2"], "--threads must be at least 1"),
+    ]
     if torch.cuda.is_available():
         cases = [case for case in cases if "--device" not in case[0] and "triton" not in case[0]]
     for argv, message in cases:
@@ -70,6 +79,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) <= 2 and re.search(message, err), (argv, err)  # model line + the error
         assert "Traceback" not in err
+    assert not (tmp_path / "missing").exists()  # refused before any work
 
 
 def test_packaged_models_by_name(capsys):

@@ -36,7 +36,7 @@ def load_semlaflow_checkpoint(path: str | os.PathLike, map_location: str | torch
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a file that does not load is the file's problem, whatever the reader raised
         raise CheckpointError(f"{path} is not a loadable PyTorch checkpoint (read with weights_only=True, "
-                              f"which refuses pickled code): {_first_line(error)}") from None
+                              f"which refuses pickled code): {type(error).__name__}: {_first_line(error)}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path} is not a Lightning checkpoint with 'state_dict' and 'hyper_parameters' "
