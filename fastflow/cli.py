@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from fastflow.models import PRESETS
+from fastflow.ops.backends import BACKENDS
 
 DEFAULT_RANDOM_PRESET = "small"
 JSON_KEYS = ("n", "steps", "nfe", "cache_hit_rate", "seconds", "molecules_per_second", "atom_stability",
              "mol_stability", "validity", "connected_validity", "uniqueness", "energy_per_atom", "strain_per_atom")
 CACHE_CHOICES = ("none", "reuse", "taylor", "ab", "adaptive")
-KERNELS = ("auto", "cpp", "triton", "reference")
 ADAPTIVE_DEFAULT_INTERVAL = 6  # the adaptive policy's cap on the gap between evaluations
 
 
@@ -71,7 +71,7 @@ def add_model_argument(parser) -> None:
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """--kernels, and --cache, --interval, --order, --tolerance (see :func:`cache_config`)."""
-    parser.add_argument("--kernels", choices=KERNELS, default="auto",
+    parser.add_argument("--kernels", choices=BACKENDS, default="auto",
                         help="fused Semla kernels: auto (C++ on CPU, Triton on CUDA), cpp, triton, or reference "
                              "(the unfused PyTorch model) (default auto)")
     group = parser.add_argument_group("predictive feature cache")

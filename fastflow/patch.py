@@ -19,9 +19,8 @@ from torch import nn
 from fastflow.cache import CacheConfig, CacheHook
 from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer
 from fastflow.nn.tensor_product import TensorProduct, cuequivariance_unavailable_reason
-from fastflow.ops.backends import BackendUnavailable, resolve_backend
+from fastflow.ops.backends import TP_BACKENDS, BackendUnavailable, resolve_backend
 
-KERNELS = ("auto", "cpp", "triton", "reference", "cuequivariance")
 _ATTRIBUTE = "_fastflow_patch"
 
 
@@ -142,8 +141,8 @@ def patch_model(model: nn.Module, kernels: str = "auto", cache: CacheConfig | No
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model needs a torch.nn.Module, got {type(model).__name__}")
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels={kernels!r}; expected one of {KERNELS}")
+    if kernels not in TP_BACKENDS:
+        raise ValueError(f"unknown kernels={kernels!r}; expected one of {TP_BACKENDS}")
     if cache is not None and not isinstance(cache, CacheConfig):
         raise TypeError(
             f"cache must be a fastflow.CacheConfig or None, got {type(cache).__name__}"

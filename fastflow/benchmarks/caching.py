@@ -28,7 +28,8 @@ from fastflow.cache import CacheConfig, FixedInterval
 from fastflow.metrics import compute_metrics
 from fastflow.models import Semla, SemlaConfig
 from fastflow.models.checkpoint import load_pretrained_dir, load_semlaflow_checkpoint
-from fastflow.patch import KERNELS, patch_model
+from fastflow.ops.backends import BACKENDS
+from fastflow.patch import patch_model
 from fastflow.pretrained import load_pretrained
 from fastflow.sampling import sample
 
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer configurations, fewer molecules and steps")
-    parser.add_argument("--kernels", choices=KERNELS, default="reference",
+    parser.add_argument("--kernels", choices=BACKENDS, default="reference",
                         help="patch_model kernels for every run "
                              "(default reference: unfused, isolating the cache)")
     parser.add_argument("--out", type=Path, default=None,

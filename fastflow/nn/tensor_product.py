@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastflow.ops.backends import BACKENDS, BackendUnavailable
+from fastflow.ops.backends import TP_BACKENDS, BackendUnavailable
 from fastflow.ops.tensor_product import cpp_unavailable_reason, tensor_product, tp_conv
 from fastflow.tp.descriptor import TPDescriptor
 
-MODULE_BACKENDS = (*BACKENDS, "cuequivariance")
 
 
 def cuequivariance_unavailable_reason(device: torch.device | str | None = None) -> str | None:
@@ -47,8 +46,8 @@ def cuequivariance_unavailable_reason(device: torch.device | str | None = None) 
 
 
 def _check_backend(backend: str, cue_method: str | None) -> None:
-    if backend not in MODULE_BACKENDS:
-        raise ValueError(f"backend must be one of {MODULE_BACKENDS}, got {backend!r}")
+    if backend not in TP_BACKENDS:
+        raise ValueError(f"backend must be one of {TP_BACKENDS}, got {backend!r}")
     if backend in ("auto", "cpp"):
         cpp_unavailable_reason()  # loads fastflow._C now, so that torch.compile finds the ops registered
     if backend == "cuequivariance" and cue_method is None:

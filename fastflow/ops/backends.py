@@ -17,6 +17,9 @@ import torch
 from fastflow import _extension
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
+# Tensor products may also run on cuEquivariance's CUDA kernels (fastflow.nn.TensorProduct, patch_model).
+TP_BACKENDS = (*BACKENDS, "cuequivariance")
+FLOAT_DTYPES = (torch.float32, torch.float64)  # what every fastflow kernel computes in
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here (the message says why and what to use instead)."""

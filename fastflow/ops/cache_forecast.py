@@ -24,9 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastflow.ops.backends import bind_cpp_ops, register_cpp_op, resolve_backend
-
-FLOAT_DTYPES = (torch.float32, torch.float64)
+from fastflow.ops.backends import FLOAT_DTYPES, bind_cpp_ops, register_cpp_op, resolve_backend
 
 
 def cache_forecast(history: Sequence[torch.Tensor], coeffs: Sequence[float], backend: str | None = None):

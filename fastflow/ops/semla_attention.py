@@ -35,9 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastflow.ops.backends import bind_cpp_ops, register_cpp_op, resolve_backend
+from fastflow.ops.backends import FLOAT_DTYPES, bind_cpp_ops, register_cpp_op, resolve_backend
 
-FLOAT_DTYPES = (torch.float32, torch.float64)
 # Tensor arguments in schema order; the optional edge-input block is all given or all None.
 ARGUMENTS = ("node_terms_i", "node_terms_j", "gram_coords", "gram_weight", "out_weight", "out_bias", "values",
              "attn_coords", "adjacency", "edge_feats", "edge_norm_weight", "edge_norm_bias", "edge_weight")

@@ -50,10 +50,9 @@ from typing import NamedTuple
 
 import torch
 
-from fastflow.ops.backends import BackendUnavailable, bind_cpp_ops, register_cpp_op, resolve_backend
+from fastflow.ops.backends import FLOAT_DTYPES, BackendUnavailable, bind_cpp_ops, register_cpp_op, resolve_backend
+from fastflow.tp.descriptor import MODES  # index = the mode code in paths[:, 0]
 
-FLOAT_DTYPES = (torch.float32, torch.float64)
-MODES = ("uvw", "uvu", "uvv", "uuw", "uuu")  # index = the mode code in paths[:, 0]
 PATH_COLUMNS = ("mode", "off1", "mul1", "d1", "off2", "mul2", "d2", "off_out", "mul_out", "d_out", "w_off",
                 "has_weight")
 WEIGHT_INDICES = {"uvw": "uvw", "uvu": "uv", "uvv": "uv", "uuw": "uw", "uuu": "u"}

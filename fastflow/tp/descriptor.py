@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-MODES = ("uvw", "uvu", "uvv", "uuw", "uuu")  # the order of fastflow.ops.tensor_product.MODES (mode codes)
+MODES = ("uvw", "uvu", "uvv", "uuw", "uuu")  # connection modes; the index is the mode code of paths[:, 0]
 IRREP_NORMALIZATIONS = ("component", "norm", "none")
 PATH_NORMALIZATIONS = ("element", "path", "none")
 _CG_TOLERANCE = 1e-10  # |C| below this is an exact zero of wigner_3j up to rounding: dropped
