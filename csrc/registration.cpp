@@ -34,6 +34,12 @@ TORCH_LIBRARY(fastflow, m) {
       "Tensor? edge_feats, Tensor? edge_norm_weight, Tensor? edge_norm_bias, Tensor? edge_weight, "
       "float edge_norm_eps, float coord_eps) -> (Tensor, Tensor, Tensor)");
 
+  // One step of the uniform-noise discrete flow for atom types or bonds (see the Python module)
+  m.set_python_module("fastflow.ops.discrete_flow_step");
+  m.def(
+      "discrete_flow_step(Tensor logits, Tensor current, Tensor mask, Tensor t, Tensor keys, int step, int stream, "
+      "float dt, float noise_level) -> (Tensor, Tensor)");
+
   // e3nn-compatible tensor products: a sum of Clebsch-Gordan paths (see the Python module)
   m.set_python_module("fastflow.ops.tensor_product");
   m.def(

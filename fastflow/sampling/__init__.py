@@ -5,7 +5,9 @@
 hook that caches and fused paths replace.
 """
 
-from fastflow.sampling.integrator import discrete_flow_probs, euler_coords, integrate_step, sample_categorical
+from fastflow import rng  # the keyed random streams (fastflow.rng), as used by the sampler
+from fastflow.ops.discrete_flow_step import discrete_flow_probs, sample_categorical
+from fastflow.sampling.integrator import euler_coords, integrate_step
 from fastflow.sampling.prior import sample_prior, zero_com
 from fastflow.sampling.sampler import QM9_SIZE_COUNTS, SampleResult, draw_sizes, plan_batches, sample
 from fastflow.sampling.schedule import SCHEDULES, time_grid
@@ -17,5 +19,5 @@ __all__ = [
     "QM9_SIZE_COUNTS", "SCHEDULES", "FlowState", "Prediction", "SampleResult", "SelfCond", "StepContext",
     "StepFn", "current_step", "step_context",
     "discrete_flow_probs", "draw_sizes", "euler_coords", "integrate_step", "model_step", "plan_batches",
-    "sample", "sample_categorical", "sample_prior", "time_grid", "zero_com",
+    "rng", "sample", "sample_categorical", "sample_prior", "time_grid", "zero_com",
 ]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
-from fastflow.sampling import rng
+from fastflow import rng
 
 SCALE_OT_FACTOR = 0.2
 

@@ -5,7 +5,7 @@ step to t_{k+1} → the **last prediction** x̂₁ (× coord_scale) with its sof
 the sample.
 
 Batch independence: every random number is keyed by (seed, molecule index in the request, step, element)
-(:mod:`fastflow.sampling.rng`) and padding is zero and masked out, so a molecule's sample depends only on
+(:mod:`fastflow.rng`) and padding is zero and masked out, so a molecule's sample depends only on
 (seed, its index, its size) — not on batch-mates, batch size or padding — given a model whose real-atom
 outputs ignore padding, as Semla's do. Coordinates then agree across batchings up to fp32 rounding (matmul
 blocking differs with shapes), and discrete states are identical unless a transition probability lies within
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from fastflow.chem import MolGraph
 from fastflow.chem.vocab import QM9_COORD_STD
-from fastflow.sampling import rng
+from fastflow import rng
 from fastflow.sampling.integrator import integrate_step
 from fastflow.sampling.prior import sample_prior
 from fastflow.sampling.schedule import time_grid
@@ -141,6 +141,7 @@ def sample(
     progress: Optional[bool] = None,
     step_fn: StepFn = model_step,
     indices: Optional[Union[Sequence[int], torch.Tensor]] = None,
+    kernels: Optional[str] = None,
 ) -> SampleResult:
     """Sample ``n_molecules`` molecules from a SemlaFlow-style generator.
 
@@ -164,6 +165,8 @@ def sample(
             ``0 … n_molecules−1``). Molecule j is sampled as molecule ``indices[j]`` of a larger request — its
             size, prior and every draw keyed by that index — so shards of a request sampled apart equal the
             whole request sampled at once (up to fp32 rounding). Results stay in the order of ``indices``.
+        kernels: backend of the solver step's fused op (:mod:`fastflow.ops.discrete_flow_step`): "auto"
+            (default: C++ on CPU), "cpp" or "reference". The network's kernels are ``patch_model``'s.
     """
     started = time.perf_counter()
     config = getattr(model, "config", None)
@@ -200,7 +203,7 @@ def sample(
             for index in batches:
                 batch_out, batch_nfe = _sample_batch(
                     model, step_fn, indices[index].to(device), sizes[index].to(device), keys[index].to(device),
-                    grid, self_cond, noise_level, scale_ot, coord_scale, bar)
+                    grid, self_cond, noise_level, scale_ot, coord_scale, bar, kernels)
                 nfe += batch_nfe
                 for i, out in zip(index.tolist(), batch_out):
                     outputs[i] = out
@@ -225,7 +228,7 @@ def sample(
 
 
 def _sample_batch(model, step_fn, mol_index, sizes, keys, grid, self_cond, noise_level, scale_ot, coord_scale,
-                  bar) -> tuple[list[tuple[torch.Tensor, ...]], int]:
+                  bar, kernels) -> tuple[list[tuple[torch.Tensor, ...]], int]:
     """Integrate one padded batch: per-molecule (coords Å, type, bond, charge probs) on CPU, and the nfe."""
     steps = len(grid) - 1
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -242,13 +245,13 @@ def _sample_batch(model, step_fn, mol_index, sizes, keys, grid, self_cond, noise
         pred = step_fn(model, state, cond)
         nfe += pred.nfe
         nonfinite.append(_nonfinite(pred, mask, pair_mask))  # checked once per batch: no per-step device sync
-        # Padding of the prediction is zeroed so that it cannot reach the next call.
+        # Padding of the prediction is zeroed (here and in the step's probabilities) so that it cannot reach the
+        # next call.
         pred_coords = torch.where(mask.unsqueeze(-1), pred.coords, 0.0)
-        type_probs = torch.where(mask.unsqueeze(-1), F.softmax(pred.type_logits, dim=-1), 0.0)
-        bond_probs = torch.where(pair_mask.unsqueeze(-1), F.softmax(pred.bond_logits, dim=-1), 0.0)
+        state, type_probs, bond_probs = integrate_step(state, pred_coords, pred.type_logits, pred.bond_logits,
+                                                       grid, noise_level, keys, kernels)
         if self_cond:
             cond = SelfCond(pred_coords, type_probs, bond_probs)
-        state = integrate_step(state, pred_coords, type_probs, bond_probs, grid, noise_level, keys)
         bar.update(1)
 
     bad_steps = torch.stack(nonfinite).nonzero().flatten().tolist()

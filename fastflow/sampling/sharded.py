@@ -3,7 +3,7 @@
 A request (n molecules, steps, schedule, seed, cache settings, model) is cut into fixed-size shards of
 contiguous request indices, independent of the number of processes: shard k holds molecules
 ``[k·S, min((k+1)·S, n))`` for the shard size S. Molecule i's sample depends only on (seed, i, its size)
-(keyed random streams, :mod:`fastflow.sampling.rng`; ``sample(..., indices=)``), so the molecules are the same
+(keyed random streams, :mod:`fastflow.rng`; ``sample(..., indices=)``), so the molecules are the same
 whatever the world size, the batch size or the rank that samples a shard (coordinates up to fp32 rounding).
 
 Directory layout::
