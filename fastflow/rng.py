@@ -21,7 +21,7 @@ def _int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-_GOLDEN = _int64(0x9E3779B97F4A7C15)  # odd, so multiplying by it is a bijection modulo 2^64
+GOLDEN = _int64(0x9E3779B97F4A7C15)  # odd, so multiplying by it is a bijection modulo 2^64
 _MIX1 = _int64(0xBF58476D1CE4E5B9)
 _MIX2 = _int64(0x94D049BB133111EB)
 
@@ -44,8 +44,8 @@ def combine(key: torch.Tensor | int, value: torch.Tensor | int) -> torch.Tensor:
     """Key for the pair (key, value); broadcasts. Injective in ``value`` for a fixed key."""
     key = torch.as_tensor(key, dtype=torch.int64)
     if isinstance(value, int):  # mix a constant on the host: no tiny host-to-device copy per call
-        return mix(key ^ int(mix(torch.tensor(value + 1) * _GOLDEN)))
-    return mix(key ^ mix((value.to(torch.int64) + 1) * _GOLDEN))
+        return mix(key ^ int(mix(torch.tensor(value + 1) * GOLDEN)))
+    return mix(key ^ mix((value.to(torch.int64) + 1) * GOLDEN))
 
 
 def molecule_keys(seed: int, indices: torch.Tensor) -> torch.Tensor:

@@ -22,21 +22,20 @@ Inference op (sampling runs under no_grad): it has no autograd formula.
 Implementations (fastflow.ops.backends picks one):
     reference  discrete_flow_step_reference below
     cpp        torch.ops.fastflow.discrete_flow_step    schema csrc/registration.cpp, kernel csrc/discrete_flow_step.cpp
+    triton     torch.ops.fastflow.discrete_flow_step_triton   kernel triton_kernels/discrete_flow_step.py (CUDA)
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from fastflow import rng
-from fastflow.ops.backends import FLOAT_DTYPES, BackendUnavailable, bind_cpp_ops, register_cpp_op, resolve_backend
+from fastflow.ops.backends import FLOAT_DTYPES, bind_cpp_ops, register_cpp_op, resolve_backend
 
 T_EPS = 1e-5  # upstream clamps t to [eps, 1 − eps] in the categorical rates
-_warned_no_triton: list[bool] = []
 
 
 def discrete_flow_step(logits, current, mask, t, keys, step: int, stream: int, dt: float, noise_level: float,
@@ -49,8 +48,7 @@ def discrete_flow_step(logits, current, mask, t, keys, step: int, stream: int, d
         mask: ``[B, N]`` bool, real atoms. t: ``[B]`` solver time, dtype of logits. keys: ``[B]`` int64 molecule
             keys (:func:`fastflow.rng.molecule_keys`). step: the solver step k; stream: ``rng.STEP_ATOMS`` or
             ``rng.STEP_BONDS``. dt: t_{k+1} − t_k; noise_level: η ≥ 0.
-        backend: "auto" (default), "cpp" or "reference" (no Triton kernel yet: "triton" is refused, and "auto"
-            on CUDA runs the reference, saying so once).
+        backend: "auto" (default), "cpp", "triton" or "reference".
     Return:
         (probs, next_one_hot), both shaped like logits, contiguous, zero on padding.
     """
@@ -59,13 +57,9 @@ def discrete_flow_step(logits, current, mask, t, keys, step: int, stream: int, d
     if chosen == "cpp":
         return _cpp_op()(logits.contiguous(), current.contiguous(), mask.contiguous(), t.contiguous(),
                          keys.contiguous(), int(step), int(stream), float(dt), float(noise_level))
-    if chosen == "triton":  # no Triton kernel yet: an explicit request fails, `auto` says so once
-        if backend not in (None, "auto"):
-            raise BackendUnavailable("discrete_flow_step has no Triton kernel yet; use backend='reference'")
-        if not _warned_no_triton:
-            warnings.warn("fastflow: discrete_flow_step has no Triton kernel yet; the sampler's step runs the "
-                          "PyTorch reference on CUDA", stacklevel=2)
-            _warned_no_triton.append(True)
+    if chosen == "triton":
+        return discrete_flow_step_triton(logits, current, mask, t, keys, int(step), int(stream), float(dt),
+                                         float(noise_level))
     return discrete_flow_step_reference(logits, current, mask, t, keys, step, stream, dt, noise_level)
 
 
@@ -146,3 +140,17 @@ def _cpp_op():
 
 
 bind_cpp_ops(_cpp_op)
+
+
+# custom_op, not triton_op: see cache_forecast.py.
+@torch.library.custom_op("fastflow::discrete_flow_step_triton", mutates_args=())
+def discrete_flow_step_triton(logits: torch.Tensor, current: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+                              keys: torch.Tensor, step: int, stream: int, dt: float,
+                              noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastflow.triton_kernels import discrete_flow_step as kernel  # lazy: importing fastflow never needs triton
+
+    check_inputs(logits, current, mask, t, keys, step, stream, dt, noise_level)  # a bad launch reads out of bounds
+    return kernel.discrete_flow_step(logits, current, mask, t, keys, step, stream, dt, noise_level)
+
+
+discrete_flow_step_triton.register_fake(_fake)

@@ -109,3 +109,15 @@ def test_sampling_with_the_fused_step_gives_the_same_molecules():
     for a, b in zip(fused.graphs, reference.graphs):
         assert torch.equal(a.atom_types, b.atom_types) and torch.equal(a.bond_types, b.bond_types)
         assert torch.allclose(a.coords, b.coords, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pairs", [False, True], ids=["atoms", "pairs"])
+def test_triton_matches_the_reference(triton_device, pairs, dtype):
+    K = 5 if pairs else 18
+    args = inputs(3, 7, K, pairs, dtype, zlib.crc32(repr(("triton", pairs, str(dtype))).encode()))
+    p_ref, next_ref = op.discrete_flow_step(*args, backend="reference")
+    moved = [a.to(triton_device) if torch.is_tensor(a) else a for a in args]
+    p_tri, next_tri = op.discrete_flow_step(*moved, backend="triton")
+    assert (p_tri.cpu() - p_ref).abs().max() <= TOLERANCE[dtype] and torch.equal(next_tri.cpu(), next_ref)
+    torch.library.opcheck(op.discrete_flow_step_triton, moved)
