@@ -70,7 +70,7 @@ def add_model_argument(parser) -> None:
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """--kernels, and --cache, --interval, --order, --tolerance (see :func:`cache_config`)."""
+    """--kernels, and --cache, --interval, --order, --tolerance, --clock (see :func:`cache_config`)."""
     parser.add_argument("--kernels", choices=BACKENDS, default="auto",
                         help="fused Semla kernels: auto (C++ on CPU, Triton on CUDA), cpp, triton, or reference "
                              "(the unfused PyTorch model) (default auto)")
@@ -84,6 +84,9 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--order", type=int, default=None, help="forecaster order (default: taylor 2, ab 3)")
     group.add_argument("--tolerance", type=float, default=None,
                        help="adaptive: relative forecast error above which a molecule is re-evaluated")
+    group.add_argument("--clock", choices=("time", "steps"), default=None,
+                       help="forecast in solver time (exact on polynomials in t) or in step index, as the paper's "
+                            "code does (TaylorSeer ladder, classical Adams-Bashforth) (default time)")
 
 
 def patch_from_args(model, args):
@@ -94,19 +97,20 @@ def patch_from_args(model, args):
 
 
 def cache_config(args):
-    """The CacheConfig that --cache/--interval/--order/--tolerance ask for (None for --cache none)."""
+    """The CacheConfig that --cache/--interval/--order/--tolerance/--clock ask for (None for --cache none)."""
     from fastflow.cache import CacheConfig
 
     adaptive = args.cache == "adaptive"
+    clock = getattr(args, "clock", None)
     if args.cache == "none":
-        if (args.interval, args.order, args.tolerance) != (None, None, None):
-            raise ValueError("--interval/--order/--tolerance need --cache")
+        if (args.interval, args.order, args.tolerance, clock) != (None, None, None, None):
+            raise ValueError("--interval/--order/--tolerance/--clock need --cache")
         return None
     if adaptive != (args.tolerance is not None):
         raise ValueError("--tolerance goes with --cache adaptive, and --cache adaptive needs --tolerance")
     interval = args.interval if args.interval is not None else ADAPTIVE_DEFAULT_INTERVAL if adaptive else 2
     return CacheConfig(forecaster="taylor" if adaptive else args.cache, order=args.order, interval=interval,
-                       tolerance=args.tolerance)
+                       tolerance=args.tolerance, clock=clock or "time")
 
 
 def load_model(args) -> tuple[torch.nn.Module, str]:

@@ -98,6 +98,7 @@ class PatchHandle:
             report["cache"] = {
                 "forecaster": self.cache.forecaster,
                 "order": self.cache.order,
+                "clock": self.cache.clock,
                 "policy": (
                     f"adaptive per molecule, tolerance {self.cache.tolerance}, at most "
                     f"{self.cache.interval - 1} forecasts in a row"

@@ -1,14 +1,20 @@
 """Predictive feature caching across solver steps: skip network evaluations and forecast their outputs.
 
 - :mod:`.forecasters` — the math: reuse, Taylor (Newton) and variable-step Adams–Bashforth coefficients from
-  real solver times;
+  real solver times, or (``clock="steps"``) the paper code's TaylorSeer ladder and classical AB in step index;
 - :mod:`.policies` — when to evaluate: fixed interval D, or adaptive per molecule against a tolerance;
 - :mod:`.state` — one trajectory's per-molecule history;
 - :mod:`.hook` — where: the whole generator's ``forward`` or one block, installed by ``fastflow.patch_model``.
 """
 
 from fastflow.cache.config import CacheConfig
-from fastflow.cache.forecasters import Forecaster, lagrange_coefficients, step_mean_coefficients
+from fastflow.cache.forecasters import (
+    Forecaster,
+    classical_ab_coefficients,
+    lagrange_coefficients,
+    step_mean_coefficients,
+    taylorseer_coefficients,
+)
 from fastflow.cache.hook import CacheHook
 from fastflow.cache.policies import AdaptiveTolerance, FixedInterval
 
@@ -18,6 +24,8 @@ __all__ = [
     "CacheHook",
     "FixedInterval",
     "Forecaster",
+    "classical_ab_coefficients",
     "lagrange_coefficients",
     "step_mean_coefficients",
+    "taylorseer_coefficients",
 ]

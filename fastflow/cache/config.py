@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from fastflow.cache.forecasters import Forecaster
+from fastflow.cache.forecasters import CLOCKS, Forecaster
 
 DEFAULT_ORDER = {"reuse": 0, "taylor": 2, "ab": 3}  # the paper's headline orders
 
@@ -24,6 +25,13 @@ class CacheConfig:
         module's output and recomputes everything downstream (fixed policy only).
     skip_prefix: with a block inside an ``nn.ModuleList`` of Semla layers, also skip the layers before it on
         forecast steps (the paper's block-prefix variant: forecast the state after layers[:k]).
+    clock: "time" (default) forecasts in real solver time t (Newton / variable-step AB, exact on polynomials in
+        t); "steps" forecasts in solver-step index exactly as the paper's code (mol-cache) does: TaylorSeer's
+        derivative ladder over the checkpoints' step indices, and the classical constant-step AB coefficients
+        applied to the checkpoints (one forecast per refresh window). See :mod:`fastflow.cache.forecasters`.
+        The adaptive policy takes clock="steps" with taylor (the ladder is defined for any step indices), not
+        with ab: the classical coefficients ignore how far the forecast step is from the checkpoints, so the
+        AB_j − AB_(j−1) error estimate is the same at every horizon and cannot tell when to refresh.
     """
 
     forecaster: str = "taylor"
@@ -34,11 +42,14 @@ class CacheConfig:
     tolerance: float | None = None
     block: str | None = None
     skip_prefix: bool = False
+    clock: str = "time"
 
     def __post_init__(self):
         if self.order is None and self.forecaster in DEFAULT_ORDER:
             object.__setattr__(self, "order", DEFAULT_ORDER[self.forecaster])
-        forecaster = Forecaster(self.forecaster, self.order)  # validates kind and order
+        if self.clock not in CLOCKS:
+            raise ValueError(f"CacheConfig.clock must be one of {CLOCKS}, got {self.clock!r}")
+        forecaster = Forecaster(self.forecaster, self.order, self.clock)  # validates kind and order
         for name in ("interval", "warmup", "cooldown"):
             value = getattr(self, name)
             if (
@@ -62,6 +73,12 @@ class CacheConfig:
                     f"the adaptive policy compares orders {self.order} and {self.order} - 1 of "
                     f"{self.forecaster}; use an order with a lower companion (taylor >= 1, ab >= 2)"
                 )
+            if self.clock == "steps" and self.forecaster == "ab":
+                raise ValueError(
+                    "the adaptive policy cannot use clock='steps' with ab: the classical Adams–Bashforth "
+                    "coefficients ignore how far the forecast step is from the checkpoints, so the error "
+                    "estimate (orders j and j - 1) is the same at every horizon; use taylor, or clock='time'"
+                )
             if self.block is not None:
                 raise ValueError(
                     "the adaptive policy caches the whole generator (block=None): per-molecule "
@@ -73,6 +90,12 @@ class CacheConfig:
             )
         if self.skip_prefix and self.block is None:
             raise ValueError("skip_prefix needs a block (the last layer of the prefix)")
+
+    def __repr__(self) -> str:
+        """The dataclass repr, leaving out the default clock: labels of runs with clock="time" (CLI summaries,
+        benchmark tables) read as they did before the option existed."""
+        fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        return f"CacheConfig({', '.join(f'{k}={v!r}' for k, v in fields if (k, v) != ('clock', 'time'))})"
 
     @property
     def adaptive(self) -> bool:

@@ -11,6 +11,11 @@ time does not move forward, then evaluates or forecasts:
 - block: the model runs and the block's output is forecast; downstream modules recompute. With
   ``skip_prefix`` the Semla layers before the block are skipped too (they pass their inputs through and the
   block's forecast replaces their result).
+
+The forecaster's clock is the solver time t (``CacheConfig.clock="time"``) or the step index
+(``clock="steps"``, mol-cache's forecasts): the sampler's ``FlowState.step``, or without a sampler the hook's
+own count of calls since the trajectory started. Evaluations are stored with their clock value, and the
+forecast asks for the current step's.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ class CacheHook:
 
     def __init__(self, model: nn.Module, config: CacheConfig, backend: str):
         self.model, self.config, self.backend = model, config, backend
-        self.forecaster = Forecaster(config.forecaster, config.order)
+        self.forecaster = Forecaster(config.forecaster, config.order, config.clock)
         if config.adaptive:
             self.policy = AdaptiveTolerance(config.tolerance, config.interval, config.warmup, config.cooldown)
         else:
@@ -101,7 +106,8 @@ class CacheHook:
         self.signature = inspect.signature(model.forward)
         self.trajectory: TrajectoryState | None = None
         self.stats = CacheStats()
-        self._call = None  # (trajectory, t, t_next, evaluate) during a model call in block mode
+        # (trajectory, t, t_next, evaluate, clock, clock_next) during a model call in block mode
+        self._call = None
         self._block_calls = 0
         self._saved: list[tuple[nn.Module, object]] = []
 
@@ -157,11 +163,12 @@ class CacheHook:
         step = context.state.step if context is not None else trajectory.calls
         n_steps = context.state.n_steps if context is not None else None
         t_next = self._t_next(context, trajectory, t)
+        clock, clock_next = self._clock(step, t, t_next)
         trajectory.calls, trajectory.last_t = trajectory.calls + 1, t
 
         if self.block is not None:
             evaluate = bool(trajectory.n_stored.min() == 0) or self.policy.evaluate(step, n_steps)
-            self._call, self._block_calls = (trajectory, t, t_next, evaluate), 0
+            self._call, self._block_calls = (trajectory, t, t_next, evaluate, clock, clock_next), 0
             try:
                 output = original(*args, **kwargs)
             finally:
@@ -174,7 +181,7 @@ class CacheHook:
             self.stats.count(trajectory.mol_index, torch.full_like(trajectory.n_stored, int(evaluate)))
             return output
 
-        evaluate, forecast, pending = self._plan(trajectory, step, n_steps, t, t_next)
+        evaluate, forecast, pending = self._plan(trajectory, step, n_steps, clock, clock_next)
         rows = evaluate.nonzero().flatten()
         if len(rows) == len(evaluate):
             output = original(*args, **kwargs)
@@ -189,7 +196,7 @@ class CacheHook:
             output = _unflatten([m.to(coords.dtype) for m in merged], trajectory.structure)
         if len(rows):
             fresh = [_zero_padding(f, mask[rows]) for f in fresh]
-            self._store(trajectory, rows, fresh, t, step, pending)
+            self._store(trajectory, rows, fresh, t, step, pending, clock)
         trajectory.forecasts_in_a_row[~evaluate] += 1
         self.stats.count(trajectory.mol_index, evaluate)
         if context is not None:
@@ -248,9 +255,18 @@ class CacheHook:
             return context.state.t_next.double().cpu()
         return t if trajectory.last_t is None else 2 * t - trajectory.last_t
 
+    def _clock(self, step, t, t_next) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forecaster's clock ``[B]`` float64 now and at the end of the step: t and t_next themselves for
+        clock="time"; the step index and the next one for clock="steps"."""
+        if self.config.clock == "time":
+            return t, t_next
+        now = torch.full_like(t, float(step))
+        return now, now + 1
+
     def _plan(self, trajectory, step, n_steps, t, t_next):
         """Which molecules to evaluate (bool ``[B]``), the forecast of all outputs (None if not needed) and, for
-        the adaptive policy, (forecast, raw estimate) to calibrate against the evaluations."""
+        the adaptive policy, (forecast, raw estimate) to calibrate against the evaluations. t, t_next: clock
+        values (:meth:`_clock`)."""
         B = len(t)
         if trajectory.n_stored.min() == 0 or (
             not self.config.adaptive and self.policy.evaluate(step, n_steps)
@@ -268,10 +284,11 @@ class CacheHook:
         return evaluate, high, (high, raw)
 
     def _forecast(self, trajectory, t, t_next, lower=False) -> list[torch.Tensor]:
-        """Forecasts ``[B, ...]`` of every output at the highest order each molecule's history allows (``lower``:
-        one order less, the error estimator's companion; zeros where there is none). When every molecule shares
-        its times (the fixed policy), one ``cache_forecast`` op call per output; otherwise (the adaptive policy)
-        each molecule has its own coefficients, applied as one per-row combination per output."""
+        """Forecasts ``[B, ...]`` of every output at clock values t (t_next: end of the step) at the highest order
+        each molecule's history allows (``lower``: one order less, the error estimator's companion; zeros where
+        there is none). When every molecule shares its clock values (the fixed policy), one ``cache_forecast``
+        op call per output; otherwise (the adaptive policy) each molecule has its own coefficients, applied as
+        one per-row combination per output."""
         groups = defaultdict(list)
         for b in range(len(t)):
             n = min(int(trajectory.n_stored[b]), self.forecaster.points)
@@ -298,7 +315,8 @@ class CacheHook:
                 sub.arguments[name] = _crop(value, rows, len(mask), N, n)
         return [_pad(out, N, n) for out in _flatten(original(*sub.args, **sub.kwargs))]
 
-    def _store(self, trajectory, rows, fresh, t, step, pending=None) -> None:
+    def _store(self, trajectory, rows, fresh, t, step, pending=None, clock=None) -> None:
+        """Store the evaluations of molecules ``rows`` at clock values ``clock`` (default: solver times t)."""
         for i, out in enumerate(fresh):
             if not bool(torch.isfinite(out).all()):
                 bad = (~torch.isfinite(out)).flatten(1).any(1)
@@ -316,21 +334,21 @@ class CacheHook:
             ratio = calibration_ratio(actual[known], raw[rows][known])
             trajectory.calibration[rows[known]] = ratio
             self.stats.calibration.append(ratio)
-        trajectory.store(rows, fresh, t)
+        trajectory.store(rows, fresh, t if clock is None else clock)
 
     # -- block mode --------------------------------------------------------------------------------------------
 
     def _block_forward(self, original, *args, **kwargs):
         if self._call is None:  # called outside a model call: not a solver step
             return original(*args, **kwargs)
-        trajectory, t, t_next, evaluate = self._call
+        trajectory, t, t_next, evaluate, clock, clock_next = self._call
         self._block_calls += 1
         if evaluate:
             output = original(*args, **kwargs)
             trajectory.structure = None if torch.is_tensor(output) else len(output)
-            self._store(trajectory, torch.arange(len(t)), _flatten(output), t, trajectory.calls - 1)
+            self._store(trajectory, torch.arange(len(t)), _flatten(output), t, trajectory.calls - 1, clock=clock)
             return output
-        forecast = self._forecast(trajectory, t, t_next)
+        forecast = self._forecast(trajectory, clock, clock_next)
         trajectory.forecasts_in_a_row += 1
         return _unflatten([f.to(trajectory.signature[1]) for f in forecast], trajectory.structure)
 

@@ -1,4 +1,5 @@
-"""Per-trajectory cache state: which batch it is, and each molecule's last K evaluations with their times."""
+"""Per-trajectory cache state: which batch it is, and each molecule's last K evaluations with their clock values
+(solver times, or step indices for ``CacheConfig.clock="steps"``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import torch
 
 class TrajectoryState:
     """One batch's trajectory. history[i] ``[K, B, ...]`` holds output i's last K evaluations of each molecule,
-    newest first, at times ``times[:, b]`` (float64); rows are shifted per molecule, so molecules evaluated at
-    different steps keep their own histories. History is fp32 (fp64 for fp64 models), whatever the model
-    dtype, and stored by value (immune to in-place changes of the model's buffers)."""
+    newest first, at clock values ``times[:, b]`` (float64: solver times, or step indices with clock="steps";
+    ``last_t`` is always the last solver time, which tells a new trajectory from this one); rows are shifted per
+    molecule, so molecules evaluated at different steps keep their own histories. History is fp32 (fp64 for
+    fp64 models), whatever the model dtype, and stored by value (immune to in-place changes of the model's
+    buffers)."""
 
     def __init__(self, signature: tuple, mask: torch.Tensor, mol_index: torch.Tensor, capacity: int):
         B = mask.size(0)
@@ -40,7 +43,7 @@ class TrajectoryState:
         )
 
     def store(self, rows: torch.Tensor, outputs: list[torch.Tensor], t: torch.Tensor) -> None:
-        """Push the evaluations ``outputs[i]`` ``[len(rows), ...]`` of molecules ``rows`` at times t ``[B]``."""
+        """Push the evaluations ``outputs[i]`` ``[len(rows), ...]`` of molecules ``rows`` at clock values t ``[B]``."""
         if not self.history:
             B = self.mask.size(0)
             self.history = [

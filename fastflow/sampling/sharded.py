@@ -218,6 +218,8 @@ class ShardedRequest:
 
     def identity(self) -> dict:
         cache = dataclasses.asdict(self.cache) if self.cache is not None else None
+        if cache is not None and cache.get("clock") == "time":  # the default, absent from directories written
+            del cache["clock"]                                 # before the step clock existed: they still resume
         return {"n": self.n, "steps": self.steps, "schedule": self.schedule, "seed": self.seed,
                 "shard_size": self.shard_size, "cache": cache, "energy": self.energy,
                 "model_fingerprint": self.model_fingerprint}

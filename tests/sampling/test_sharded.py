@@ -226,3 +226,17 @@ def test_merge_into_a_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["merge", str(directory), "--out", str(tmp_path / "somewhere")]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "missing")]) == 2
+
+
+def test_a_cache_with_the_default_clock_has_the_identity_it_had_before_the_clock():
+    """Shard directories written before CacheConfig had a clock must still resume: the default clock is left out
+    of the request identity; the step clock is part of it."""
+    from fastflow.cache import CacheConfig
+    from fastflow.sampling.sharded import ShardedRequest
+
+    def identity(cache):
+        return ShardedRequest(n=4, steps=3, schedule="log", seed=0, shard_size=2, model_fingerprint="x",
+                              cache=cache, energy=False).identity()["cache"]
+
+    assert "clock" not in identity(CacheConfig(interval=2))
+    assert identity(CacheConfig(interval=2, clock="steps"))["clock"] == "steps"
