@@ -34,6 +34,15 @@ TORCH_LIBRARY(fastflow, m) {
       "Tensor? edge_feats, Tensor? edge_norm_weight, Tensor? edge_norm_bias, Tensor? edge_weight, "
       "float edge_norm_eps, float coord_eps) -> (Tensor, Tensor, Tensor)");
 
+  // A Semla generator's pair tail: BondRefine, bond LayerNorm, symmetrisation, edge head (see the Python module)
+  m.set_python_module("fastflow.ops.bond_head");
+  m.def(
+      "bond_head(Tensor edge_feats, Tensor bond_norm_weight, Tensor bond_norm_bias, Tensor head_weight1, "
+      "Tensor head_bias1, Tensor head_weight2, Tensor head_bias2, Tensor? node_terms_i, Tensor? node_terms_j, "
+      "Tensor? coords, Tensor? edge_norm_weight, Tensor? edge_norm_bias, Tensor? edge_weight, Tensor? dist_weight, "
+      "Tensor? dot_weight, Tensor? refine_weight, Tensor? refine_bias, float edge_norm_eps, float bond_norm_eps) "
+      "-> Tensor");
+
   // One step of the uniform-noise discrete flow for atom types or bonds (see the Python module)
   m.set_python_module("fastflow.ops.discrete_flow_step");
   m.def(
