@@ -29,6 +29,9 @@ _lock = threading.Lock()
 _status: dict | None = None  # set once by load_extension()
 
 
+_on_load: list = []  # callbacks run once fastflow._C is loaded (fastflow.ops.backends binds the ops' fakes)
+
+
 def load_extension() -> bool:
     """Load the C++ ops once per process; True if torch.ops.fastflow.* have CPU kernels."""
     global _status
@@ -36,7 +39,17 @@ def load_extension() -> bool:
         with _lock:
             if _status is None:
                 _status = _load()
+        if _status["loaded"]:
+            for callback in _on_load:
+                callback()
     return _status["loaded"]
+
+
+def on_load(callback) -> None:
+    """Run ``callback()`` when fastflow._C is loaded: now if it already is, else right after it loads."""
+    _on_load.append(callback)
+    if is_loaded():
+        callback()
 
 
 def is_loaded() -> bool:

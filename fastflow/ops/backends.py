@@ -73,7 +73,7 @@ def register_cpp_op(name: str, fake, backward=None, setup_context=None):
 
 def bind_cpp_ops(binder) -> None:
     """Run ``binder()`` — an op module's function that calls :func:`register_cpp_op` for its C++ ops — as soon as
-    fastflow._C is loaded: now if it is, else when a backend resolution loads it. So the registration happens in
+    fastflow._C is loaded: now if it is, else as soon as anything loads it. So the registration happens in
     eager Python before any use, never first inside a torch.compile trace, where the caller's module (which
     torch checks against csrc/registration.cpp's set_python_module) would be misread."""
     _pending_binders.append(binder)
@@ -87,6 +87,9 @@ def _run_binders() -> None:
             _pending_binders.pop(0)()
         except BackendUnavailable:  # an op this build of fastflow._C lacks: the error comes back on its first use
             pass
+
+
+_extension.on_load(_run_binders)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -118,10 +121,8 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     if name == "cpp":
         if device.type != "cpu":
             return f"the cpp backend runs on cpu tensors, got {device.type} tensors"
-        if not _extension.load_extension():
+        if not _extension.load_extension():  # loading runs the pending binders (see bind_cpp_ops)
             return _extension.extension_status()["reason"]
-        if _pending_binders:
-            _run_binders()
         return None
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
