@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import itertools
 import sys
+import types
 
 import torch
 from torch import nn
 
 from fastflow.cache import CacheConfig, CacheHook
-from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer
+from fastflow.models.semla import Semla
+from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer, fused_semla_forward
 from fastflow.nn.tensor_product import TensorProduct, cuequivariance_unavailable_reason
 from fastflow.ops.backends import TP_BACKENDS, BackendUnavailable, resolve_backend
 
@@ -43,15 +45,20 @@ class PatchHandle:
         # Tensor products resolve per call ("auto" falls back to the reference, with a warning, where fastflow._C or
         # the Triton module lacks them); an explicit backend must have them.
         self.tp_backend = kernels if kernels in ("cpp", "triton", "cuequivariance") else "auto"
-        self.swaps, self.left_alone = [], []
+        self.swaps, self.left_alone, self.fused_forward = [], [], None
         if kernels != "reference":
             self.swaps, self.left_alone = _plan_swaps(model, self.backend, self.tp_backend)
+            self.fused_forward = _plan_forward(model, self.backend, self.left_alone)
         self._hook = None if cache is None else CacheHook(model, cache, backend=self.backend)
+        self._saved_forward = None
         self.active = False
 
     def _install(self) -> None:
         for swap in self.swaps:
             swap.parent._modules[swap.name] = swap.fused
+        if self.fused_forward is not None:  # before the cache hook, which wraps whatever forward the model has
+            self._saved_forward = self.model.__dict__.get("forward")
+            self.model.forward = self.fused_forward
         if self._hook is not None:
             self._hook.install()
         setattr(self.model, _ATTRIBUTE, self)
@@ -63,6 +70,11 @@ class PatchHandle:
             return
         if self._hook is not None:
             self._hook.remove()
+        if self.fused_forward is not None:
+            if self._saved_forward is None:
+                del self.model.forward  # back to the class's forward
+            else:
+                self.model.forward = self._saved_forward
         for swap in reversed(self.swaps):
             swap.parent._modules[swap.name] = swap.original
         delattr(self.model, _ATTRIBUTE)
@@ -89,7 +101,8 @@ class PatchHandle:
                 "swapped": [
                     {"module": swap.path, "from": type(swap.original).__name__, "to": type(swap.fused).__name__}
                     for swap in self.swaps
-                ],
+                ] + ([{"module": "(forward)", "from": f"{type(self.model).__name__}.forward",
+                       "to": "fused_semla_forward (pair tail as fastflow::bond_head)"}] if self.fused_forward else []),
                 "left_alone": self.left_alone,
             },
         }
@@ -225,6 +238,26 @@ def _plan_swaps(model: nn.Module, backend: str, tp_backend: str = "auto") -> tup
         swaps.append(_Swap(path, parent, name, module, fused))
         inside.append(path)
     return swaps, left_alone
+
+
+def _plan_forward(model: nn.Module, backend: str, left_alone: list[dict]):
+    """The fused generator forward for fastflow's ``Semla`` (its pair tail as one ``fastflow::bond_head``), or None;
+    a generator that cannot take it is listed in ``left_alone`` with the reason."""
+    if type(model).__name__ not in ("Semla", "SemlaGenerator"):
+        return None
+    reason = None
+    if not isinstance(model, Semla):
+        reason = "the fused pair tail needs fastflow's Semla forward; upstream's generator keeps its unfused tail"
+    elif backend != "cpp":
+        reason = f"fastflow::bond_head has no {backend} kernel yet; the pair tail runs unfused"
+    else:
+        head = model.edge_out_proj
+        if not (isinstance(head, nn.Sequential) and len(head) == 3 and isinstance(head[1], nn.SiLU)):
+            reason = "the bond head is not Linear → SiLU → Linear"
+    if reason is not None:
+        left_alone.append({"module": "(forward)", "class": type(model).__name__, "reason": reason})
+        return None
+    return types.MethodType(fused_semla_forward, model)
 
 
 def _unsupported_reason(module: nn.Module, kind: str) -> str | None:

@@ -375,6 +375,16 @@ class EquiInvDynamics(nn.Module):
     def forward(self, coords, inv_feats, adj_matrix, atom_mask=None, edge_feats=None, cond_coords=None):
         """coords ``[B,N,3]``, inv_feats ``[B,N,D]``, adj ``[B,N,N]``, atom_mask ``[B,N]``, edge_feats
         ``[B,N,N,E]``, cond_coords ``[B,N,3]`` → (coords ``[B,N,3]``, feats ``[B,N,D]``, edges ``[B,N,N,E]``)."""
+        out_coords, inv_feats, edge_feats = self.trunk(coords, inv_feats, adj_matrix, atom_mask, edge_feats,
+                                                       cond_coords)
+        if self.bond_refine:
+            edge_feats = self.refine_layer(out_coords, inv_feats, atom_mask, edge_feats)
+        return out_coords, self.feat_norm(inv_feats), self.bond_norm(edge_feats)
+
+    def trunk(self, coords, inv_feats, adj_matrix, atom_mask=None, edge_feats=None, cond_coords=None):
+        """Everything but the pair tail (bond refinement and the bond LayerNorm): (coords ``[B,N,3]``, features
+        ``[B,N,D]`` before the final LayerNorm, the last layer's edge features ``[B,N,N,E]``). A fused tail
+        (``fastflow.nn.semla.FusedSemlaForward``) continues from here."""
         if (cond_coords is None) == self.self_cond:
             raise ValueError(f"dynamics built with self_cond={self.self_cond} but cond_coords "
                              f"{'missing' if cond_coords is None else 'given'}")
@@ -390,9 +400,7 @@ class EquiInvDynamics(nn.Module):
 
         coord_sets, inv_feats = self.final_ff_block(coord_sets, inv_feats, node_mask)
         out_coords = set_linear(self.coord_norm(coord_sets, node_mask), self.coord_head).squeeze(1)
-        if self.bond_refine:
-            edge_feats = self.refine_layer(out_coords, inv_feats, atom_mask, edge_feats)
-        return out_coords, self.feat_norm(inv_feats), self.bond_norm(edge_feats)
+        return out_coords, inv_feats, edge_feats
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,26 +454,30 @@ class Semla(nn.Module):
                 atom_mask=None):
         atom_mask = self.check_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds,
                                        atom_mask)
-        adj_matrix = adjacency_from_mask(atom_mask)
+        dynamics_inputs = self.dynamics_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds,
+                                               atom_mask)
+        pred_coords, pred_feats, pred_edges = self.dynamics(**dynamics_inputs)
+        # Symmetrise the pair features so that bond (i, j) and (j, i) get the same logits.
+        bond_logits = self.edge_out_proj(pred_edges + pred_edges.transpose(1, 2))
+        return self.outputs(pred_coords, pred_feats, bond_logits, dynamics_inputs["atom_mask"])
+
+    def dynamics_inputs(self, coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds,
+                        atom_mask) -> dict:
+        """The embeddings the dynamics read (checked inputs, ``atom_mask`` as returned by :meth:`check_inputs`):
+        keyword arguments of ``self.dynamics`` (and of its ``trunk``)."""
         n_atoms = atom_mask.sum(dim=-1).long()
         size_emb = self.size_emb(n_atoms).unsqueeze(1).expand(-1, coords.size(1), -1)
-
         atom_in = [inv_feats, size_emb] + ([cond_atomics] if self.self_cond else [])
         atom_feats = self.feat_proj(torch.cat(atom_in, dim=-1))
         edge_in = [edge_feats.to(atom_feats.dtype)] + ([cond_bonds] if self.self_cond else [])
-        edge_feats = self.edge_in_proj(torch.cat(edge_in, dim=-1))
+        return {"coords": coords, "inv_feats": atom_feats, "adj_matrix": adjacency_from_mask(atom_mask),
+                "atom_mask": atom_mask.to(coords.dtype), "edge_feats": self.edge_in_proj(torch.cat(edge_in, dim=-1)),
+                "cond_coords": cond_coords if self.self_cond else None}
 
-        mask = atom_mask.to(coords.dtype)
-        pred_coords, pred_feats, pred_edges = self.dynamics(
-            coords, atom_feats, adj_matrix, atom_mask=mask, edge_feats=edge_feats,
-            cond_coords=cond_coords if self.self_cond else None,
-        )
+    def outputs(self, pred_coords, pred_feats, bond_logits, mask):
+        """(x̂₁ with zero centre of mass over real atoms, type logits, bond logits, charge logits)."""
         pred_coords = zero_com(pred_coords, mask) * mask.unsqueeze(-1)
-        type_logits = self.atom_classifier_head(pred_feats)
-        charge_logits = self.charge_classifier_head(pred_feats)
-        # Symmetrise the pair features so that bond (i, j) and (j, i) get the same logits.
-        bond_logits = self.edge_out_proj(pred_edges + pred_edges.transpose(1, 2))
-        return pred_coords, type_logits, bond_logits, charge_logits
+        return pred_coords, self.atom_classifier_head(pred_feats), bond_logits, self.charge_classifier_head(pred_feats)
 
     def check_inputs(self, coords, inv_feats, edge_feats=None, cond_coords=None, cond_atomics=None, cond_bonds=None,
                      atom_mask=None):

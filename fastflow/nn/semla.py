@@ -12,6 +12,8 @@ names and structure (``EquiMessagePassingLayer``, ``NodeFeedForward``): only par
   and both attentions; only per-atom GEMMs stay in PyTorch.
 - ``FusedBondRefine``: the bond-refinement MLP with its first linear split into per-atom GEMMs plus the per-pair
   distance, dot-product and edge terms (a [pairs, 2M + 2 + E] concatenation and product avoided).
+- ``fused_semla_forward``: fastflow's generator forward with the whole pair tail (refinement, bond LayerNorm,
+  symmetrisation, bond head) as one ``fastflow::bond_head`` call.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastflow.models.semla import length, zero_com
+from fastflow.ops.bond_head import bond_head
 from fastflow.ops.semla_attention import semla_attention
 
 LAYER_CHILDREN = ("node_ff", "message_ff", "coord_attn", "node_attn")
@@ -151,3 +154,39 @@ class FusedBondRefine(nn.Module):
         hidden.addcmul_(sq_dists.unsqueeze(-1), w_dist.squeeze(1))
         hidden.addcmul_(dots.unsqueeze(-1), w_dot.squeeze(1))
         return second(F.silu(hidden, inplace=not hidden.requires_grad))  # silu's backward needs its input
+
+
+def fused_semla_forward(self, coords, inv_feats, edge_feats=None, cond_coords=None, cond_atomics=None,
+                        cond_bonds=None, atom_mask=None):
+    """``Semla.forward`` with the pair tail fused, bound by ``patch_model`` to a fastflow ``Semla`` instance as its
+    ``forward`` (a bound method: deepcopy rebinds it to the copy, torch.export reads its code): the generator's own
+    embeddings and the dynamics' trunk (whose layers are the fused modules), then bond refinement, the bond
+    LayerNorm, the symmetrisation and the bond head as one ``fastflow::bond_head`` call that writes only the
+    ``[B, N, N, K]`` bond logits (the unfused tail holds about seven ``[B, N, N, E]`` tensors)."""
+    atom_mask = self.check_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask)
+    inputs = self.dynamics_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask)
+    out_coords, feats, edges = self.dynamics.trunk(**inputs)
+    bond_logits = fused_bond_logits(self.dynamics, self.edge_out_proj, out_coords, feats, inputs["atom_mask"], edges)
+    return self.outputs(out_coords, self.dynamics.feat_norm(feats), bond_logits, inputs["atom_mask"])
+
+
+def fused_bond_logits(dynamics: nn.Module, head: nn.Sequential, coords: torch.Tensor, feats: torch.Tensor,
+                      atom_mask: torch.Tensor, edge_feats: torch.Tensor, backend: str = "cpp") -> torch.Tensor:
+    """Bond logits ``[B, N, N, K]`` = head(r_ij + r_ji), r = bond_norm(refine(e')), from the modules' parameters:
+    the refinement's first linear split into per-atom GEMMs (a_i, c_j) and its distance, dot and edge columns."""
+    first_head, second_head = head[0], head[2]
+    args = dict(bond_norm_weight=dynamics.bond_norm.weight, bond_norm_bias=dynamics.bond_norm.bias,
+                head_weight1=first_head.weight, head_bias1=first_head.bias, head_weight2=second_head.weight,
+                head_bias2=second_head.bias, bond_norm_eps=dynamics.bond_norm.eps)
+    if dynamics.bond_refine:
+        refine = dynamics.refine_layer
+        first, second = refine.message_mlp[0], refine.message_mlp[2]
+        M = refine.node_proj.out_features
+        W_i, W_j, w_dist, w_dot, W_e = first.weight.split([M, M, 1, 1, first.in_features - 2 * M - 2], dim=1)
+        m = refine.node_proj(refine.node_norm(feats))
+        x = coord_norm(refine.coord_norm, coords.unsqueeze(1), atom_mask.unsqueeze(1)).squeeze(1)
+        args.update(node_terms_i=F.linear(m, W_i, first.bias), node_terms_j=F.linear(m, W_j), coords=x,
+                    edge_norm_weight=refine.edge_norm.weight, edge_norm_bias=refine.edge_norm.bias, edge_weight=W_e,
+                    dist_weight=w_dist.squeeze(1), dot_weight=w_dot.squeeze(1), refine_weight=second.weight,
+                    refine_bias=second.bias, edge_norm_eps=refine.edge_norm.eps)
+    return bond_head(edge_feats, **args, backend=backend)

@@ -94,10 +94,11 @@ def test_swaps_keep_parameters_and_unpatch_restores_modules():
     assert all(patched_state[k].data_ptr() == v.data_ptr() for k, v in state.items())
     swapped = [entry["module"] for entry in handle.report()["kernels"]["swapped"]]
     assert swapped == ([f"dynamics.layers.{i}" for i in range(len(layers))]
-                       + ["dynamics.final_ff_block", "dynamics.refine_layer"])
+                       + ["dynamics.final_ff_block", "dynamics.refine_layer", "(forward)"])
 
     handle.unpatch()
     assert all(a is b for a, b in zip(model.dynamics.layers, layers)) and model.dynamics.final_ff_block is final_ff
+    assert "forward" not in model.__dict__
     with torch.no_grad():
         after = model(**inputs)
     assert all(torch.equal(x, y) for x, y in zip(before, after))
@@ -153,3 +154,27 @@ def test_sampling_with_fused_kernels_gives_the_same_molecules(cache):
         assert torch.equal(a.bond_types, b.bond_types)
         assert torch.equal(a.charges, b.charges)
     assert max((a - b).abs().max().item() for a, b in zip(reference.coords, fused.coords)) < 1e-3
+
+
+def test_fused_pair_tail_is_the_generator_forward_and_copies_run_their_own_weights():
+    """patch_model binds fused_semla_forward (the pair tail as one fastflow::bond_head) to the instance; a deepcopy
+    of the patched model runs the copy's weights, and its unpatch leaves the original patched."""
+    import copy
+
+    model = perturbed_model(SemlaConfig.preset("tiny"))
+    inputs = random_inputs(model.config, [5, 3], n_pad=2)
+    with torch.no_grad():
+        expected = model(**inputs)
+    handle = patch_model(model, kernels="cpp")
+    assert model.forward.__func__.__name__ == "fused_semla_forward"
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.9)
+        got, twin_out = model(**inputs), twin(**inputs)
+    for a, b in zip(got, expected):
+        assert ((a - b).abs().max() / b.abs().max()) <= 1e-5
+    assert not torch.allclose(twin_out[2], got[2])  # the copy's bond logits come from the copy's weights
+    twin._fastflow_patch.unpatch()
+    assert "forward" not in twin.__dict__ and model.forward.__func__.__name__ == "fused_semla_forward"
+    handle.unpatch()
