@@ -195,7 +195,8 @@ def bench_sampling(n: int, steps: int, backend: str, seed: int = 0) -> list[dict
                            (backend, CacheConfig(interval=2))]:
         model = load_pretrained()
         handle = patch_model(model, kernels=kernels, cache=cache)
-        result = sample(model, n, steps=steps, seed=seed, size_distribution=model.size_counts)
+        result = sample(model, n, steps=steps, seed=seed, size_distribution=model.size_counts,
+                        kernels=kernels)  # the solver step's fused op too: "reference" is the whole reference path
         row = {"kernels": kernels, "cache": "none" if cache is None else "taylor-2, D=2", "molecules": n,
                "steps": steps, "nfe": result.stats["nfe"], "seconds": result.stats["sampling_seconds"],
                "molecules_per_second": result.stats["molecules_per_second"],
