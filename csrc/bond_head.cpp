@@ -16,12 +16,14 @@
 // No [B, N, N, ·] tensor but the logits is written. The GEMMs are ATen's CPU addmm kernel called directly
 // (at::cpu::addmm_: MKL sgemm/dgemm, no dispatcher; beta = 0 where the bias is added by the next pass), on the
 // calling thread inside at::parallel_for. The hand loops run over contiguous channels and are compiled per ISA
-// (GCC target_clones, as csrc/semla_attention.cpp; the element functions below are copies of that file's).
+// (GCC target_clones; csrc/common.h holds the dispatch macros and the element functions both kernels use).
 // float32 uses a polynomial exp in SiLU (relative error ~2e-7); float64 uses std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <torch/library.h>
+
+#include "common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -30,80 +32,12 @@
 #include <string>
 #include <vector>
 
-// -DFASTFLOW_CLONES= (empty) or -DFASTFLOW_CLONES='__attribute__((target("arch=x86-64-v3")))' builds one variant
-// only, to test it on a machine that would pick another.
-#ifndef FASTFLOW_CLONES
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
-#define FASTFLOW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTFLOW_CLONES
-#endif
-#endif
-#if defined(__GNUC__)
-#define FASTFLOW_INLINE inline __attribute__((always_inline))
-#else
-#define FASTFLOW_INLINE inline
-#endif
-
 namespace fastflow {
 namespace {
 
 constexpr int64_t kTilePairs = 512;  // ordered pairs per tile: the refinement GEMMs' M
 constexpr int64_t kBlockAtoms = 16;  // atoms per block; a 16 × 16 off-diagonal block pair is 512 ordered pairs
 constexpr int64_t kPrefetchRows = 4;  // e' rows prefetched ahead of the LayerNorm (~4% at the SemlaFlow widths)
-
-// ---- element functions that vectorise (copies of csrc/semla_attention.cpp's) ----
-
-// exp(x): Cephes' expf polynomial times 2^n, x clamped to [lo, hi] = [-87, 88] (bounds read at run time so that
-// GCC keeps the loop vectorised; see semla_attention.cpp).
-FASTFLOW_INLINE float exp_fast(float x, float lo, float hi) {
-  x = std::min(std::max(x, lo), hi);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;              // x - n ln2, ln2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
-FASTFLOW_INLINE double exp_fast(double x, float /*lo*/, float /*hi*/) { return std::exp(x); }
-
-// Σ x and Σ x² over a short row with 128 bytes of independent partial sums and a tree at the end.
-template <typename T>
-FASTFLOW_INLINE T sum_of(const T* x, int64_t n) {
-  constexpr int L = 128 / sizeof(T);
-  T acc[L] = {};
-  int64_t q = 0;
-  for (; q + L <= n; q += L) {
-    for (int l = 0; l < L; ++l) acc[l] += x[q + l];
-  }
-  for (int l = 0; q + l < n; ++l) acc[l] += x[q + l];
-  for (int w = L / 2; w > 0; w /= 2) {
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  }
-  return acc[0];
-}
-
-template <typename T>
-FASTFLOW_INLINE T sum_of_squares(const T* x, int64_t n) {
-  constexpr int L = 128 / sizeof(T);
-  T acc[L] = {};
-  int64_t q = 0;
-  for (; q + L <= n; q += L) {
-    for (int l = 0; l < L; ++l) acc[l] += x[q + l] * x[q + l];
-  }
-  for (int l = 0; q + l < n; ++l) acc[l] += x[q + l] * x[q + l];
-  for (int w = L / 2; w > 0; w /= 2) {
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  }
-  return acc[0];
-}
 
 // out = LN(in (+ shift)) · w + b over n channels (biased variance, as F.layer_norm), two passes; out may be in.
 template <typename T>
