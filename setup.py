@@ -38,6 +38,7 @@ def ext_modules():
     extension = CppExtension(
         "fastflow._C",
         sorted(glob.glob("csrc/*.cpp")),
+        depends=sorted(glob.glob("csrc/*.h")),  # a changed header rebuilds the kernels that include it
         extra_compile_args=extension_compile_args(),
         extra_link_args=["-fopenmp"],
         py_limited_api=True,
