@@ -473,6 +473,12 @@ def add_bench_parser(commands) -> None:
 
     tp_benchmark.add_arguments(tp)
     tp.set_defaults(handler=run_bench_tp)
+    gpu_static = which.add_parser("gpu-static", help="compile the Triton kernels for NVIDIA GPUs without one: "
+                                                     "registers, spills, shared memory, tensor cores")
+    from fastflow.benchmarks import gpu_static as gpu_static_benchmark
+
+    gpu_static_benchmark.add_arguments(gpu_static)
+    gpu_static.set_defaults(handler=run_bench_gpu_static)
 
 
 def run_bench_kernels(args) -> int:
@@ -490,6 +496,13 @@ def run_bench_tp(args) -> int:
     from fastflow.benchmarks.tp import run_from_args
 
     run_from_args(args)
+    return 0
+
+
+def run_bench_gpu_static(args) -> int:
+    from fastflow.benchmarks.gpu_static import run
+
+    run(args)
     return 0
 
 
