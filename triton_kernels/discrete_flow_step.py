@@ -1,6 +1,6 @@
 """Triton kernel of fastflow::discrete_flow_step: per atom or ordered pair, softmax of its K logits, the CTMC
 transition weights, the keyed uniform (fastflow/rng.py's SplitMix64 keys, hashed in uint64 registers) and the
-inverse-CDF draw. A program takes BLOCK elements × the K classes padded to a power of two. Schema, fake impl,
+inverse-CDF draw. A program takes a block of elements × the K classes padded to a power of two. Schema, fake impl,
 checks and reference: fastflow/ops/discrete_flow_step.py.
 """
 
@@ -8,8 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 128
-T_EPS = 1e-5
+ELEMENT_BUDGET = {torch.float32: 2048, torch.float64: 512}  # BLOCK × padded K values per program: no spills on
+# sm_80/sm_89/sm_90 (fastflow bench gpu-static) at K = 5 (bonds) and 18 (atom types)
+T_EPS = tl.constexpr(1e-5)  # a global a @triton.jit function reads must be a constexpr
 
 
 @triton.jit
@@ -93,7 +94,9 @@ def discrete_flow_step(logits, current, mask, t, keys, step, stream, dt, noise_l
     pairs = logits.dim() == 4
     N, K = logits.size(1), logits.size(-1)
     n_elements = logits.numel() // K
-    grid = (triton.cdiv(n_elements, BLOCK),)
+    KP = triton.next_power_of_2(K)
+    block = min(256, max(16, ELEMENT_BUDGET[logits.dtype] // KP))
+    grid = (triton.cdiv(n_elements, block),)
     _discrete_flow_step_kernel[grid](logits, current, mask, t, step_keys, stream_key, params, probs, drawn,
-                                     n_elements, N, K, PAIRS=pairs, BLOCK=BLOCK, KP=triton.next_power_of_2(K))
+                                     n_elements, N, K, PAIRS=pairs, BLOCK=block, KP=KP)
     return probs, drawn

@@ -53,7 +53,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KERNELS = ("semla_attention", "tensor_product", "tp_conv_atomic", "tp_conv_deterministic", "cache_forecast")
+KERNELS = ("semla_attention", "tensor_product", "tp_conv_atomic", "tp_conv_deterministic", "cache_forecast",
+           "discrete_flow_step")
 TARGETS = ("sm_80", "sm_89", "sm_90")
 JSON_KEYS = ("kernel", "variant", "target", "registers", "spill_bytes", "shared_bytes", "shared_limit",
              "tensor_cores", "ok")
@@ -96,7 +97,9 @@ QUICK = {
     "tp_conv_atomic": [("nequip-l1", "fp32")],
     "tp_conv_deterministic": [("nequip-l1", "fp32")],
     "cache_forecast": [("fp32",)],
+    "discrete_flow_step": [("bonds", "fp32")],
 }
+STEP_CASES = {"atoms": 18, "bonds": 5}  # discrete_flow_step: classes per element (atom types, bond orders)
 
 
 # ------------------------------------------------------------------------------------------------------ cases
@@ -296,6 +299,25 @@ def _forecast_cases(selection) -> list[Case]:
     return cases
 
 
+def _step_cases(selection) -> list[Case]:
+    import torch
+
+    from fastflow.triton_kernels import discrete_flow_step as module
+
+    cases = []
+    for what, dtype_name in selection:
+        dtype, K, N, B = _torch_dtype(dtype_name), STEP_CASES[what], 24, 4
+        shape = (B, N, N, K) if what == "bonds" else (B, N, K)
+        with _recording(module, "_discrete_flow_step_kernel") as (fn, recorder):
+            module.discrete_flow_step(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype),
+                                      torch.ones(B, N, dtype=torch.bool), torch.zeros(B, dtype=dtype),
+                                      torch.zeros(B, dtype=torch.int64), 0, 5, 0.01, 1.0)
+        (args, kwargs), = recorder.launches
+        cases.append(Case("discrete_flow_step", f"{what}/{dtype_name}", fn, args, kwargs,
+                          {"shape": f"K={K}, {'pairs' if what == 'bonds' else 'atoms'}"}))
+    return cases
+
+
 def selections(quick: bool) -> dict:
     """What each kernel compiles: semla (preset, layer, dtype), tensor products (case, dtype), forecast (dtype,)."""
     if quick:
@@ -305,6 +327,7 @@ def selections(quick: bool) -> dict:
         "semla_attention": [(p, layer, d) for p in SEMLA_PRESETS for layer in SEMLA_LAYERS for d in DTYPES],
         "tensor_product": tp, "tp_conv_atomic": tp, "tp_conv_deterministic": tp,
         "cache_forecast": [(d,) for d in DTYPES],
+        "discrete_flow_step": [(what, d) for what in STEP_CASES for d in DTYPES],
     }
 
 
@@ -316,6 +339,8 @@ def build_cases(kernels=KERNELS, quick: bool = False) -> list[Case]:
             cases += _semla_cases(chosen[kernel])
         elif kernel == "cache_forecast":
             cases += _forecast_cases(chosen[kernel])
+        elif kernel == "discrete_flow_step":
+            cases += _step_cases(chosen[kernel])
         elif kernel in KERNELS:
             cases += _tp_cases(kernel, chosen[kernel], quick)
         else:
