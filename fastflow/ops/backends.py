@@ -71,6 +71,27 @@ def register_cpp_op(name: str, fake, backward=None, setup_context=None):
     return getattr(torch.ops.fastflow, name).default
 
 
+def recompute_vjp(reference, inputs: tuple, n_tensors: int, cotangents, skip: tuple[int, ...] = ()) -> tuple:
+    """Autograd of a forward-only fused op by recomputation: the vector-Jacobian product of ``reference`` (its
+    plain-PyTorch definition, called as ``reference(*inputs)``) at ``inputs``, evaluated with torch.func so that it
+    is itself traceable. The first ``n_tensors`` inputs are tensors or None; those that are None or listed in
+    ``skip`` (e.g. a bool mask) get no gradient, nor do the non-tensor inputs after them. Returns one gradient (or
+    None) per input, for ``register_autograd``."""
+    differentiable = [i for i, t in enumerate(inputs[:n_tensors]) if t is not None and i not in skip]
+
+    def at(*chosen):
+        args = list(inputs)
+        for i, t in zip(differentiable, chosen):
+            args[i] = t
+        return reference(*args)
+
+    _, vjp = torch.func.vjp(at, *[inputs[i] for i in differentiable])
+    grads = [None] * len(inputs)
+    for i, g in zip(differentiable, vjp(cotangents)):
+        grads[i] = g
+    return tuple(grads)
+
+
 def bind_cpp_ops(binder) -> None:
     """Run ``binder()`` — an op module's function that calls :func:`register_cpp_op` for its C++ ops — as soon as
     fastflow._C is loaded: now if it is, else as soon as anything loads it. So the registration happens in

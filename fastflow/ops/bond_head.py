@@ -38,7 +38,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastflow.ops.backends import FLOAT_DTYPES, BackendUnavailable, bind_cpp_ops, register_cpp_op, resolve_backend
+from fastflow.ops.backends import (FLOAT_DTYPES, BackendUnavailable, bind_cpp_ops, recompute_vjp, register_cpp_op,
+                                   resolve_backend)
 
 # Tensor arguments in schema order. The head block is always given; the refinement block (BondRefine) is all
 # given or all None.
@@ -201,22 +202,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    n = len(ARGUMENTS)
-    tensors, (edge_norm_eps, bond_norm_eps) = list(ctx.inputs[:n]), ctx.inputs[n:]
-    differentiable = [i for i, t in enumerate(tensors) if t is not None]
-
-    def reference(*chosen):
-        args = list(tensors)
-        for i, t in zip(differentiable, chosen):
-            args[i] = t
-        return bond_head_reference(*args, edge_norm_eps=edge_norm_eps, bond_norm_eps=bond_norm_eps)
-
-    _, vjp = torch.func.vjp(reference, *[tensors[i] for i in differentiable])
-    grads = vjp(grad)
-    out = [None] * (n + 2)
-    for i, g in zip(differentiable, grads):
-        out[i] = g
-    return tuple(out)
+    return recompute_vjp(bond_head_reference, ctx.inputs, len(ARGUMENTS), grad)
 
 
 def _cpp_op():

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastflow.ops.backends import FLOAT_DTYPES, bind_cpp_ops, register_cpp_op, resolve_backend
+from fastflow.ops.backends import FLOAT_DTYPES, bind_cpp_ops, recompute_vjp, register_cpp_op, resolve_backend
 
 # Tensor arguments in schema order; the optional edge-input block is all given or all None.
 ARGUMENTS = ("node_terms_i", "node_terms_j", "gram_coords", "gram_weight", "out_weight", "out_bias", "values",
@@ -189,21 +189,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_node, grad_coord, grad_edge):
-    tensors, (edge_norm_eps, coord_eps) = list(ctx.inputs[:13]), ctx.inputs[13:]
-    differentiable = [i for i, t in enumerate(tensors) if t is not None and i != ARGUMENTS.index("adjacency")]
-
-    def reference(*chosen):
-        args = list(tensors)
-        for i, t in zip(differentiable, chosen):
-            args[i] = t
-        return semla_attention_reference(*args, edge_norm_eps=edge_norm_eps, coord_eps=coord_eps)
-
-    _, vjp = torch.func.vjp(reference, *[tensors[i] for i in differentiable])
-    grads = vjp((grad_node, grad_coord, grad_edge))
-    out = [None] * 15
-    for i, g in zip(differentiable, grads):
-        out[i] = g
-    return tuple(out)
+    return recompute_vjp(semla_attention_reference, ctx.inputs, len(ARGUMENTS), (grad_node, grad_coord, grad_edge),
+                         skip=(ARGUMENTS.index("adjacency"),))
 
 
 def _cpp_op():
