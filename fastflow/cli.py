@@ -83,7 +83,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default {ADAPTIVE_DEFAULT_INTERVAL})")
     group.add_argument("--order", type=int, default=None, help="forecaster order (default: taylor 2, ab 3)")
     group.add_argument("--tolerance", type=float, default=None,
-                       help="adaptive: relative forecast error above which a molecule is re-evaluated")
+                       help="adaptive: forecast error above which a molecule is re-evaluated, in units of 0.1 Å of "
+                            "x̂₁ (coordinates) and of the argmax margins of types and bonds (1 = a flip is possible)")
     group.add_argument("--clock", choices=("time", "steps"), default=None,
                        help="forecast in solver time (exact on polynomials in t) or in step index, as the paper's "
                             "code does (TaylorSeer ladder, classical Adams-Bashforth) (default time)")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from fastflow.cache.forecasters import CLOCKS, Forecaster
+from fastflow.cache.policies import DEFAULT_COORD_REFERENCE, ERRORS
 
 DEFAULT_ORDER = {"reuse": 0, "taylor": 2, "ab": 3}  # the paper's headline orders
 
@@ -19,8 +20,18 @@ class CacheConfig:
     interval: D. Fixed policy: evaluate every D steps. Adaptive policy: at most D − 1 forecasts in a row.
     warmup, cooldown: steps evaluated at the start / end (the last step is always evaluated).
     tolerance: None for the fixed policy; a float for the adaptive per-molecule policy, which evaluates a
-        molecule when its calibrated relative error estimate (‖F̂_order − F̂_order−1‖ / ‖F̂‖, times the
-        ratio of true to estimated error at its last evaluation) exceeds it.
+        molecule when its calibrated error estimate exceeds it: the measure ``error`` of the difference between
+        the forecasts of orders m and m − 1, times the ratio of the forecast's true error (the same measure
+        against the evaluation) to its estimate at the molecule's last evaluation, clamped to [1/4, 4].
+    error: the adaptive policy's measure (:mod:`fastflow.cache.policies`).
+        "sample" (default): the error where it changes the sample, dimensionless — the larger of the x̂₁ RMS
+        over the molecule's real atoms in Å divided by ``coord_reference`` (Å; x̂₁ in model units times the
+        model's ``config.coord_std``, 1 without one), and the largest change of a type / bond / charge logit gap
+        (top-1 minus another class, over real atoms and pairs) relative to that gap, which reaches 1 where an
+        argmax flips. Tolerance 0.1 with the default reference: 0.01 Å, or a tenth of the way to a flip.
+        "relative": the former measure, max over outputs of ‖ΔF̂‖ / ‖F̂‖ over all of the molecule's entries
+        (kept for comparison; tolerances of the two measures are not comparable).
+    coord_reference: Å of x̂₁ error that weighs as much as an argmax flip in ``error="sample"`` (default 0.1).
     block: None caches the whole generator's outputs; a module path (e.g. "dynamics.layers.5") caches that
         module's output and recomputes everything downstream (fixed policy only).
     skip_prefix: with a block inside an ``nn.ModuleList`` of Semla layers, also skip the layers before it on
@@ -43,6 +54,8 @@ class CacheConfig:
     block: str | None = None
     skip_prefix: bool = False
     clock: str = "time"
+    error: str = "sample"
+    coord_reference: float = DEFAULT_COORD_REFERENCE
 
     def __post_init__(self):
         if self.order is None and self.forecaster in DEFAULT_ORDER:
@@ -61,6 +74,17 @@ class CacheConfig:
                     f"CacheConfig.{name} must be an integer >= {1 if name == 'interval' else 0}, "
                     f"got {value!r}"
                 )
+        if self.error not in ERRORS:
+            raise ValueError(f"CacheConfig.error must be one of {ERRORS}, got {self.error!r}")
+        if (
+            isinstance(self.coord_reference, bool)
+            or not isinstance(self.coord_reference, (int, float))
+            or not math.isfinite(self.coord_reference)
+            or self.coord_reference <= 0
+        ):
+            raise ValueError(
+                f"CacheConfig.coord_reference must be a positive length in Å, got {self.coord_reference!r}"
+            )
         if self.tolerance is not None:
             if (
                 not isinstance(self.tolerance, (int, float))
@@ -92,10 +116,16 @@ class CacheConfig:
             raise ValueError("skip_prefix needs a block (the last layer of the prefix)")
 
     def __repr__(self) -> str:
-        """The dataclass repr, leaving out the default clock: labels of runs with clock="time" (CLI summaries,
-        benchmark tables) read as they did before the option existed."""
+        """The dataclass repr, leaving out the default clock, and the adaptive measure's fields without a tolerance
+        (they do nothing there): labels of fixed-policy runs and of runs with clock="time" (CLI summaries,
+        benchmark tables) read as they did before these options existed. Adaptive labels name their measure."""
         fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
-        return f"CacheConfig({', '.join(f'{k}={v!r}' for k, v in fields if (k, v) != ('clock', 'time'))})"
+        shown = [
+            (k, v) for k, v in fields
+            if (k, v) != ("clock", "time") and (self.adaptive or k not in ("error", "coord_reference"))
+            and not (k == "coord_reference" and self.error != "sample")
+        ]
+        return f"CacheConfig({', '.join(f'{k}={v!r}' for k, v in shown)})"
 
     @property
     def adaptive(self) -> bool:

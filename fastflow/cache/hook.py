@@ -7,7 +7,10 @@ time does not move forward, then evaluates or forecasts:
 
 - whole generator (default): on a forecast step the model does not run at all; under the adaptive policy only
   the molecules above tolerance run, as a sub-batch cropped to their largest size, so a molecule's decisions
-  and outputs do not depend on its batch-mates (up to fp32 rounding of the forward);
+  and outputs do not depend on its batch-mates (up to fp32 rounding of the forward). The adaptive error measure
+  (``CacheConfig.error``, :mod:`fastflow.cache.policies`) is per molecule over its real atoms, and sees the
+  coordinates only through a rotation-invariant RMS; ``error="sample"`` reads the Å per model unit from
+  ``model.config.coord_std`` (1 without one);
 - block: the model runs and the block's output is forecast; downstream modules recompute. With
   ``skip_prefix`` the Semla layers before the block are skipped too (they pass their inputs through and the
   block's forecast replaces their result).
@@ -29,7 +32,13 @@ from torch import nn
 
 from fastflow.cache.config import CacheConfig
 from fastflow.cache.forecasters import Forecaster
-from fastflow.cache.policies import AdaptiveTolerance, FixedInterval, calibration_ratio, relative_error
+from fastflow.cache.policies import (
+    AdaptiveTolerance,
+    FixedInterval,
+    calibration_ratio,
+    relative_error,
+    sample_error,
+)
 from fastflow.cache.state import TrajectoryState
 from fastflow.ops.cache_forecast import cache_forecast
 from fastflow.sampling.step import current_step
@@ -97,6 +106,7 @@ class CacheHook:
     def __init__(self, model: nn.Module, config: CacheConfig, backend: str):
         self.model, self.config, self.backend = model, config, backend
         self.forecaster = Forecaster(config.forecaster, config.order, config.clock)
+        self.coord_scale = float(getattr(getattr(model, "config", None), "coord_std", 1.0))
         if config.adaptive:
             self.policy = AdaptiveTolerance(config.tolerance, config.interval, config.warmup, config.cooldown)
         else:
@@ -276,12 +286,24 @@ class CacheHook:
             return torch.zeros(B, dtype=torch.bool), self._forecast(trajectory, t, t_next), None
         high = self._forecast(trajectory, t, t_next)
         low = self._forecast(trajectory, t, t_next, lower=True)
-        raw = relative_error(low, high)
+        raw = self._error(low, high, trajectory.mask)
         raw[trajectory.n_stored < 2] = float("nan")  # one evaluation: no second order to compare
         estimate = raw * trajectory.calibration
         evaluate = self.policy.evaluate(step, n_steps, trajectory.forecasts_in_a_row, estimate)
         self.stats.estimates.append(estimate[~evaluate])
         return evaluate, high, (high, raw)
+
+    def _error(self, a: list[torch.Tensor], b: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """The adaptive policy's measure (``CacheConfig.error``) of outputs a against the reference b, per molecule
+        ``[B]`` float64 on the host. mask ``[B, N]`` bool: real atoms."""
+        if self.config.error == "relative":
+            return relative_error(a, b)
+        if a[0].dim() != 3 or a[0].size(-1) != 3 or a[0].shape[:2] != mask.shape:
+            raise ValueError(
+                f"fastflow cache: error='sample' needs the sampler's outputs, x̂₁ [B, N, 3] first, got "
+                f"{_describe(a[0])}; use error='relative' for other models"
+            )
+        return sample_error(a, b, mask, self.coord_scale, self.config.coord_reference)
 
     def _forecast(self, trajectory, t, t_next, lower=False) -> list[torch.Tensor]:
         """Forecasts ``[B, ...]`` of every output at clock values t (t_next: end of the step) at the highest order
@@ -330,7 +352,7 @@ class CacheHook:
         ):  # calibrate: true error of the forecast over the estimate, where there was one
             high, raw = pending
             known = torch.isfinite(raw[rows])
-            actual = relative_error([h[rows] for h in high], fresh)
+            actual = self._error([h[rows] for h in high], fresh, trajectory.mask[rows])
             ratio = calibration_ratio(actual[known], raw[rows][known])
             trajectory.calibration[rows[known]] = ratio
             self.stats.calibration.append(ratio)

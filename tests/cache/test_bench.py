@@ -27,7 +27,8 @@ def test_bench_caching_smoke(tmp_path, capsys):
         assert 0 < row["evaluations_per_molecule"] <= 6 and row["seconds"] > 0
         assert {"energy_per_atom_sem", "strain_per_atom_sem", "matched_quality"} <= set(row)
     assert results["metadata"]["n_molecules"] == 3
-    assert "adaptive tol=0.2" in capsys.readouterr().out
+    assert "adaptive tol=2.0" in capsys.readouterr().out
+    assert "error='relative'" in rows["adaptive relative tol=0.1"]["cache"]
 
 
 def test_matched_quality_is_the_issues_bar():
@@ -44,6 +45,11 @@ def test_bench_caching_only_runs_the_chosen_rows(tmp_path, capsys):
     assert main(["bench", "caching", "--quick", "--config", "tiny", "--n", "2", "--steps", "4", "--no-plot",
                  "--only", "base", "adaptive", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [row["run"] for row in rows] == ["base", "adaptive tol=0.05", "adaptive tol=0.2"]
+    assert [row["run"] for row in rows] == [
+        "base", "adaptive tol=0.5", "adaptive tol=2.0", "adaptive relative tol=0.1"
+    ]
+    assert main(["bench", "caching", "--quick", "--config", "tiny", "--n", "2", "--steps", "4", "--no-plot",
+                 "--only", "adaptive relative", "--out", str(out)]) == 0
+    assert [row["run"] for row in json.loads(out.read_text())["rows"]] == ["adaptive relative tol=0.1"]
     assert main(["bench", "caching", "--quick", "--config", "tiny", "--only", "nothing", "--out", str(out)]) == 2
     assert "--only nothing matches no row" in capsys.readouterr().err

@@ -353,8 +353,9 @@ def test_block_cache_with_step_clock(model):
 
 
 def test_adaptive_taylor_takes_the_step_clock_and_ab_is_refused(model64):
-    """Per-molecule step-index histories; the estimate is ‖d_m x^m / m!‖ / ‖F̂‖, growing with the horizon x."""
-    cache = CacheConfig(interval=5, tolerance=1.0, clock="steps")
+    """Per-molecule step-index histories; the estimate (error="relative") is ‖d_m x^m / m!‖ / ‖F̂‖, growing with
+    the horizon x."""
+    cache = CacheConfig(interval=5, tolerance=1.0, clock="steps", error="relative")
     handle = patch_model(model64, kernels="reference", cache=cache)
     try:
         result = sample(model64, **dict(REQUEST, steps=12))
