@@ -11,16 +11,6 @@ from tests.sampling.stubs import StubModel
 TINY = SemlaConfig.preset("tiny")
 
 
-@pytest.fixture(scope="module")
-def model():
-    return perturbed_model(TINY)
-
-
-@pytest.fixture(scope="module")
-def model64():
-    return perturbed_model(TINY, dtype=torch.float64)
-
-
 def assert_same_samples(a, b):
     for name in ("coords", "type_probs", "bond_probs", "charge_probs"):
         for x, y in zip(getattr(a, name), getattr(b, name)):

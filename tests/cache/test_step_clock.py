@@ -27,16 +27,6 @@ TINY = SemlaConfig.preset("tiny")
 REQUEST = dict(n_molecules=4, steps=8, seed=1, sizes=[3, 5, 4, 7], batch_size=4)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return perturbed_model(TINY)
-
-
-@pytest.fixture(scope="module")
-def model64():
-    return perturbed_model(TINY, dtype=torch.float64)
-
-
 def steps_forecast(kind, order, history, steps, step):
     """The forecast through the op: history newest first at step indices ``steps``."""
     f = Forecaster(kind, order, "steps")
