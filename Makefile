@@ -13,7 +13,7 @@ N ?= 100
 STEPS ?= 100
 SEED ?= 0
 
-.PHONY: install install-dev install-moses demo test bench clean
+.PHONY: install install-dev install-moses demo lint test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,12 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(BIN)/fastflow sample --n $(N) --steps $(STEPS) --seed $(SEED) --out demo.sdf
 
-test: $(VENV)/.installed-dev
+# ruff's lint and format check first: a style break fails in seconds, not after the suite.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev

@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -38,12 +39,23 @@ def random_args(config: SemlaConfig, B: int, N: int, dtype, seed: int = 0):
         return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale + shift).to(dtype)
 
     return dict(
-        edge_feats=randn(B, N, N, E), bond_norm_weight=randn(E, scale=0.1, shift=1),
-        bond_norm_bias=randn(E, scale=0.1), head_weight1=randn(G, E, scale=E**-0.5), head_bias1=randn(G, scale=0.1),
-        head_weight2=randn(K, G, scale=G**-0.5), head_bias2=randn(K, scale=0.1), node_terms_i=randn(B, N, F), node_terms_j=randn(B, N, F),
-        coords=randn(B, N, 3), edge_norm_weight=randn(E, scale=0.1, shift=1), edge_norm_bias=randn(E, scale=0.1),
-        edge_weight=randn(F, E, scale=E**-0.5), dist_weight=randn(F, scale=0.1), dot_weight=randn(F, scale=0.1),
-        refine_weight=randn(E, F, scale=F**-0.5), refine_bias=randn(E, scale=0.1),
+        edge_feats=randn(B, N, N, E),
+        bond_norm_weight=randn(E, scale=0.1, shift=1),
+        bond_norm_bias=randn(E, scale=0.1),
+        head_weight1=randn(G, E, scale=E**-0.5),
+        head_bias1=randn(G, scale=0.1),
+        head_weight2=randn(K, G, scale=G**-0.5),
+        head_bias2=randn(K, scale=0.1),
+        node_terms_i=randn(B, N, F),
+        node_terms_j=randn(B, N, F),
+        coords=randn(B, N, 3),
+        edge_norm_weight=randn(E, scale=0.1, shift=1),
+        edge_norm_bias=randn(E, scale=0.1),
+        edge_weight=randn(F, E, scale=E**-0.5),
+        dist_weight=randn(F, scale=0.1),
+        dot_weight=randn(F, scale=0.1),
+        refine_weight=randn(E, F, scale=F**-0.5),
+        refine_bias=randn(E, scale=0.1),
     )
 
 
@@ -68,7 +80,9 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--presets", nargs="+", default=["small", "semlaflow"])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--default-heap", action="store_true", help="leave glibc's heap thresholds as they are")
+    parser.add_argument(
+        "--default-heap", action="store_true", help="leave glibc's heap thresholds as they are"
+    )
     args = parser.parse_args()
     if not args.default_heap:
         retain_freed_buffers()
@@ -76,29 +90,46 @@ def main():
     dtype = getattr(torch, args.dtype)
     rows = []
     print(f"# bond_head, {args.dtype}, 1 thread, medians of {args.repeats}; heap: {heap_setting()}")
-    print(f"{'preset':>10} {'B':>3} {'N':>4}  {'ref ms':>8} {'cpp ms':>8} {'speed-up':>8}  {'ref cpu ms':>10} "
-          f"{'cpp cpu ms':>10} {'speed-up':>8}  {'ref peak MiB':>12} {'cpp peak MiB':>12}  {'max rel err':>11}")
+    print(
+        f"{'preset':>10} {'B':>3} {'N':>4}  {'ref ms':>8} {'cpp ms':>8} {'speed-up':>8}  {'ref cpu ms':>10} "
+        f"{'cpp cpu ms':>10} {'speed-up':>8}  {'ref peak MiB':>12} {'cpp peak MiB':>12}  {'max rel err':>11}"
+    )
     for preset in args.presets:
         config = SemlaConfig.preset(preset)
         for B, N in SHAPES:
             kwargs = random_args(config, B, N, dtype)
             with torch.no_grad():
-                fns = {"reference": lambda: bond_head_reference(**kwargs),
-                       "cpp": lambda: bond_head(**kwargs, backend="cpp")}
+                fns = {
+                    "reference": partial(bond_head_reference, **kwargs),
+                    "cpp": partial(bond_head, **kwargs, backend="cpp"),
+                }
                 times = median_times(fns, args.repeats)
                 peaks = {name: peak_allocated_bytes(fn) for name, fn in fns.items()}
                 ref, out = fns["reference"](), fns["cpp"]()
             error = ((out - ref).abs().max() / ref.abs().max()).item()
-            row = {"heap": heap_setting(), "preset": preset, "B": B, "N": N, "E": config.d_edge, "F": config.d_message,
-                   "dtype": args.dtype, "ms": {k: v[0] * 1e3 for k, v in times.items()},
-                   "cpu_ms": {k: v[1] * 1e3 for k, v in times.items()}, "peak_bytes": peaks, "max_rel_error": error}
+            row = {
+                "heap": heap_setting(),
+                "preset": preset,
+                "B": B,
+                "N": N,
+                "E": config.d_edge,
+                "F": config.d_message,
+                "dtype": args.dtype,
+                "ms": {k: v[0] * 1e3 for k, v in times.items()},
+                "cpu_ms": {k: v[1] * 1e3 for k, v in times.items()},
+                "peak_bytes": peaks,
+                "max_rel_error": error,
+            }
             row["speedup"] = row["ms"]["reference"] / row["ms"]["cpp"]
             row["cpu_speedup"] = row["cpu_ms"]["reference"] / row["cpu_ms"]["cpp"]
             rows.append(row)
-            print(f"{preset:>10} {B:>3} {N:>4}  {row['ms']['reference']:8.2f} {row['ms']['cpp']:8.2f} "
-                  f"{row['speedup']:7.2f}x  {row['cpu_ms']['reference']:10.2f} {row['cpu_ms']['cpp']:10.2f} "
-                  f"{row['cpu_speedup']:7.2f}x  {peaks['reference'] / 2**20:12.2f} {peaks['cpp'] / 2**20:12.2f}  "
-                  f"{error:11.2e}", flush=True)
+            print(
+                f"{preset:>10} {B:>3} {N:>4}  {row['ms']['reference']:8.2f} {row['ms']['cpp']:8.2f} "
+                f"{row['speedup']:7.2f}x  {row['cpu_ms']['reference']:10.2f} {row['cpu_ms']['cpp']:10.2f} "
+                f"{row['cpu_speedup']:7.2f}x  {peaks['reference'] / 2**20:12.2f} {peaks['cpp'] / 2**20:12.2f}  "
+                f"{error:11.2e}",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

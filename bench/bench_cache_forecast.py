@@ -45,7 +45,8 @@ def main():
             moved_bytes = (K + 1) * history[0].numel() * history[0].element_size()
             seconds = median_seconds(
                 {b: lambda b=b, h=history, c=coeffs: cache_forecast(h, c, backend=b) for b in backends},
-                args.repeats, warmup=5,
+                args.repeats,
+                warmup=5,
             )
             fast = [b for b in backends if b != "reference"]
             row = {

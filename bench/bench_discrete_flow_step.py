@@ -13,6 +13,7 @@ import importlib
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -56,14 +57,26 @@ def main() -> None:
     rows = []
     for name, K, pairs in (("atom types", 18, False), ("bonds", 5, True)):
         inputs = case(64, 23, K, pairs)
-        reference = median_ms(lambda: op.discrete_flow_step(*inputs, backend="reference"), args.repeats)
-        fused = median_ms(lambda: op.discrete_flow_step(*inputs, backend="cpp"), args.repeats)
-        same = torch.equal(op.discrete_flow_step(*inputs, backend="reference")[1],
-                           op.discrete_flow_step(*inputs, backend="cpp")[1])
-        rows.append({"what": name, "shape": list(inputs[0].shape), "reference_ms": reference, "cpp_ms": fused,
-                     "speedup": reference / fused, "same_draws": same})
-        print(f"{name:>10} {str(list(inputs[0].shape)):>18}  reference {reference:7.2f} ms  cpp {fused:6.2f} ms  "
-              f"{reference / fused:5.1f}x  same draws: {same}")
+        reference = median_ms(partial(op.discrete_flow_step, *inputs, backend="reference"), args.repeats)
+        fused = median_ms(partial(op.discrete_flow_step, *inputs, backend="cpp"), args.repeats)
+        same = torch.equal(
+            op.discrete_flow_step(*inputs, backend="reference")[1],
+            op.discrete_flow_step(*inputs, backend="cpp")[1],
+        )
+        rows.append(
+            {
+                "what": name,
+                "shape": list(inputs[0].shape),
+                "reference_ms": reference,
+                "cpp_ms": fused,
+                "speedup": reference / fused,
+                "same_draws": same,
+            }
+        )
+        print(
+            f"{name:>10} {str(list(inputs[0].shape)):>18}  reference {reference:7.2f} ms  cpp {fused:6.2f} ms  "
+            f"{reference / fused:5.1f}x  same draws: {same}"
+        )
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"machine": machine, "rows": rows}, file, indent=1)

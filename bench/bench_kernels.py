@@ -5,15 +5,18 @@
 Writes bench/results/kernels-<host>-<date>.json unless --out is given. See fastflow/benchmarks/kernels.py.
 """
 
+import platform
 import sys
 from datetime import date
 from pathlib import Path
-import platform
 
 from fastflow.cli import main
 
 if __name__ == "__main__":
     argv = ["bench", "kernels", *sys.argv[1:]]
     if "--out" not in argv:
-        argv += ["--out", str(Path(__file__).parent / "results" / f"kernels-{platform.node()}-{date.today()}.json")]
+        argv += [
+            "--out",
+            str(Path(__file__).parent / "results" / f"kernels-{platform.node()}-{date.today()}.json"),
+        ]
     sys.exit(main(argv))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fastflow.benchmarks.timing import machine_metadata
 from fastflow.benchmarks.kernels import random_inputs
+from fastflow.benchmarks.timing import machine_metadata
 from fastflow.models import Semla, SemlaConfig
 from fastflow.patch import patch_model
 
@@ -32,12 +32,29 @@ def upstream_generator(config: SemlaConfig):
     except ImportError:
         return None
     c = config
-    dynamics = EquiInvDynamics(c.d_model, c.d_message, c.n_coord_sets, c.n_layers, n_attn_heads=c.n_attn_heads,
-                               d_message_hidden=c.d_message_hidden, d_edge=c.d_edge, bond_refine=c.bond_refine,
-                               self_cond=c.self_cond, coord_norm=c.coord_norm)
-    return SemlaGenerator(c.d_model, dynamics, c.vocab_size, c.n_atom_feats, d_edge=c.d_edge,
-                          n_edge_types=c.n_edge_types, self_cond=c.self_cond, size_emb=c.size_emb,
-                          max_atoms=c.max_atoms).eval()
+    dynamics = EquiInvDynamics(
+        c.d_model,
+        c.d_message,
+        c.n_coord_sets,
+        c.n_layers,
+        n_attn_heads=c.n_attn_heads,
+        d_message_hidden=c.d_message_hidden,
+        d_edge=c.d_edge,
+        bond_refine=c.bond_refine,
+        self_cond=c.self_cond,
+        coord_norm=c.coord_norm,
+    )
+    return SemlaGenerator(
+        c.d_model,
+        dynamics,
+        c.vocab_size,
+        c.n_atom_feats,
+        d_edge=c.d_edge,
+        n_edge_types=c.n_edge_types,
+        self_cond=c.self_cond,
+        size_emb=c.size_emb,
+        max_atoms=c.max_atoms,
+    ).eval()
 
 
 def main():
@@ -82,7 +99,9 @@ def main():
     header = ["molecules", "atoms"] + [f"{name}_ms" for name in models]
     if upstream is not None:
         header += [f"{name}_speedup_vs_upstream" for name in models if name != "upstream"]
-    print(f"Semla forward, preset {args.preset!r}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"Semla forward, preset {args.preset!r}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print("  ".join(f"{h.replace('_speedup_vs_upstream', ' x'):>18}" for h in header))
     for row in rows:
         print("  ".join(f"{row[h]:>18.2f}" if isinstance(row[h], float) else f"{row[h]:>18}" for h in header))

@@ -15,5 +15,8 @@ from fastflow.cli import main
 if __name__ == "__main__":
     argv = ["bench", "tp", *sys.argv[1:]]
     if "--out" not in argv:
-        argv += ["--out", str(Path(__file__).parent / "results" / f"tp-{platform.node()}-{date.today()}.json")]
+        argv += [
+            "--out",
+            str(Path(__file__).parent / "results" / f"tp-{platform.node()}-{date.today()}.json"),
+        ]
     sys.exit(main(argv))

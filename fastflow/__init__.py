@@ -9,18 +9,28 @@ Public API:
     patch_model(model, kernels, cache) install fused modules and the predictive feature cache (CacheConfig)
 """
 
+from fastflow.cache import CacheConfig
 from fastflow.metrics import compute_metrics
 from fastflow.models import Semla, SemlaConfig
 from fastflow.models.checkpoint import load_pretrained_dir, load_semlaflow_checkpoint, save_pretrained
+from fastflow.patch import PatchHandle, patch_model
 from fastflow.pretrained import load_pretrained
 from fastflow.sampling import SampleResult, sample
-from fastflow.cache import CacheConfig
-from fastflow.patch import PatchHandle, patch_model
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "SampleResult", "Semla", "SemlaConfig", "compute_metrics", "load_pretrained_dir", "load_semlaflow_checkpoint",
-    "sample", "save_pretrained", "__version__", "load_pretrained",
-    "CacheConfig", "PatchHandle", "patch_model",
+    "SampleResult",
+    "Semla",
+    "SemlaConfig",
+    "compute_metrics",
+    "load_pretrained_dir",
+    "load_semlaflow_checkpoint",
+    "sample",
+    "save_pretrained",
+    "__version__",
+    "load_pretrained",
+    "CacheConfig",
+    "PatchHandle",
+    "patch_model",
 ]

@@ -15,8 +15,21 @@ from fastflow.models import PRESETS
 from fastflow.ops.backends import BACKENDS
 
 DEFAULT_RANDOM_PRESET = "small"
-JSON_KEYS = ("n", "steps", "nfe", "cache_hit_rate", "seconds", "molecules_per_second", "atom_stability",
-             "mol_stability", "validity", "connected_validity", "uniqueness", "energy_per_atom", "strain_per_atom")
+JSON_KEYS = (
+    "n",
+    "steps",
+    "nfe",
+    "cache_hit_rate",
+    "seconds",
+    "molecules_per_second",
+    "atom_stability",
+    "mol_stability",
+    "validity",
+    "connected_validity",
+    "uniqueness",
+    "energy_per_atom",
+    "strain_per_atom",
+)
 CACHE_CHOICES = ("none", "reuse", "taylor", "ab", "adaptive")
 ADAPTIVE_DEFAULT_INTERVAL = 6  # the adaptive policy's cap on the gap between evaluations
 
@@ -29,29 +42,54 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=100, help="number of molecules (default 100)")
     sample.add_argument("--steps", type=int, default=100, help="ODE solver steps (default 100)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    sample.add_argument("--schedule", choices=("log", "linear"), default="log", help="time schedule (default log)")
-    sample.add_argument("--out", type=Path, default=None,
-                        help="where to write the molecules (optional): a path ending in .sdf is one SDF file; any "
-                             "other path is a shard directory (resumable; required under torchrun, whose ranks "
-                             "share its shards; see --shard-size and `fastflow merge`)")
-    sample.add_argument("--shard-size", type=int, default=None,
-                        help="molecules per shard of a shard directory (default 1000; part of the request)")
-    sample.add_argument("--overwrite", action="store_true",
-                        help="discard the shards of a directory that holds another request and start over")
+    sample.add_argument(
+        "--schedule", choices=("log", "linear"), default="log", help="time schedule (default log)"
+    )
+    sample.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the molecules (optional): a path ending in .sdf is one SDF file; any "
+        "other path is a shard directory (resumable; required under torchrun, whose ranks "
+        "share its shards; see --shard-size and `fastflow merge`)",
+    )
+    sample.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="molecules per shard of a shard directory (default 1000; part of the request)",
+    )
+    sample.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the shards of a directory that holds another request and start over",
+    )
     model = sample.add_mutually_exclusive_group()
-    model.add_argument("--config", choices=sorted(PRESETS), default=None,
-                       help="a randomly initialised model of this preset (for speed checks, not chemistry)")
-    model.add_argument("--checkpoint", type=Path, default=None,
-                       help="an upstream SemlaFlow Lightning .ckpt, or a fastflow model directory "
-                            "(default: the packaged QM9 model)")
+    model.add_argument(
+        "--config",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a randomly initialised model of this preset (for speed checks, not chemistry)",
+    )
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="an upstream SemlaFlow Lightning .ckpt, or a fastflow model directory "
+        "(default: the packaged QM9 model)",
+    )
     add_model_argument(model)
     sample.add_argument("--batch-size", type=int, default=128, help="molecules per batch (default 128)")
     sample.add_argument("--device", default=None, help="cpu or cuda (default: the model's device, cpu)")
     sample.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     sample.add_argument("--no-energy", action="store_true", help="skip the MMFF energy and strain metrics")
     sample.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    sample.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar (default: when stderr is a terminal)")
+    sample.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
     add_cache_arguments(sample)
     sample.set_defaults(handler=run_sample)
     add_train_parser(commands)
@@ -65,29 +103,53 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_argument(parser) -> None:
     from fastflow.pretrained import DEFAULT_MODEL
 
-    parser.add_argument("--model", default=None, metavar="NAME",
-                        help=f"a packaged model: {DEFAULT_MODEL} (QM9, the default) or moses3d-small (drug-size)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help=f"a packaged model: {DEFAULT_MODEL} (QM9, the default) or moses3d-small (drug-size)",
+    )
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """--kernels, and --cache, --interval, --order, --tolerance, --clock (see :func:`cache_config`)."""
-    parser.add_argument("--kernels", choices=BACKENDS, default="auto",
-                        help="fused Semla kernels: auto (C++ on CPU, Triton on CUDA), cpp, triton, or reference "
-                             "(the unfused PyTorch model) (default auto)")
+    parser.add_argument(
+        "--kernels",
+        choices=BACKENDS,
+        default="auto",
+        help="fused Semla kernels: auto (C++ on CPU, Triton on CUDA), cpp, triton, or reference "
+        "(the unfused PyTorch model) (default auto)",
+    )
     group = parser.add_argument_group("predictive feature cache")
-    group.add_argument("--cache", choices=CACHE_CHOICES, default="none",
-                       help="forecast skipped network evaluations: reuse, taylor, ab (Adams-Bashforth) every "
-                            "--interval steps, or adaptive (taylor, per molecule, --tolerance) (default none)")
-    group.add_argument("--interval", type=int, default=None,
-                       help=f"D: evaluate every D steps (default 2); adaptive: at most D-1 forecasts in a row "
-                            f"(default {ADAPTIVE_DEFAULT_INTERVAL})")
+    group.add_argument(
+        "--cache",
+        choices=CACHE_CHOICES,
+        default="none",
+        help="forecast skipped network evaluations: reuse, taylor, ab (Adams-Bashforth) every "
+        "--interval steps, or adaptive (taylor, per molecule, --tolerance) (default none)",
+    )
+    group.add_argument(
+        "--interval",
+        type=int,
+        default=None,
+        help=f"D: evaluate every D steps (default 2); adaptive: at most D-1 forecasts in a row "
+        f"(default {ADAPTIVE_DEFAULT_INTERVAL})",
+    )
     group.add_argument("--order", type=int, default=None, help="forecaster order (default: taylor 2, ab 3)")
-    group.add_argument("--tolerance", type=float, default=None,
-                       help="adaptive: forecast error above which a molecule is re-evaluated, in units of 0.1 Å of "
-                            "x̂₁ (coordinates) and of the argmax margins of types and bonds (1 = a flip is possible)")
-    group.add_argument("--clock", choices=("time", "steps"), default=None,
-                       help="forecast in solver time (exact on polynomials in t) or in step index, as the paper's "
-                            "code does (TaylorSeer ladder, classical Adams-Bashforth) (default time)")
+    group.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="adaptive: forecast error above which a molecule is re-evaluated, in units of 0.1 Å of "
+        "x̂₁ (coordinates) and of the argmax margins of types and bonds (1 = a flip is possible)",
+    )
+    group.add_argument(
+        "--clock",
+        choices=("time", "steps"),
+        default=None,
+        help="forecast in solver time (exact on polynomials in t) or in step index, as the paper's "
+        "code does (TaylorSeer ladder, classical Adams-Bashforth) (default time)",
+    )
 
 
 def patch_from_args(model, args):
@@ -110,8 +172,13 @@ def cache_config(args):
     if adaptive != (args.tolerance is not None):
         raise ValueError("--tolerance goes with --cache adaptive, and --cache adaptive needs --tolerance")
     interval = args.interval if args.interval is not None else ADAPTIVE_DEFAULT_INTERVAL if adaptive else 2
-    return CacheConfig(forecaster="taylor" if adaptive else args.cache, order=args.order, interval=interval,
-                       tolerance=args.tolerance, clock=clock or "time")
+    return CacheConfig(
+        forecaster="taylor" if adaptive else args.cache,
+        order=args.order,
+        interval=interval,
+        tolerance=args.tolerance,
+        clock=clock or "time",
+    )
 
 
 def load_model(args) -> tuple[torch.nn.Module, str]:
@@ -129,19 +196,25 @@ def load_model(args) -> tuple[torch.nn.Module, str]:
         if args.checkpoint.name == "model.safetensors":  # the weights file of a model directory
             return load_pretrained_dir(args.checkpoint.parent), f"fastflow model {args.checkpoint.parent}"
         if args.checkpoint.suffix == ".safetensors":
-            raise ValueError(f"{args.checkpoint}: a fastflow model is a directory holding config.json and "
-                             "model.safetensors; pass the directory")
+            raise ValueError(
+                f"{args.checkpoint}: a fastflow model is a directory holding config.json and "
+                "model.safetensors; pass the directory"
+            )
         return load_semlaflow_checkpoint(args.checkpoint), f"SemlaFlow checkpoint {args.checkpoint}"
     if args.model is not None:
-        return load_pretrained(args.model), f"packaged model {args.model} (fastflow.load_pretrained({args.model!r}))"
+        return load_pretrained(
+            args.model
+        ), f"packaged model {args.model} (fastflow.load_pretrained({args.model!r}))"
     if args.config is None and has_pretrained():
         return load_pretrained(), f"packaged model {DEFAULT_MODEL} (fastflow.load_pretrained())"
     preset = args.config or DEFAULT_RANDOM_PRESET
     check_seed(args.seed)
     torch.manual_seed(args.seed)
     model = Semla(SemlaConfig.preset(preset)).eval()
-    return model, (f"RANDOMLY INITIALISED '{preset}' model: the molecules are noise; use --checkpoint (or no "
-                   "--config, for the packaged model) for a trained one")
+    return model, (
+        f"RANDOMLY INITIALISED '{preset}' model: the molecules are noise; use --checkpoint (or no "
+        "--config, for the packaged model) for a trained one"
+    )
 
 
 def run_sample(args) -> int:
@@ -163,9 +236,16 @@ def run_sample(args) -> int:
     print(f"model: {description}", file=sys.stderr)
     handle = patch_from_args(model, args)
     cache = handle.cache
-    result = sample(model, args.n, steps=args.steps, schedule=args.schedule, seed=args.seed,
-                    batch_size=args.batch_size, progress=args.progress,
-                    size_distribution=getattr(model, "size_counts", None))
+    result = sample(
+        model,
+        args.n,
+        steps=args.steps,
+        schedule=args.schedule,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        size_distribution=getattr(model, "size_counts", None),
+    )
     metrics = compute_metrics(result.graphs, result.molecules, energy=not args.no_energy)
     summary = {
         **metrics,
@@ -189,16 +269,25 @@ def run_sample(args) -> int:
         print(summary_json(summary, JSON_KEYS))
     else:
         print(format_metrics_table({"generated": metrics}))
-        print(f"{args.n} molecules, {args.steps} steps, {result.stats['nfe']} network evaluations, "
-              f"{summary['seconds']:.2f} s ({summary['molecules_per_second']:.1f} molecules/s, "
-              f"{summary['threads']} threads)")
+        print(
+            f"{args.n} molecules, {args.steps} steps, {result.stats['nfe']} network evaluations, "
+            f"{summary['seconds']:.2f} s ({summary['molecules_per_second']:.1f} molecules/s, "
+            f"{summary['threads']} threads)"
+        )
     return 0
 
 
 def run_sharded_sample(args, directory: Path) -> int:
     """``fastflow sample --out DIR`` (alone or under torchrun): the CLI's options, :func:`sample_sharded`'s work."""
-    from fastflow.sampling.sharded import (DEFAULT_SHARD_SIZE, Coordinator, OtherRankFailed, ShardedRequest,
-                                           model_fingerprint, print_summary, sample_sharded)
+    from fastflow.sampling.sharded import (
+        DEFAULT_SHARD_SIZE,
+        Coordinator,
+        OtherRankFailed,
+        ShardedRequest,
+        model_fingerprint,
+        print_summary,
+        sample_sharded,
+    )
 
     coordinator = Coordinator.from_env(args.device)
     try:
@@ -210,21 +299,37 @@ def run_sharded_sample(args, directory: Path) -> int:
             if coordinator.distributed:
                 import torch.distributed as dist
 
-                print(f"sharded sampling: {coordinator.world_size} ranks ({dist.get_backend()}) into "
-                      f"{directory}", file=sys.stderr)
+                print(
+                    f"sharded sampling: {coordinator.world_size} ranks ({dist.get_backend()}) into "
+                    f"{directory}",
+                    file=sys.stderr,
+                )
         cache = cache_config(args)
-        request = ShardedRequest(n=args.n, steps=args.steps, schedule=args.schedule, seed=args.seed,
-                                 shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
-                                 model_fingerprint=model_fingerprint(model), cache=cache,
-                                 energy=not args.no_energy)
+        request = ShardedRequest(
+            n=args.n,
+            steps=args.steps,
+            schedule=args.schedule,
+            seed=args.seed,
+            shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
+            model_fingerprint=model_fingerprint(model),
+            cache=cache,
+            energy=not args.no_energy,
+        )
         handle = patch_from_args(model, args)
         try:
-            summary = sample_sharded(model, directory, request, coordinator, handle=handle,
-                                     description=description,
-                                     cache_label=args.cache if cache is None else repr(cache),
-                                     batch_size=args.batch_size,
-                                     size_distribution=getattr(model, "size_counts", None),
-                                     overwrite=args.overwrite, progress=args.progress)
+            summary = sample_sharded(
+                model,
+                directory,
+                request,
+                coordinator,
+                handle=handle,
+                description=description,
+                cache_label=args.cache if cache is None else repr(cache),
+                batch_size=args.batch_size,
+                size_distribution=getattr(model, "size_counts", None),
+                overwrite=args.overwrite,
+                progress=args.progress,
+            )
         except OtherRankFailed:
             return 2
         if summary is not None:
@@ -237,50 +342,109 @@ def run_sharded_sample(args, directory: Path) -> int:
 def add_train_parser(commands) -> None:
     from fastflow.training.trainer import TrainConfig
 
-    train = commands.add_parser("train", help="train a Semla generator on QM9 or MOSES3D (resumable), or export "
-                                              "its weights")
-    train.add_argument("--config", choices=sorted(PRESETS), default="small", help="model preset (default small)")
-    train.add_argument("--data", choices=("qm9", "moses3d"), default=None,
-                       help="training set: qm9, or moses3d (drug-size, built by `fastflow data moses3d`; GEOM "
-                            "coordinate scale and size buckets) (default qm9; --resume keeps the run's)")
-    train.add_argument("--out", type=Path, default=None,
-                       help="run directory (default runs/qm9-small, or runs/moses3d-small with --data moses3d)")
+    train = commands.add_parser(
+        "train", help="train a Semla generator on QM9 or MOSES3D (resumable), or export its weights"
+    )
+    train.add_argument(
+        "--config", choices=sorted(PRESETS), default="small", help="model preset (default small)"
+    )
+    train.add_argument(
+        "--data",
+        choices=("qm9", "moses3d"),
+        default=None,
+        help="training set: qm9, or moses3d (drug-size, built by `fastflow data moses3d`; GEOM "
+        "coordinate scale and size buckets) (default qm9; --resume keeps the run's)",
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory (default runs/qm9-small, or runs/moses3d-small with --data moses3d)",
+    )
     train.add_argument("--steps", type=int, default=None, help="stop at this total step count")
-    train.add_argument("--minutes", type=float, default=None, help="stop after this many minutes of this call")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out from its checkpoint (with the run's saved settings)")
-    train.add_argument("--export", type=Path, default=None, metavar="DIR",
-                       help="write the EMA weights of --out's checkpoint as a model folder to DIR, then exit")
-    train.add_argument("--export-to", type=Path, default=None, metavar="DIR",
-                       help="while training, export the EMA weights to DIR after each validation and at the end")
-    train.add_argument("--batch-cost", type=int, default=TrainConfig.batch_cost,
-                       help=f"padded atoms per batch (default {TrainConfig.batch_cost})")
-    train.add_argument("--lr", type=float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr})")
-    train.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps,
-                       help=f"linear warm-up steps (default {TrainConfig.warmup_steps})")
-    train.add_argument("--lr-decay", type=int, nargs=2, default=None, metavar=("START", "STEPS"),
-                       help="cosine-anneal the learning rate to 10%% from step START over STEPS steps "
-                            "(with --resume: changes the resumed run's schedule)")
-    train.add_argument("--lr-decay-peak", type=float, default=None, metavar="LR",
-                       help="learning rate at the start of --lr-decay (default: --lr); with --resume, a warm "
-                            "restart of the annealing from this lower peak")
+    train.add_argument(
+        "--minutes", type=float, default=None, help="stop after this many minutes of this call"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (with the run's saved settings)",
+    )
+    train.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write the EMA weights of --out's checkpoint as a model folder to DIR, then exit",
+    )
+    train.add_argument(
+        "--export-to",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="while training, export the EMA weights to DIR after each validation and at the end",
+    )
+    train.add_argument(
+        "--batch-cost",
+        type=int,
+        default=TrainConfig.batch_cost,
+        help=f"padded atoms per batch (default {TrainConfig.batch_cost})",
+    )
+    train.add_argument(
+        "--lr", type=float, default=TrainConfig.lr, help=f"learning rate (default {TrainConfig.lr})"
+    )
+    train.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=TrainConfig.warmup_steps,
+        help=f"linear warm-up steps (default {TrainConfig.warmup_steps})",
+    )
+    train.add_argument(
+        "--lr-decay",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("START", "STEPS"),
+        help="cosine-anneal the learning rate to 10%% from step START over STEPS steps "
+        "(with --resume: changes the resumed run's schedule)",
+    )
+    train.add_argument(
+        "--lr-decay-peak",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="learning rate at the start of --lr-decay (default: --lr); with --resume, a warm "
+        "restart of the annealing from this lower peak",
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    train.add_argument("--ot", action="store_true", help="equivariant OT between prior and data (Hungarian + Kabsch)")
+    train.add_argument(
+        "--ot", action="store_true", help="equivariant OT between prior and data (Hungarian + Kabsch)"
+    )
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    train.add_argument("--val-minutes", type=float, default=TrainConfig.val_minutes,
-                       help="minutes between validation samples of the EMA model (0: none)")
-    train.add_argument("--checkpoint-minutes", type=float, default=TrainConfig.checkpoint_minutes,
-                       help="minutes between checkpoints")
-    train.add_argument("--cache-dir", type=Path, default=None, help="preprocessed data cache (default ~/.cache/fastflow)")
+    train.add_argument(
+        "--val-minutes",
+        type=float,
+        default=TrainConfig.val_minutes,
+        help="minutes between validation samples of the EMA model (0: none)",
+    )
+    train.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=TrainConfig.checkpoint_minutes,
+        help="minutes between checkpoints",
+    )
+    train.add_argument(
+        "--cache-dir", type=Path, default=None, help="preprocessed data cache (default ~/.cache/fastflow)"
+    )
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     train.set_defaults(handler=run_train)
 
 
 def run_train(args) -> int:
     from fastflow.data import dataset_spec
-    from fastflow.training.export import export_pretrained
     from fastflow.training import Objective, TrainConfig, Trainer
     from fastflow.training.checkpoint import load_checkpoint
+    from fastflow.training.export import export_pretrained
     from fastflow.training.trainer import CHECKPOINT
 
     data_name = args.data or "qm9"
@@ -303,20 +467,31 @@ def run_train(args) -> int:
     if args.resume:
         trainer = Trainer.resume(dataset, args.out)
     elif (args.out / CHECKPOINT).exists():
-        raise ValueError(f"{args.out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out")
+        raise ValueError(
+            f"{args.out / CHECKPOINT} exists: pass --resume to continue it, or choose another --out"
+        )
     else:
-        config = TrainConfig(preset=args.config, data=data_name, bucket_limits=spec.bucket_limits,
-                             batch_cost=args.batch_cost, lr=args.lr,
-                             warmup_steps=args.warmup_steps, seed=args.seed,
-                             objective=Objective(equivariant_ot=args.ot), val_minutes=args.val_minutes,
-                             checkpoint_minutes=args.checkpoint_minutes)
+        config = TrainConfig(
+            preset=args.config,
+            data=data_name,
+            bucket_limits=spec.bucket_limits,
+            batch_cost=args.batch_cost,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            seed=args.seed,
+            objective=Objective(equivariant_ot=args.ot),
+            val_minutes=args.val_minutes,
+            checkpoint_minutes=args.checkpoint_minutes,
+        )
         trainer = Trainer(config, dataset, args.out)
     if args.lr_decay_peak is not None and args.lr_decay is None:
         raise ValueError("--lr-decay-peak needs --lr-decay START STEPS")
     if args.lr_decay is not None:
         trainer.set_decay(*args.lr_decay, peak_lr=args.lr_decay_peak)
     print(f"training from step {trainer.step}; log: {args.out / 'log.jsonl'}", file=sys.stderr)
-    print(json.dumps(trainer.run(args.steps, args.minutes, progress=args.progress, export_dir=args.export_to)))
+    print(
+        json.dumps(trainer.run(args.steps, args.minutes, progress=args.progress, export_dir=args.export_to))
+    )
     return 0
 
 
@@ -324,15 +499,22 @@ def add_data_parser(commands) -> None:
     from fastflow.data.moses3d import DEFAULT_SIZES
 
     data = commands.add_parser("data", help="preprocess a training set into the on-disk cache")
-    data.add_argument("dataset", choices=("qm9", "moses3d"),
-                      help="qm9: the qm9pack wheel's 130,831 DFT geometries; moses3d: MOSES SMILES (molsets wheel, "
-                           "`pip install --no-deps molsets==0.3.1`) with RDKit ETKDGv3 + MMFF94 conformers "
-                           "(resumable: rerun after an interruption)")
+    data.add_argument(
+        "dataset",
+        choices=("qm9", "moses3d"),
+        help="qm9: the qm9pack wheel's 130,831 DFT geometries; moses3d: MOSES SMILES (molsets wheel, "
+        "`pip install --no-deps molsets==0.3.1`) with RDKit ETKDGv3 + MMFF94 conformers "
+        "(resumable: rerun after an interruption)",
+    )
     data.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default ~/.cache/fastflow)")
     sizes = data.add_argument_group("moses3d")
     for split in ("train", "val", "test"):
-        sizes.add_argument(f"--n-{split}", type=int, default=None,
-                           help=f"{split} molecules (default {DEFAULT_SIZES[split]:,})")
+        sizes.add_argument(
+            f"--n-{split}",
+            type=int,
+            default=None,
+            help=f"{split} molecules (default {DEFAULT_SIZES[split]:,})",
+        )
     sizes.add_argument("--workers", type=int, default=None, help="conformer processes (default 2)")
     data.set_defaults(handler=run_data)
 
@@ -344,7 +526,9 @@ def run_data(args) -> int:
 
     cache_dir = args.cache_dir or default_cache_dir()
     options = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
-    if args.dataset != "moses3d" and (any(v is not None for v in options.values()) or args.workers is not None):
+    if args.dataset != "moses3d" and (
+        any(v is not None for v in options.values()) or args.workers is not None
+    ):
         raise ValueError("--n-train/--n-val/--n-test/--workers are moses3d options")
     started = time.monotonic()
     try:
@@ -359,40 +543,69 @@ def run_data(args) -> int:
     if args.dataset == "moses3d":
         reasons = ", ".join(f"{reason} {count}" for reason, count in data["failures"].items()) or "none"
         sizes = data["tensors"]["atom_ptr"].diff().float()
-        print(f"MOSES3D: {data['n_read']} SMILES read, {data['n_failed']} dropped ({reasons}), "
-              f"{data['n_read'] - data['n_failed']} kept; split {splits}; atoms with H: mean {sizes.mean():.1f}, "
-              f"max {int(sizes.max())}; {data['mmff_unconverged']} MMFF runs hit the iteration limit (kept)")
-        print(f"conformer generation {data['seconds']:.1f} s (all runs); this call {time.monotonic() - started:.1f} s "
-              f"wall; cache in {cache_dir}")
+        print(
+            f"MOSES3D: {data['n_read']} SMILES read, {data['n_failed']} dropped ({reasons}), "
+            f"{data['n_read'] - data['n_failed']} kept; split {splits}; atoms with H: mean {sizes.mean():.1f}, "
+            f"max {int(sizes.max())}; {data['mmff_unconverged']} MMFF runs hit the iteration limit (kept)"
+        )
+        print(
+            f"conformer generation {data['seconds']:.1f} s (all runs); this call {time.monotonic() - started:.1f} s "
+            f"wall; cache in {cache_dir}"
+        )
         return 0
-    print(f"QM9: {data['n_read']} read, {data['n_failed']} dropped (bond perception or sanitisation failed), "
-          f"{data['n_read'] - data['n_failed']} kept; split {splits}; cache in {cache_dir}")
+    print(
+        f"QM9: {data['n_read']} read, {data['n_failed']} dropped (bond perception or sanitisation failed), "
+        f"{data['n_read'] - data['n_failed']} kept; split {splits}; cache in {cache_dir}"
+    )
     return 0
 
 
 def add_eval_parser(commands) -> None:
-    evaluate = commands.add_parser("eval", help="metrics of generated molecules next to held-out test molecules")
-    evaluate.add_argument("--n", type=int, default=1000, help="molecules to generate, and test molecules (default 1000)")
+    evaluate = commands.add_parser(
+        "eval", help="metrics of generated molecules next to held-out test molecules"
+    )
+    evaluate.add_argument(
+        "--n", type=int, default=1000, help="molecules to generate, and test molecules (default 1000)"
+    )
     evaluate.add_argument("--steps", type=int, default=100, help="ODE solver steps (default 100)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    evaluate.add_argument("--checkpoint", type=Path, default=None,
-                          help="a fastflow model directory, a training run's checkpoint.pt (EMA weights) or an "
-                               "upstream .ckpt (default: the packaged model)")
+    evaluate.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a fastflow model directory, a training run's checkpoint.pt (EMA weights) or an "
+        "upstream .ckpt (default: the packaged model)",
+    )
     add_model_argument(evaluate)
-    evaluate.add_argument("--data", choices=("qm9", "moses3d"), default=None,
-                          help="test and training molecules for the data row and novelty (default: the data set "
-                               "the model was trained on, else qm9)")
-    evaluate.add_argument("--posebusters", action="store_true",
-                          help="add the PoseBusters PB-valid fraction and per-check failure rates "
-                               "(`pip install posebusters`)")
+    evaluate.add_argument(
+        "--data",
+        choices=("qm9", "moses3d"),
+        default=None,
+        help="test and training molecules for the data row and novelty (default: the data set "
+        "the model was trained on, else qm9)",
+    )
+    evaluate.add_argument(
+        "--posebusters",
+        action="store_true",
+        help="add the PoseBusters PB-valid fraction and per-check failure rates (`pip install posebusters`)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=128, help="molecules per batch (default 128)")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     evaluate.add_argument("--no-energy", action="store_true", help="skip the MMFF energy and strain metrics")
-    evaluate.add_argument("--cache-dir", type=Path, default=None, help="data cache (default ~/.cache/fastflow)")
-    evaluate.add_argument("--json", action="store_true",
-                          help="one JSON object: the keys of `sample --json`, and data_* for the data row")
-    evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                          help="progress bar (default: when stderr is a terminal)")
+    evaluate.add_argument(
+        "--cache-dir", type=Path, default=None, help="data cache (default ~/.cache/fastflow)"
+    )
+    evaluate.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: the keys of `sample --json`, and data_* for the data row",
+    )
+    evaluate.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
     add_cache_arguments(evaluate)
     evaluate.set_defaults(handler=run_eval, config=None)
 
@@ -400,9 +613,9 @@ def add_eval_parser(commands) -> None:
 def run_eval(args) -> int:
     from fastflow.data import MissingDataPackage, dataset_spec
     from fastflow.metrics import format_metrics_table, summary_json
-    from fastflow.training.export import ema_model
     from fastflow.training import load_checkpoint
     from fastflow.training.evaluate import evaluate
+    from fastflow.training.export import ema_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -421,25 +634,42 @@ def run_eval(args) -> int:
         data = None
     handle = patch_from_args(model, args)
     cache = handle.cache
-    rows = evaluate(model, args.n, args.steps, args.seed, data, energy=not args.no_energy,
-                    batch_size=args.batch_size, progress=args.progress, dataset=dataset,
-                    posebusters=args.posebusters)
+    rows = evaluate(
+        model,
+        args.n,
+        args.steps,
+        args.seed,
+        data,
+        energy=not args.no_energy,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        dataset=dataset,
+        posebusters=args.posebusters,
+    )
     generated = rows["generated"]
     if args.json:
-        summary = {**generated, "steps": args.steps, "seed": args.seed, "model": description, "data": dataset,
-                   "cache": args.cache if cache is None else repr(cache),
-                   "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
-                   "kernels": handle.report()["kernels"]["backend"],
-                   "threads": torch.get_num_threads()}
+        summary = {
+            **generated,
+            "steps": args.steps,
+            "seed": args.seed,
+            "model": description,
+            "data": dataset,
+            "cache": args.cache if cache is None else repr(cache),
+            "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
+            "kernels": handle.report()["kernels"]["backend"],
+            "threads": torch.get_num_threads(),
+        }
         summary.update({f"data_{key}": value for key, value in rows.get("data", {}).items()})
         print(summary_json(summary, JSON_KEYS))
     else:
         table_keys = [key for key in generated if key not in ("nfe", "seconds", "molecules_per_second")]
         print(format_metrics_table({name: {k: row.get(k) for k in table_keys} for name, row in rows.items()}))
-        print(f"{args.n} molecules, {args.steps} steps, {generated['nfe']} network evaluations, "
-              f"{generated['seconds']:.2f} s ({generated['molecules_per_second']:.1f} molecules/s, "
-              f"{torch.get_num_threads()} threads)" + (f"; data row: {args.n} {dataset} test molecules"
-                                                        if data is not None else ""))
+        print(
+            f"{args.n} molecules, {args.steps} steps, {generated['nfe']} network evaluations, "
+            f"{generated['seconds']:.2f} s ({generated['molecules_per_second']:.1f} molecules/s, "
+            f"{torch.get_num_threads()} threads)"
+            + (f"; data row: {args.n} {dataset} test molecules" if data is not None else "")
+        )
     return 0
 
 
@@ -447,20 +677,41 @@ def add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="measure fastflow's speed-ups on this machine")
     which = bench.add_subparsers(dest="benchmark", required=True)
     kernels = which.add_parser("kernels", help="fused Semla kernels vs the reference: op, forward, sampling")
-    kernels.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["semlaflow", "small"],
-                         help="model configs (default semlaflow small)")
-    kernels.add_argument("--backend", choices=("auto", "cpp", "triton"), default="auto",
-                         help="fused backend to measure (default auto)")
+    kernels.add_argument(
+        "--presets",
+        nargs="+",
+        choices=sorted(PRESETS),
+        default=["semlaflow", "small"],
+        help="model configs (default semlaflow small)",
+    )
+    kernels.add_argument(
+        "--backend",
+        choices=("auto", "cpp", "triton"),
+        default="auto",
+        help="fused backend to measure (default auto)",
+    )
     kernels.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
-    kernels.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                         help="also time torch.compile of the reference (default on)")
-    kernels.add_argument("--sampling-molecules", type=int, default=64,
-                         help="molecules for the end-to-end sampling rows (0: skip) (default 64)")
+    kernels.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.compile of the reference (default on)",
+    )
+    kernels.add_argument(
+        "--sampling-molecules",
+        type=int,
+        default=64,
+        help="molecules for the end-to-end sampling rows (0: skip) (default 64)",
+    )
     kernels.add_argument("--sampling-steps", type=int, default=100, help="solver steps (default 100)")
-    kernels.add_argument("--parts", nargs="+", choices=("op", "forward", "memory", "sampling"),
-                         default=["op", "forward", "memory", "sampling"],
-                         help="what to measure (default all; memory: peak activation memory of one forward, "
-                              "CPU allocator via the profiler, one thread)")
+    kernels.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("op", "forward", "memory", "sampling"),
+        default=["op", "forward", "memory", "sampling"],
+        help="what to measure (default all; memory: peak activation memory of one forward, "
+        "CPU allocator via the profiler, one thread)",
+    )
     kernels.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     kernels.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     kernels.set_defaults(handler=run_bench_kernels)
@@ -469,13 +720,18 @@ def add_bench_parser(commands) -> None:
 
     caching_benchmark.add_arguments(caching)
     caching.set_defaults(handler=lambda args: caching_benchmark.run(args) and 0)
-    tp = which.add_parser("tp", help="e3nn-compatible tensor products and tp_conv vs e3nn, cuequivariance, compile")
+    tp = which.add_parser(
+        "tp", help="e3nn-compatible tensor products and tp_conv vs e3nn, cuequivariance, compile"
+    )
     from fastflow.benchmarks import tp as tp_benchmark
 
     tp_benchmark.add_arguments(tp)
     tp.set_defaults(handler=run_bench_tp)
-    gpu_static = which.add_parser("gpu-static", help="compile the Triton kernels for NVIDIA GPUs without one: "
-                                                     "registers, spills, shared memory, tensor cores")
+    gpu_static = which.add_parser(
+        "gpu-static",
+        help="compile the Triton kernels for NVIDIA GPUs without one: "
+        "registers, spills, shared memory, tensor cores",
+    )
     from fastflow.benchmarks import gpu_static as gpu_static_benchmark
 
     gpu_static_benchmark.add_arguments(gpu_static)
@@ -487,9 +743,16 @@ def run_bench_kernels(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    run(presets=tuple(args.presets), backend=args.backend, repeats=args.repeats, compile_reference=args.compile,
-        sampling_molecules=args.sampling_molecules, sampling_steps=args.sampling_steps,
-        out=args.out, parts=tuple(args.parts))
+    run(
+        presets=tuple(args.presets),
+        backend=args.backend,
+        repeats=args.repeats,
+        compile_reference=args.compile,
+        sampling_molecules=args.sampling_molecules,
+        sampling_steps=args.sampling_steps,
+        out=args.out,
+        parts=tuple(args.parts),
+    )
     return 0
 
 
@@ -509,7 +772,9 @@ def run_bench_gpu_static(args) -> int:
 
 def add_merge_parser(commands) -> None:
     merge = commands.add_parser("merge", help="combine a shard directory into one SDF and one metrics table")
-    merge.add_argument("directory", type=Path, help="the --out DIR of `fastflow sample` (alone or under torchrun)")
+    merge.add_argument(
+        "directory", type=Path, help="the --out DIR of `fastflow sample` (alone or under torchrun)"
+    )
     merge.add_argument("--out", type=Path, default=None, help="merged SDF file (default DIR/molecules.sdf)")
     merge.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     merge.set_defaults(handler=run_merge)
@@ -551,8 +816,10 @@ def check_device(name: str | None) -> None:
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}"
-                         f"{', a CPU-only build' if torch.version.cuda is None else ''})")
+        raise ValueError(
+            f"--device {name}: CUDA is not available here (torch {torch.__version__}"
+            f"{', a CPU-only build' if torch.version.cuda is None else ''})"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: fastflow samples on cpu or cuda")
 

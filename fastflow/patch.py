@@ -38,10 +38,15 @@ class PatchHandle:
         if kernels == "cuequivariance":
             reason = cuequivariance_unavailable_reason(device)
             if reason is not None:
-                raise BackendUnavailable(f"kernels='cuequivariance' is not available here: {reason}. Use kernels='auto' "
-                                   "(fastflow's C++ / Triton kernels)")
-        self.backend = "reference" if kernels == "reference" else resolve_backend(
-            "auto" if kernels == "cuequivariance" else kernels, device)
+                raise BackendUnavailable(
+                    f"kernels='cuequivariance' is not available here: {reason}. Use kernels='auto' "
+                    "(fastflow's C++ / Triton kernels)"
+                )
+        self.backend = (
+            "reference"
+            if kernels == "reference"
+            else resolve_backend("auto" if kernels == "cuequivariance" else kernels, device)
+        )
         # Tensor products resolve per call ("auto" falls back to the reference, with a warning, where fastflow._C or
         # the Triton module lacks them); an explicit backend must have them.
         self.tp_backend = kernels if kernels in ("cpp", "triton", "cuequivariance") else "auto"
@@ -56,7 +61,9 @@ class PatchHandle:
     def _install(self) -> None:
         for swap in self.swaps:
             swap.parent._modules[swap.name] = swap.fused
-        if self.fused_forward is not None:  # before the cache hook, which wraps whatever forward the model has
+        if (
+            self.fused_forward is not None
+        ):  # before the cache hook, which wraps whatever forward the model has
             self._saved_forward = self.model.__dict__.get("forward")
             self.model.forward = self.fused_forward
         if self._hook is not None:
@@ -99,10 +106,24 @@ class PatchHandle:
                 "requested": self.kernels,
                 "backend": self.backend,
                 "swapped": [
-                    {"module": swap.path, "from": type(swap.original).__name__, "to": type(swap.fused).__name__}
+                    {
+                        "module": swap.path,
+                        "from": type(swap.original).__name__,
+                        "to": type(swap.fused).__name__,
+                    }
                     for swap in self.swaps
-                ] + ([{"module": "(forward)", "from": f"{type(self.model).__name__}.forward",
-                       "to": "fused_semla_forward (pair tail as fastflow::bond_head)"}] if self.fused_forward else []),
+                ]
+                + (
+                    [
+                        {
+                            "module": "(forward)",
+                            "from": f"{type(self.model).__name__}.forward",
+                            "to": "fused_semla_forward (pair tail as fastflow::bond_head)",
+                        }
+                    ]
+                    if self.fused_forward
+                    else []
+                ),
                 "left_alone": self.left_alone,
             },
         }
@@ -183,7 +204,11 @@ class _Swap:
 
 
 # Modules recognised by class name (fastflow's and upstream SemlaFlow's share them) and checked by structure.
-_FUSABLE = {"EquiMessagePassingLayer": "layer", "NodeFeedForward": "feed_forward", "BondRefine": "bond_refine"}
+_FUSABLE = {
+    "EquiMessagePassingLayer": "layer",
+    "NodeFeedForward": "feed_forward",
+    "BondRefine": "bond_refine",
+}
 _FUSED = {"layer": FusedSemlaLayer, "feed_forward": FusedNodeFeedForward, "bond_refine": FusedBondRefine}
 
 
@@ -196,8 +221,11 @@ def _tensor_product_classes() -> tuple[type, ...]:
         classes.append(o3.TensorProduct)
     cuet = sys.modules.get("cuequivariance_torch")
     if cuet is not None:
-        classes += [getattr(cuet, name) for name in ("ChannelWiseTensorProduct", "FullyConnectedTensorProduct")
-                    if hasattr(cuet, name)]
+        classes += [
+            getattr(cuet, name)
+            for name in ("ChannelWiseTensorProduct", "FullyConnectedTensorProduct")
+            if hasattr(cuet, name)
+        ]
     return tuple(classes)
 
 
@@ -216,7 +244,9 @@ def _plan_swaps(model: nn.Module, backend: str, tp_backend: str = "auto") -> tup
                 _resolve(tp_backend, _device(model))  # an explicit backend without these ops raises here
             try:
                 if not path:
-                    raise TypeError("the model itself is the tensor product; use fastflow.nn.TensorProduct(model)")
+                    raise TypeError(
+                        "the model itself is the tensor product; use fastflow.nn.TensorProduct(model)"
+                    )
                 fused = TensorProduct(module, backend=tp_backend)
             except (TypeError, ValueError) as error:
                 left_alone.append({"module": path, "class": type(module).__name__, "reason": str(error)})
@@ -247,7 +277,9 @@ def _plan_forward(model: nn.Module, backend: str, left_alone: list[dict]):
         return None
     reason = None
     if not isinstance(model, Semla):
-        reason = "the fused pair tail needs fastflow's Semla forward; upstream's generator keeps its unfused tail"
+        reason = (
+            "the fused pair tail needs fastflow's Semla forward; upstream's generator keeps its unfused tail"
+        )
     elif backend != "cpp":
         reason = f"fastflow::bond_head has no {backend} kernel yet; the pair tail runs unfused"
     else:

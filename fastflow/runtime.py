@@ -47,8 +47,12 @@ def retain_freed_buffers() -> str | None:
     global _retained
     if _retained is None and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
-            _retained = f"glibc mmap_threshold {MMAP_THRESHOLD >> 20} MiB, trim_threshold {TRIM_THRESHOLD >> 20} MiB"
+        if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(
+            _M_TRIM_THRESHOLD, TRIM_THRESHOLD
+        ):
+            _retained = (
+                f"glibc mmap_threshold {MMAP_THRESHOLD >> 20} MiB, trim_threshold {TRIM_THRESHOLD >> 20} MiB"
+            )
     return _retained
 
 

@@ -21,8 +21,10 @@ def triton_device():
     if torch.cuda.is_available():
         return torch.device("cuda")
     if _triton_imported_before or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.fail("triton was imported before tests/conftest.py set TRITON_INTERPRET=1; "
-                    "run with TRITON_INTERPRET=1 in the environment")
+        pytest.fail(
+            "triton was imported before tests/conftest.py set TRITON_INTERPRET=1; "
+            "run with TRITON_INTERPRET=1 in the environment"
+        )
     return torch.device("cpu")
 
 

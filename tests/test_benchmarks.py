@@ -96,8 +96,26 @@ def test_bench_kernels_smoke(tmp_path):
     from fastflow.cli import main
 
     out = tmp_path / "kernels.json"
-    assert main(["bench", "kernels", "--presets", "tiny", "--parts", "op", "forward", "memory", "--repeats", "1",
-                 "--no-compile", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "kernels",
+                "--presets",
+                "tiny",
+                "--parts",
+                "op",
+                "forward",
+                "memory",
+                "--repeats",
+                "1",
+                "--no-compile",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     backend = results["metadata"]["backend"]
     sizes = [(row["molecules"], row["atoms"]) for row in results["forward"]["tiny"]]

@@ -8,13 +8,15 @@ import sys
 import pytest
 import torch
 
-from fastflow.cli import JSON_KEYS, main
 from fastflow.chem import read_sdf
+from fastflow.cli import JSON_KEYS, main
 
 
 def test_sample_json_and_sdf(tmp_path, capsys):
     out = tmp_path / "mols.sdf"
-    code = main(["sample", "--n", "3", "--steps", "2", "--seed", "1", "--config", "tiny", "--json", "--out", str(out)])
+    code = main(
+        ["sample", "--n", "3", "--steps", "2", "--seed", "1", "--config", "tiny", "--json", "--out", str(out)]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(JSON_KEYS) <= set(summary)
@@ -45,10 +47,12 @@ def test_json_is_strict_when_a_metric_has_nothing_to_measure(capsys):
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     """Each of these once ended in a traceback."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # tests/conftest.py lets Triton run on CPU; a user's CPU cannot
+    monkeypatch.setenv(
+        "TRITON_INTERPRET", "0"
+    )  # tests/conftest.py lets Triton run on CPU; a user's CPU cannot
     weights = tmp_path / "model" / "model.safetensors"
     weights.parent.mkdir()
-    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # truncated header
+    weights.write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":')  # truncated header
     (weights.parent / "config.json").write_text("{}")
     stray = tmp_path / "weights.safetensors"
     stray.write_bytes(weights.read_bytes())
@@ -68,8 +72,10 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     cases += [
         (["sample", "--n", "1", "--checkpoint", str(text)], "not a loadable PyTorch checkpoint"),
         (["sample", "--n", "1", "--config", "tiny", "--threads", "0"], "--threads must be at least 1"),
-        (["sample", "--n", "1", "--config", "tiny", "--out", str(tmp_path / "missing" / "x.sdf")],
-         "does not exist"),
+        (
+            ["sample", "--n", "1", "--config", "tiny", "--out", str(tmp_path / "missing" / "x.sdf")],
+            "does not exist",
+        ),
         (["eval", "--n", "1", "--threads", "-2"], "--threads must be at least 1"),
     ]
     if torch.cuda.is_available():
@@ -95,8 +101,25 @@ def test_python_dash_m_entry_point():
 
 
 def test_eval_with_cache_counts_real_evaluations(capsys):
-    code = main(["eval", "--n", "3", "--steps", "4", "--seed", "0", "--no-energy", "--json",
-                 "--cache", "taylor", "--order", "1", "--interval", "2"])
+    code = main(
+        [
+            "eval",
+            "--n",
+            "3",
+            "--steps",
+            "4",
+            "--seed",
+            "0",
+            "--no-energy",
+            "--json",
+            "--cache",
+            "taylor",
+            "--order",
+            "1",
+            "--interval",
+            "2",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["nfe"] < 3 * 4 and summary["cache_hit_rate"] > 0

@@ -19,10 +19,14 @@ from fastflow.benchmarks import gpu_static  # noqa: E402 — after the skip
 
 TARGETS = ("sm_89", "sm_90")
 SEMLAFLOW_CORE = "semlaflow/core/fp32"
-SEMLAFLOW_MISS = ("semla_attention at the semlaflow preset (F=128, S=P=64, H=32): spills 10-16 KB (stores) on "
-                  "every target and needs 116,736 B of shared memory, over sm_89's 101,376 B (issue 14)")
-NO_TENSOR_CORES = ("semla_attention's tl.dot calls use input_precision='ieee': fp32 dots run on FMA units, "
-                   "not tensor cores (issue 14)")
+SEMLAFLOW_MISS = (
+    "semla_attention at the semlaflow preset (F=128, S=P=64, H=32): spills 10-16 KB (stores) on "
+    "every target and needs 116,736 B of shared memory, over sm_89's 101,376 B (issue 14)"
+)
+NO_TENSOR_CORES = (
+    "semla_attention's tl.dot calls use input_precision='ieee': fp32 dots run on FMA units, "
+    "not tensor cores (issue 14)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,20 @@ def report(tmp_path_factory):
     """The JSON of `fastflow bench gpu-static --quick` (TRITON_INTERPRET, set by conftest, stays in the
     environment: the command must compile in a child process without it)."""
     out = tmp_path_factory.mktemp("gpu_static") / "gpu-static.json"
-    command = [sys.executable, "-m", "fastflow", "bench", "gpu-static", "--quick", "--targets", *TARGETS,
-               "--json", "--no-progress", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "fastflow",
+        "bench",
+        "gpu-static",
+        "--quick",
+        "--targets",
+        *TARGETS,
+        "--json",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
     printed = json.loads(result.stdout)
@@ -40,8 +56,13 @@ def report(tmp_path_factory):
 
 
 def rows_of(report, kernel, target, variant=None):
-    rows = [row for row in report["rows"] if row["kernel"] == kernel and row["target"] == target
-            and (variant is None or row["variant"] == variant)]
+    rows = [
+        row
+        for row in report["rows"]
+        if row["kernel"] == kernel
+        and row["target"] == target
+        and (variant is None or row["variant"] == variant)
+    ]
     assert rows, f"no rows for {kernel} {variant or ''} {target}"
     return rows
 
@@ -65,8 +86,13 @@ def test_every_row_compiles_with_the_json_keys(report):
 def fit_cases():
     for target in TARGETS:
         yield pytest.param("semla_attention", "small/core/fp32", target, id=f"semla-small-core-{target}")
-        yield pytest.param("semla_attention", SEMLAFLOW_CORE, target, id=f"semla-semlaflow-core-{target}",
-                           marks=pytest.mark.xfail(strict=True, reason=SEMLAFLOW_MISS))
+        yield pytest.param(
+            "semla_attention",
+            SEMLAFLOW_CORE,
+            target,
+            id=f"semla-semlaflow-core-{target}",
+            marks=pytest.mark.xfail(strict=True, reason=SEMLAFLOW_MISS),
+        )
         for kernel in ("tensor_product", "tp_conv_atomic", "tp_conv_deterministic", "cache_forecast"):
             yield pytest.param(kernel, None, target, id=f"{kernel}-{target}")
 
@@ -76,7 +102,8 @@ def test_fits_the_gpu(report, kernel, variant, target):
     for row in rows_of(report, kernel, target, variant):
         assert row["spill_bytes"] == 0, f"{kernel} {row['variant']} {target} spills {row['spill_bytes']} B"
         assert row["shared_bytes"] <= row["shared_limit"], (
-            f"{kernel} {row['variant']} {target}: {row['shared_bytes']} B of shared memory > {row['shared_limit']}")
+            f"{kernel} {row['variant']} {target}: {row['shared_bytes']} B of shared memory > {row['shared_limit']}"
+        )
 
 
 @pytest.mark.xfail(strict=True, reason=NO_TENSOR_CORES)
@@ -111,7 +138,10 @@ def test_nequip_descriptor_matches_e3nn():
         ours = gpu_static.nequip_descriptor(irreps, lmax)
         theirs = TPDescriptor.from_e3nn(nequip_tensor_product(irreps, lmax))
         assert (ours.irreps_in1, ours.irreps_in2, ours.irreps_out) == (
-            theirs.irreps_in1, theirs.irreps_in2, theirs.irreps_out)
+            theirs.irreps_in1,
+            theirs.irreps_in2,
+            theirs.irreps_out,
+        )
         assert [tuple(i[:5]) for i in ours.instructions] == [tuple(i[:5]) for i in theirs.instructions]
 
 

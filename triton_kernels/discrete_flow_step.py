@@ -8,7 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-ELEMENT_BUDGET = {torch.float32: 2048, torch.float64: 512}  # BLOCK × padded K values per program: no spills on
+ELEMENT_BUDGET = {
+    torch.float32: 2048,
+    torch.float64: 512,
+}  # BLOCK × padded K values per program: no spills on
 # sm_80/sm_89/sm_90 (fastflow bench gpu-static) at K = 5 (bonds) and 18 (atom types)
 T_EPS = tl.constexpr(1e-5)  # a global a @triton.jit function reads must be a constexpr
 
@@ -26,9 +29,23 @@ def _combine(key, value):
 
 
 @triton.jit
-def _discrete_flow_step_kernel(logits_ptr, current_ptr, mask_ptr, t_ptr, step_keys_ptr, stream_key_ptr, params_ptr,
-                               probs_ptr, next_ptr, n_elements, N, K,
-                               PAIRS: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr):
+def _discrete_flow_step_kernel(
+    logits_ptr,
+    current_ptr,
+    mask_ptr,
+    t_ptr,
+    step_keys_ptr,
+    stream_key_ptr,
+    params_ptr,
+    probs_ptr,
+    next_ptr,
+    n_elements,
+    N,
+    K,
+    PAIRS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    KP: tl.constexpr,
+):
     # step_keys [B]: combine(molecule key, step); stream_key: mix((stream + 1)·golden), both hashed on the host
     # (fastflow.rng); params = (dt, noise_level) in the logits' dtype, as the reference computes them.
     dt = tl.load(params_ptr)
@@ -97,6 +114,21 @@ def discrete_flow_step(logits, current, mask, t, keys, step, stream, dt, noise_l
     KP = triton.next_power_of_2(K)
     block = min(256, max(16, ELEMENT_BUDGET[logits.dtype] // KP))
     grid = (triton.cdiv(n_elements, block),)
-    _discrete_flow_step_kernel[grid](logits, current, mask, t, step_keys, stream_key, params, probs, drawn,
-                                     n_elements, N, K, PAIRS=pairs, BLOCK=block, KP=KP)
+    _discrete_flow_step_kernel[grid](
+        logits,
+        current,
+        mask,
+        t,
+        step_keys,
+        stream_key,
+        params,
+        probs,
+        drawn,
+        n_elements,
+        N,
+        K,
+        PAIRS=pairs,
+        BLOCK=block,
+        KP=KP,
+    )
     return probs, drawn

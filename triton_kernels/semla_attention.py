@@ -52,7 +52,14 @@ def _semla_attention_kernel(
     node_out_ptr,  # [B, N, H * D]
     coord_out_ptr,  # [B, N, P, 3]
     edge_out_ptr,  # [B, N, N, EO]; any pointer when not HAS_EDGE_OUT
-    N, F, S, H, D, P, E, EO,
+    N,
+    F,
+    S,
+    H,
+    D,
+    P,
+    E,
+    EO,
     edge_norm_eps,
     coord_eps,
     BLOCK_J: tl.constexpr,
@@ -137,8 +144,9 @@ def _semla_attention_kernel(
             gram += x_ik[None, :] * x_jk
 
         # hidden = a_i + c_j + G Wg^T [+ LN(e_ij) We^T]
-        c_j = tl.load(c_ptr + pair_j[:, None] * F + offs_f[None, :], mask=mask_j[:, None] & mask_f[None, :],
-                      other=0.0)
+        c_j = tl.load(
+            c_ptr + pair_j[:, None] * F + offs_f[None, :], mask=mask_j[:, None] & mask_f[None, :], other=0.0
+        )
         wg_t = tl.load(wg_t_ptrs, mask=wg_t_mask, other=0.0)
         hidden = a_i[None, :] + c_j + tl.dot(gram, wg_t, input_precision="ieee")
         if HAS_EDGE_IN:
@@ -153,8 +161,11 @@ def _semla_attention_kernel(
             ln_w = tl.load(ln_w_ptr + offs_e, mask=mask_e, other=0.0)
             ln_b = tl.load(ln_b_ptr + offs_e, mask=mask_e, other=0.0)
             normed = centred / tl.sqrt(var + edge_norm_eps)[:, None] * ln_w[None, :] + ln_b[None, :]
-            we_t = tl.load(we_ptr + offs_f[None, :] * E + offs_e[:, None],
-                           mask=mask_e[:, None] & mask_f[None, :], other=0.0)  # We^T [BLOCK_E, BLOCK_F]
+            we_t = tl.load(
+                we_ptr + offs_f[None, :] * E + offs_e[:, None],
+                mask=mask_e[:, None] & mask_f[None, :],
+                other=0.0,
+            )  # We^T [BLOCK_E, BLOCK_F]
             hidden += tl.dot(normed, we_t, input_precision="ieee")
         # SiLU; exp(-h) overflowing to inf for very negative h gives h / inf = -0, the right limit.
         act = hidden / (1.0 + tl.exp(-hidden))
@@ -162,12 +173,18 @@ def _semla_attention_kernel(
         if HAS_EDGE_OUT:
             offs_eo = tl.arange(0, BLOCK_EO)
             mask_eo = offs_eo < EO
-            w2_e_t = tl.load(w2_ptr + (H + P + offs_eo[None, :]) * F + offs_f[:, None],
-                             mask=mask_f[:, None] & mask_eo[None, :], other=0.0)  # W2[H+P:]^T
+            w2_e_t = tl.load(
+                w2_ptr + (H + P + offs_eo[None, :]) * F + offs_f[:, None],
+                mask=mask_f[:, None] & mask_eo[None, :],
+                other=0.0,
+            )  # W2[H+P:]^T
             b2_e = tl.load(b2_ptr + H + P + offs_eo, mask=mask_eo, other=0.0)
             edge_out = tl.dot(act, w2_e_t, input_precision="ieee") + b2_e[None, :]
-            tl.store(edge_out_ptr + (row * N + offs_j[:, None]) * EO + offs_eo[None, :], edge_out,
-                     mask=mask_j[:, None] & mask_eo[None, :])
+            tl.store(
+                edge_out_ptr + (row * N + offs_j[:, None]) * EO + offs_eo[None, :],
+                edge_out,
+                mask=mask_j[:, None] & mask_eo[None, :],
+            )
 
         # Which j take part in row i's softmax: its edges, or every real j when it has none.
         adj_j = tl.load(adj_row + offs_j, mask=mask_j, other=0)
@@ -177,8 +194,11 @@ def _semla_attention_kernel(
         w2_h_t = tl.load(w2_h_ptrs, mask=w2_h_mask, other=0.0)
         z_h = tl.dot(act, w2_h_t, input_precision="ieee") + b2_h[None, :]
         m_h, rescale, p, s1_h, s2_h = _online_softmax_tile(z_h, in_softmax, m_h, s1_h, s2_h)
-        v_j = tl.load(v_ptr + (pair_j[:, None, None] * H + offs_h[None, :, None]) * D + offs_d[None, None, :],
-                      mask=mask_j[:, None, None] & mask_h[None, :, None] & mask_d[None, None, :], other=0.0)
+        v_j = tl.load(
+            v_ptr + (pair_j[:, None, None] * H + offs_h[None, :, None]) * D + offs_d[None, None, :],
+            mask=mask_j[:, None, None] & mask_h[None, :, None] & mask_d[None, None, :],
+            other=0.0,
+        )
         acc_h = acc_h * rescale[:, None] + tl.sum(p[:, :, None] * v_j, axis=0)
 
         # Coordinate attention, all sets at once: logits [BLOCK_J, BLOCK_P].
@@ -199,8 +219,11 @@ def _semla_attention_kernel(
     # Σ_j α_j x_j · sqrt(Σ_j α_j²) with α = p / s1 is acc / s1 · sqrt(s2) / s1. Every row has at least one
     # softmax j, so s1 > 0.
     scale_h = tl.sqrt(s2_h) / (s1_h * s1_h)
-    tl.store(node_out_ptr + row * H * D + offs_h[:, None] * D + offs_d[None, :], acc_h * scale_h[:, None],
-             mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(
+        node_out_ptr + row * H * D + offs_h[:, None] * D + offs_d[None, :],
+        acc_h * scale_h[:, None],
+        mask=mask_h[:, None] & mask_d[None, :],
+    )
     scale_p = tl.sqrt(s2_p) / (s1_p * s1_p)
     coord_out = coord_out_ptr + (row * P + offs_p) * 3
     tl.store(coord_out + 0, acc_p0 * scale_p, mask=mask_p)
@@ -213,9 +236,23 @@ def _dot_block(size: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(size))
 
 
-def semla_attention(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values,
-                    attn_coords, adjacency, edge_feats, edge_norm_weight, edge_norm_bias, edge_weight,
-                    edge_norm_eps: float, coord_eps: float):
+def semla_attention(
+    node_terms_i,
+    node_terms_j,
+    gram_coords,
+    gram_weight,
+    out_weight,
+    out_bias,
+    values,
+    attn_coords,
+    adjacency,
+    edge_feats,
+    edge_norm_weight,
+    edge_norm_bias,
+    edge_weight,
+    edge_norm_eps: float,
+    coord_eps: float,
+):
     """Launch on inputs validated by fastflow.ops.semla_attention.check_inputs (shapes, dtype, device)."""
     dtype = node_terms_i.dtype
     if dtype not in (torch.float32, torch.float64):
@@ -235,15 +272,40 @@ def semla_attention(node_terms_i, node_terms_j, gram_coords, gram_weight, out_we
     coord_agg = torch.empty((B, N, P, 3), dtype=dtype, device=a.device)
     edge_out = torch.empty((B, N, N, EO), dtype=dtype, device=a.device)
     if has_edge_in:
-        e, ln_w, ln_b, we = (t.contiguous()
-                             for t in (edge_feats, edge_norm_weight, edge_norm_bias, edge_weight))
+        e, ln_w, ln_b, we = (
+            t.contiguous() for t in (edge_feats, edge_norm_weight, edge_norm_bias, edge_weight)
+        )
     else:
         e = ln_w = ln_b = we = a  # never read (HAS_EDGE_IN is False): any valid pointer
     edge_out_arg = edge_out if EO > 0 else node_agg  # an empty tensor's pointer may be null; never written
 
     _semla_attention_kernel[(B * N,)](
-        a, c, x, wg, w2, b2, v, y, adj, e, ln_w, ln_b, we, node_agg, coord_agg, edge_out_arg,
-        N, F, S, H, D, P, E, EO, float(edge_norm_eps), float(coord_eps),
+        a,
+        c,
+        x,
+        wg,
+        w2,
+        b2,
+        v,
+        y,
+        adj,
+        e,
+        ln_w,
+        ln_b,
+        we,
+        node_agg,
+        coord_agg,
+        edge_out_arg,
+        N,
+        F,
+        S,
+        H,
+        D,
+        P,
+        E,
+        EO,
+        float(edge_norm_eps),
+        float(coord_eps),
         # 16 j per tile: tl.dot's minimum M; larger tiles would grow the [BLOCK_J, BLOCK_F] hidden tile.
         BLOCK_J=MIN_DOT,
         BLOCK_F=_dot_block(F),

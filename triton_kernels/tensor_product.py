@@ -49,12 +49,29 @@ DETERMINISTIC_CHUNK = 16  # edges per chunk of a node in the deterministic tp_co
 
 @triton.jit
 def _path_tile(
-    x1_ptr, x2_ptr, w_ptr,  # operand tensors (rows of x1 / x2 / weights picked by row1 / row2 / row_w)
-    row1, row2, row_w, mask_z,  # [BLOCK_Z] int64 row indices and the mask of real rows
-    stride1, stride2, stride_w,  # row strides; stride_w = 0 for shared weights
-    cg_i, cg_j, cg_v,  # this path's CG entries, sorted by k
+    x1_ptr,
+    x2_ptr,
+    w_ptr,  # operand tensors (rows of x1 / x2 / weights picked by row1 / row2 / row_w)
+    row1,
+    row2,
+    row_w,
+    mask_z,  # [BLOCK_Z] int64 row indices and the mask of real rows
+    stride1,
+    stride2,
+    stride_w,  # row strides; stride_w = 0 for shared weights
+    cg_i,
+    cg_j,
+    cg_v,  # this path's CG entries, sorted by k
     k_start,  # [d_out + 1]: the entries of component k are k_start[k] : k_start[k + 1]
-    off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
+    off1,
+    mul1,
+    d1,
+    off2,
+    mul2,
+    d2,
+    mul_out,
+    d_out,
+    w_off,
     MODE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK_Z: tl.constexpr,
@@ -138,8 +155,9 @@ def _path_tile(
 
 
 @triton.jit
-def _out_tile(out_ptr, rows, mask_z, dim_out, off_out, mul_out, d_out,
-              BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+def _out_tile(
+    out_ptr, rows, mask_z, dim_out, off_out, mul_out, d_out, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """Pointers to out[rows[z], off_out + w * d_out + k] for _path_tile's [BLOCK_Z, BLOCK_W, BLOCK_K] tile, and
     the mask of the real ones (real rows, w < mul_out, k < d_out)."""
     offs_w = tl.arange(0, BLOCK_W)
@@ -152,20 +170,72 @@ def _out_tile(out_ptr, rows, mask_z, dim_out, off_out, mul_out, d_out,
 
 @triton.jit
 def _tensor_product_kernel(
-    x1_ptr, x2_ptr, w_ptr, out_ptr,
-    Z, stride1, stride2, stride_w, dim_out,
-    cg_i, cg_j, cg_v, k_start,
-    off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off,
-    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK_Z: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    x1_ptr,
+    x2_ptr,
+    w_ptr,
+    out_ptr,
+    Z,
+    stride1,
+    stride2,
+    stride_w,
+    dim_out,
+    cg_i,
+    cg_j,
+    cg_v,
+    k_start,
+    off1,
+    mul1,
+    d1,
+    off2,
+    mul2,
+    d2,
+    off_out,
+    mul_out,
+    d_out,
+    w_off,
+    MODE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One program per block of samples: out[z] += path(x1[z], x2[z], W[z])."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_Z + tl.arange(0, BLOCK_Z)
     mask_z = rows < Z
-    acc = _path_tile(x1_ptr, x2_ptr, w_ptr, rows, rows, rows, mask_z, stride1, stride2, stride_w,
-                     cg_i, cg_j, cg_v, k_start, off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
-                     MODE, HAS_WEIGHT, BLOCK_Z, BLOCK_U, BLOCK_V, BLOCK_W, BLOCK_K)
+    acc = _path_tile(
+        x1_ptr,
+        x2_ptr,
+        w_ptr,
+        rows,
+        rows,
+        rows,
+        mask_z,
+        stride1,
+        stride2,
+        stride_w,
+        cg_i,
+        cg_j,
+        cg_v,
+        k_start,
+        off1,
+        mul1,
+        d1,
+        off2,
+        mul2,
+        d2,
+        mul_out,
+        d_out,
+        w_off,
+        MODE,
+        HAS_WEIGHT,
+        BLOCK_Z,
+        BLOCK_U,
+        BLOCK_V,
+        BLOCK_W,
+        BLOCK_K,
+    )
     # The program owns its rows; earlier launches (other paths) may already have written to them.
     ptrs, mask = _out_tile(out_ptr, rows, mask_z, dim_out, off_out, mul_out, d_out, BLOCK_W, BLOCK_K)
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc, mask=mask)
@@ -173,12 +243,37 @@ def _tensor_product_kernel(
 
 @triton.jit
 def _tp_conv_atomic_kernel(
-    x1_ptr, x2_ptr, w_ptr, out_ptr, src_ptr, dst_ptr,
-    E, stride1, stride2, stride_w, dim_out,
-    cg_i, cg_j, cg_v, k_start,
-    off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off,
-    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK_Z: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    x1_ptr,
+    x2_ptr,
+    w_ptr,
+    out_ptr,
+    src_ptr,
+    dst_ptr,
+    E,
+    stride1,
+    stride2,
+    stride_w,
+    dim_out,
+    cg_i,
+    cg_j,
+    cg_v,
+    k_start,
+    off1,
+    mul1,
+    d1,
+    off2,
+    mul2,
+    d2,
+    off_out,
+    mul_out,
+    d_out,
+    w_off,
+    MODE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One program per block of edges: out[dst[e]] += path(node_feats[src[e]], edge_attrs[e], W[e])."""
@@ -186,21 +281,75 @@ def _tp_conv_atomic_kernel(
     mask_z = edges < E
     src = tl.load(src_ptr + edges, mask=mask_z, other=0)
     dst = tl.load(dst_ptr + edges, mask=mask_z, other=0)
-    acc = _path_tile(x1_ptr, x2_ptr, w_ptr, src, edges, edges, mask_z, stride1, stride2, stride_w,
-                     cg_i, cg_j, cg_v, k_start, off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
-                     MODE, HAS_WEIGHT, BLOCK_Z, BLOCK_U, BLOCK_V, BLOCK_W, BLOCK_K)
+    acc = _path_tile(
+        x1_ptr,
+        x2_ptr,
+        w_ptr,
+        src,
+        edges,
+        edges,
+        mask_z,
+        stride1,
+        stride2,
+        stride_w,
+        cg_i,
+        cg_j,
+        cg_v,
+        k_start,
+        off1,
+        mul1,
+        d1,
+        off2,
+        mul2,
+        d2,
+        mul_out,
+        d_out,
+        w_off,
+        MODE,
+        HAS_WEIGHT,
+        BLOCK_Z,
+        BLOCK_U,
+        BLOCK_V,
+        BLOCK_W,
+        BLOCK_K,
+    )
     ptrs, mask = _out_tile(out_ptr, dst, mask_z, dim_out, off_out, mul_out, d_out, BLOCK_W, BLOCK_K)
     tl.atomic_add(ptrs, acc, mask=mask)  # several edges (in this block or others) may share a destination
 
 
 @triton.jit
 def _tp_conv_deterministic_kernel(
-    x1_ptr, x2_ptr, w_ptr, out_ptr, src_ptr, perm_ptr, row_ptr,
-    stride1, stride2, stride_w, dim_out,
-    cg_i, cg_j, cg_v, k_start,
-    off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off,
-    MODE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK_Z: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr,
+    x1_ptr,
+    x2_ptr,
+    w_ptr,
+    out_ptr,
+    src_ptr,
+    perm_ptr,
+    row_ptr,
+    stride1,
+    stride2,
+    stride_w,
+    dim_out,
+    cg_i,
+    cg_j,
+    cg_v,
+    k_start,
+    off1,
+    mul1,
+    d1,
+    off2,
+    mul2,
+    d2,
+    off_out,
+    mul_out,
+    d_out,
+    w_off,
+    MODE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One program per node n: out[n] += Σ of path(...) over its edges perm[row_ptr[n] : row_ptr[n + 1]]."""
@@ -215,9 +364,38 @@ def _tp_conv_deterministic_kernel(
         mask_z = slots < stop
         edges = tl.load(perm_ptr + slots, mask=mask_z, other=0)
         src = tl.load(src_ptr + edges, mask=mask_z, other=0)
-        acc = _path_tile(x1_ptr, x2_ptr, w_ptr, src, edges, edges, mask_z, stride1, stride2, stride_w,
-                         cg_i, cg_j, cg_v, k_start, off1, mul1, d1, off2, mul2, d2, mul_out, d_out, w_off,
-                         MODE, HAS_WEIGHT, BLOCK_Z, BLOCK_U, BLOCK_V, BLOCK_W, BLOCK_K)
+        acc = _path_tile(
+            x1_ptr,
+            x2_ptr,
+            w_ptr,
+            src,
+            edges,
+            edges,
+            mask_z,
+            stride1,
+            stride2,
+            stride_w,
+            cg_i,
+            cg_j,
+            cg_v,
+            k_start,
+            off1,
+            mul1,
+            d1,
+            off2,
+            mul2,
+            d2,
+            mul_out,
+            d_out,
+            w_off,
+            MODE,
+            HAS_WEIGHT,
+            BLOCK_Z,
+            BLOCK_U,
+            BLOCK_V,
+            BLOCK_W,
+            BLOCK_K,
+        )
         total += tl.sum(acc, axis=0)  # masked edges contribute exact zeros
     offs_w = tl.arange(0, BLOCK_W)
     offs_k = tl.arange(0, BLOCK_K)
@@ -270,8 +448,10 @@ def _check(x1, x2, weights, n_rows):
     if x2.dtype != dtype or (weights.numel() and weights.dtype != dtype):
         raise TypeError("tensor product (triton): x1, x2 and weights must share a dtype")
     if weights.dim() not in (1, 2) or (weights.dim() == 2 and weights.size(0) != n_rows):
-        raise ValueError(f"tensor product (triton): weights must be [n_weights] or [{n_rows}, n_weights], "
-                         f"got {tuple(weights.shape)}")
+        raise ValueError(
+            f"tensor product (triton): weights must be [n_weights] or [{n_rows}, n_weights], "
+            f"got {tuple(weights.shape)}"
+        )
 
 
 def _operands(x1, x2, weights):
@@ -287,8 +467,22 @@ def _path_args(row, cg, p):
     """Kernel arguments of path p: CG tensors, scalars and constexprs."""
     cg_i, cg_j, cg_v, k_start, k_stride = cg
     mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight = row
-    args = (cg_i, cg_j, cg_v, k_start[p * k_stride:],
-            off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off)
+    args = (
+        cg_i,
+        cg_j,
+        cg_v,
+        k_start[p * k_stride :],
+        off1,
+        mul1,
+        d1,
+        off2,
+        mul2,
+        d2,
+        off_out,
+        mul_out,
+        d_out,
+        w_off,
+    )
     return args, {"MODE": mode, "HAS_WEIGHT": bool(has_weight)}
 
 
@@ -305,13 +499,27 @@ def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_o
         args, consts = _path_args(row, cg, p)
         blocks = _blocks(row[0], row[2], row[5], row[8], row[9], MAX_ROWS)
         grid = (triton.cdiv(Z, blocks["BLOCK_Z"]),)
-        _tensor_product_kernel[grid](x1, x2, weights, out, Z, x1.size(1), x2.size(1), stride_w, dim_out,
-                                     *args, **consts, **blocks)
+        _tensor_product_kernel[grid](
+            x1, x2, weights, out, Z, x1.size(1), x2.size(1), stride_w, dim_out, *args, **consts, **blocks
+        )
     return out
 
 
-def tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, paths, cg_index, cg_value,
-            cg_offsets, dim_out: int, *, deterministic: bool = False):
+def tp_conv(
+    node_feats,
+    edge_attrs,
+    weights,
+    edge_src,
+    edge_dst,
+    n_nodes: int,
+    paths,
+    cg_index,
+    cg_value,
+    cg_offsets,
+    dim_out: int,
+    *,
+    deterministic: bool = False,
+):
     """out [n_nodes, dim_out] = Σ_{e: edge_dst[e] = n} tensor_product(node_feats[edge_src[e]], edge_attrs[e],
     weights[e]) without the [E, dim_out] messages (forward only). deterministic: see the module docstring."""
     E = edge_attrs.size(0)
@@ -331,8 +539,9 @@ def tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, p
         common = (x1.size(1), x2.size(1), stride_w, dim_out, *args)
         if deterministic:
             blocks = _blocks(row[0], row[2], row[5], row[8], row[9], DETERMINISTIC_CHUNK)
-            _tp_conv_deterministic_kernel[(n_nodes,)](x1, x2, weights, out, src, perm, row_ptr, *common,
-                                                      **consts, **blocks)
+            _tp_conv_deterministic_kernel[(n_nodes,)](
+                x1, x2, weights, out, src, perm, row_ptr, *common, **consts, **blocks
+            )
         else:
             blocks = _blocks(row[0], row[2], row[5], row[8], row[9], MAX_ROWS)
             grid = (triton.cdiv(E, blocks["BLOCK_Z"]),)

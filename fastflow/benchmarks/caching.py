@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -43,33 +43,52 @@ RELATIVE_TOLERANCES, RELATIVE_TOLERANCES_QUICK = (0.01, 0.02, 0.05, 0.1, 0.2), (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, for the ``bench/caching_pareto.py`` script and ``fastflow bench caching``."""
-    parser.add_argument("--checkpoint", default=None,
-                        help="an upstream .ckpt or a fastflow model directory (default: the packaged model)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="an upstream .ckpt or a fastflow model directory (default: the packaged model)",
+    )
     parser.add_argument("--config", default=None, help="a randomly initialised preset (smoke tests only)")
     parser.add_argument("--n", type=int, default=None, help="molecules (default 1000; --quick: 32)")
     parser.add_argument("--steps", type=int, default=None, help="solver steps (default 100; --quick: 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer configurations, fewer molecules and steps")
-    parser.add_argument("--kernels", choices=BACKENDS, default="reference",
-                        help="patch_model kernels for every run "
-                             "(default reference: unfused, isolating the cache)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path; the plot goes next to it as .png "
-                             "(default bench/results/caching_pareto-<host>-<date>.json)")
-    parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
-                        help="run only the rows whose name starts with one of these (e.g. base adaptive); "
-                             "the first row run is the speed-up's and RMSD's base")
-    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
-                        help="write the speed–quality plot next to the JSON (needs matplotlib) "
-                             "(default on)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer configurations, fewer molecules and steps"
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=BACKENDS,
+        default="reference",
+        help="patch_model kernels for every run (default reference: unfused, isolating the cache)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path; the plot goes next to it as .png "
+        "(default bench/results/caching_pareto-<host>-<date>.json)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PREFIX",
+        help="run only the rows whose name starts with one of these (e.g. base adaptive); "
+        "the first row run is the speed-up's and RMSD's base",
+    )
+    parser.add_argument(
+        "--plot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the speed–quality plot next to the JSON (needs matplotlib) (default on)",
+    )
 
 
 def default_out(results_dir: Path = RESULTS_DIR) -> Path:
     """``results_dir/caching_pareto-<host>-<date>.json`` (UTC date)."""
-    date = datetime.now(timezone.utc).date().isoformat()
+    date = datetime.now(UTC).date().isoformat()
     return Path(results_dir) / f"caching_pareto-{platform.node()}-{date}.json"
 
 
@@ -88,15 +107,21 @@ def runs(quick: bool, steps: int) -> list[tuple[str, int, CacheConfig | None]]:
             for kind, order in forecasters
         ]
     if not quick:  # does evaluating the last steps (where the sample's geometry settles) buy back strain?
-        table.append(("taylor 2 D=2 cool=4", steps, CacheConfig(forecaster="taylor", order=2, interval=2,
-                                                                  cooldown=4)))
+        table.append(
+            ("taylor 2 D=2 cool=4", steps, CacheConfig(forecaster="taylor", order=2, interval=2, cooldown=4))
+        )
     # The two measures' tolerances are on different scales (see CacheConfig.error).
-    tolerances = {"sample": SAMPLE_TOLERANCES_QUICK if quick else SAMPLE_TOLERANCES,
-                  "relative": RELATIVE_TOLERANCES_QUICK if quick else RELATIVE_TOLERANCES}
+    tolerances = {
+        "sample": SAMPLE_TOLERANCES_QUICK if quick else SAMPLE_TOLERANCES,
+        "relative": RELATIVE_TOLERANCES_QUICK if quick else RELATIVE_TOLERANCES,
+    }
     for error, label in (("sample", "adaptive"), ("relative", "adaptive relative")):
         table += [
-            (f"{label} tol={tol}", steps,
-             CacheConfig(forecaster="taylor", order=2, interval=10, tolerance=tol, error=error))
+            (
+                f"{label} tol={tol}",
+                steps,
+                CacheConfig(forecaster="taylor", order=2, interval=10, tolerance=tol, error=error),
+            )
             for tol in tolerances[error]
         ]
     return table
@@ -144,8 +169,13 @@ def run(args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load_model(args)
-    request = {"n_molecules": n, "seed": args.seed, "schedule": "log", "batch_size": args.batch_size,
-               "progress": False}
+    request = {
+        "n_molecules": n,
+        "seed": args.seed,
+        "schedule": "log",
+        "batch_size": args.batch_size,
+        "progress": False,
+    }
 
     warmup = patch_model(model, kernels=kernels)
     try:
@@ -257,8 +287,14 @@ def plot(rows: list[dict], path: Path) -> None:
         for family, members in families.items():
             members = sorted(members, key=lambda r: r["speedup"])
             errors = [r.get(f"{metric}_sem") for r in members]
-            ax.errorbar([r["speedup"] for r in members], [r[metric] for r in members],
-                        yerr=None if None in errors else errors, fmt="o-", capsize=3, label=family)
+            ax.errorbar(
+                [r["speedup"] for r in members],
+                [r[metric] for r in members],
+                yerr=None if None in errors else errors,
+                fmt="o-",
+                capsize=3,
+                label=family,
+            )
         ax.set_xlabel("wall-clock speedup over the base sampler")
         ax.set_ylabel(metric + (" (± standard error)" if metric == "strain_per_atom" else ""))
     axes.flat[0].legend(fontsize=8)

@@ -51,29 +51,70 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-KERNELS = ("semla_attention", "tensor_product", "tp_conv_atomic", "tp_conv_deterministic", "cache_forecast",
-           "discrete_flow_step")
+KERNELS = (
+    "semla_attention",
+    "tensor_product",
+    "tp_conv_atomic",
+    "tp_conv_deterministic",
+    "cache_forecast",
+    "discrete_flow_step",
+)
 TARGETS = ("sm_80", "sm_89", "sm_90")
-JSON_KEYS = ("kernel", "variant", "target", "registers", "spill_bytes", "shared_bytes", "shared_limit",
-             "tensor_cores", "ok")
+JSON_KEYS = (
+    "kernel",
+    "variant",
+    "target",
+    "registers",
+    "spill_bytes",
+    "shared_bytes",
+    "shared_limit",
+    "tensor_cores",
+    "ok",
+)
 
 # Maximum shared memory per block with opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin), which Triton's launcher
 # checks metadata.shared against. 166912 (A100) and 232448 (H100) are also the values torch's tests identify those
 # GPUs by (torch/testing/_internal/inductor_utils.py, IS_A100 / IS_H100); the others are the CUDA C++ Programming
 # Guide's table (compute capabilities: 99 KB for 8.6/8.9/12.0, 163 KB for 8.0/8.7, 227 KB for 9.0/10.0, 64 KB for 7.5).
-SHARED_LIMITS = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
-                 120: 101376}
+SHARED_LIMITS = {
+    75: 65536,
+    80: 166912,
+    86: 101376,
+    87: 166912,
+    89: 101376,
+    90: 232448,
+    100: 232448,
+    120: 101376,
+}
 MAX_REGISTERS = 255  # per thread, every architecture here
 
 # SASS opcodes that run on tensor cores: HMMA (fp16/bf16/tf32 mma), DMMA (fp64), IMMA/BMMA (integer/binary),
 # Hopper's warpgroup HGMMA/IGMMA/QGMMA/BGMMA (PTX wgmma), Blackwell's UTC*MMA (tcgen05) and OMMA/QMMA.
 # HFMA2.MMA is not one of them: it is an ordinary FMA issued on the MMA pipe (a common register move).
-TENSOR_CORE_OPCODES = frozenset({"HMMA", "DMMA", "IMMA", "BMMA", "HGMMA", "IGMMA", "QGMMA", "BGMMA", "UTCHMMA",
-                                 "UTCIMMA", "UTCQMMA", "UTCOMMA", "OMMA", "QMMA"})
-_SASS_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)",
-                          re.MULTILINE)
+TENSOR_CORE_OPCODES = frozenset(
+    {
+        "HMMA",
+        "DMMA",
+        "IMMA",
+        "BMMA",
+        "HGMMA",
+        "IGMMA",
+        "QGMMA",
+        "BGMMA",
+        "UTCHMMA",
+        "UTCIMMA",
+        "UTCQMMA",
+        "UTCOMMA",
+        "OMMA",
+        "QMMA",
+    }
+)
+_SASS_OPCODE = re.compile(
+    r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", re.MULTILINE
+)
 
 ATOMS = 29  # N of the semla_attention cases (QM9's largest molecule); a runtime argument, not a constexpr
 EDGES, NODES = 1000, 50  # rows of the tensor-product cases
@@ -156,6 +197,12 @@ def _recording(module, name: str):
         setattr(module, name, original)
 
 
+def _zeros(*shape, dtype):
+    import torch
+
+    return torch.zeros(*shape, dtype=dtype)
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -174,18 +221,29 @@ def _semla_cases(selection) -> list[Case]:
         B, N, F, S, P, H, D, E, EO = 1, ATOMS, s["F"], s["S"], s["P"], s["H"], s["D"], s["E"], s["EO"]
         dtype = _torch_dtype(dtype_name)
 
-        def empty(*shape):
-            return torch.zeros(*shape, dtype=dtype)
+        empty = partial(_zeros, dtype=dtype)
 
         edges = (empty(B, N, N, E), empty(E), empty(E), empty(F, E)) if E else (None,) * 4
         with _recording(module, "_semla_attention_kernel") as (fn, recorder):
-            module.semla_attention(empty(B, N, F), empty(B, N, F), empty(B, S, N, 3), empty(F, S),
-                                   empty(H + P + EO, F), empty(H + P + EO), empty(B, N, H, D), empty(B, P, N, 3),
-                                   torch.ones(B, N, N, dtype=torch.bool), *edges, 1e-5, 1e-6)
-        (args, kwargs), = recorder.launches
+            module.semla_attention(
+                empty(B, N, F),
+                empty(B, N, F),
+                empty(B, S, N, 3),
+                empty(F, S),
+                empty(H + P + EO, F),
+                empty(H + P + EO),
+                empty(B, N, H, D),
+                empty(B, P, N, 3),
+                torch.ones(B, N, N, dtype=torch.bool),
+                *edges,
+                1e-5,
+                1e-6,
+            )
+        ((args, kwargs),) = recorder.launches
         shape = f"F={F} S=P={S} H={H} d_head={D}" + (f" E={E}" if E else "") + (f" EO={EO}" if EO else "")
-        cases.append(Case("semla_attention", f"{preset}/{layer}/{dtype_name}", fn, args, kwargs,
-                          {"shape": shape}))
+        cases.append(
+            Case("semla_attention", f"{preset}/{layer}/{dtype_name}", fn, args, kwargs, {"shape": shape})
+        )
     return cases
 
 
@@ -205,9 +263,12 @@ def nequip_descriptor(irreps_node: str, lmax: int):
     order = sorted(range(len(mid)), key=lambda k: (mid[k][1], mid[k][2]))  # e3nn's Irreps.sort: by (l, p)
     position = {k: rank for rank, k in enumerate(order)}
     irrep = lambda mul, l, p: f"{mul}x{l}{'e' if p == 1 else 'o'}"  # noqa: E731
-    return TPDescriptor.create(irreps_node, "+".join(irrep(*block) for block in sh),
-                               "+".join(irrep(*mid[k]) for k in order),
-                               [(i, j, position[k], mode, w) for i, j, k, mode, w in instructions])
+    return TPDescriptor.create(
+        irreps_node,
+        "+".join(irrep(*block) for block in sh),
+        "+".join(irrep(*mid[k]) for k in order),
+        [(i, j, position[k], mode, w) for i, j, k, mode, w in instructions],
+    )
 
 
 def fully_connected_descriptor(irreps: str):
@@ -216,8 +277,13 @@ def fully_connected_descriptor(irreps: str):
     from fastflow.tp.descriptor import TPDescriptor, parse_irreps
 
     blocks = parse_irreps(irreps)
-    instructions = [(i, j, k, "uvw", True) for i, a in enumerate(blocks) for j, b in enumerate(blocks)
-                    for k, c in enumerate(blocks) if a.p * b.p == c.p and abs(a.l - b.l) <= c.l <= a.l + b.l]
+    instructions = [
+        (i, j, k, "uvw", True)
+        for i, a in enumerate(blocks)
+        for j, b in enumerate(blocks)
+        for k, c in enumerate(blocks)
+        if a.p * b.p == c.p and abs(a.l - b.l) <= c.l <= a.l + b.l
+    ]
     return TPDescriptor.create(irreps, irreps, irreps, instructions)
 
 
@@ -233,32 +299,57 @@ def _tp_cases(kernel: str, selection, quick: bool) -> list[Case]:
 
     from fastflow.triton_kernels import tensor_product as module
 
-    name = {"tensor_product": "_tensor_product_kernel", "tp_conv_atomic": "_tp_conv_atomic_kernel",
-            "tp_conv_deterministic": "_tp_conv_deterministic_kernel"}[kernel]
+    name = {
+        "tensor_product": "_tensor_product_kernel",
+        "tp_conv_atomic": "_tp_conv_atomic_kernel",
+        "tp_conv_deterministic": "_tp_conv_deterministic_kernel",
+    }[kernel]
     cases = []
     for case, dtype_name in selection:
         descriptor = _tp_descriptor(case)
         dtype = _torch_dtype(dtype_name)
         tensors = descriptor.tensors(dtype)
-        shared = case.startswith("fc")  # the fully connected product shares its weights; NequIP's are per edge
+        shared = case.startswith(
+            "fc"
+        )  # the fully connected product shares its weights; NequIP's are per edge
         rows = EDGES
-        weights = (torch.zeros(descriptor.weight_numel, dtype=dtype) if shared
-                   else torch.zeros(rows, descriptor.weight_numel, dtype=dtype))
+        weights = (
+            torch.zeros(descriptor.weight_numel, dtype=dtype)
+            if shared
+            else torch.zeros(rows, descriptor.weight_numel, dtype=dtype)
+        )
         x2 = torch.zeros(rows, descriptor.dim_in2, dtype=dtype)
         with _recording(module, name) as (fn, recorder):
             if kernel == "tensor_product":
-                module.tensor_product(torch.zeros(rows, descriptor.dim_in1, dtype=dtype), x2, weights, *tensors,
-                                      descriptor.dim_out)
+                module.tensor_product(
+                    torch.zeros(rows, descriptor.dim_in1, dtype=dtype),
+                    x2,
+                    weights,
+                    *tensors,
+                    descriptor.dim_out,
+                )
             else:
                 g = torch.Generator().manual_seed(0)
                 src, dst = (torch.randint(NODES, (rows,), generator=g) for _ in range(2))
-                module.tp_conv(torch.zeros(NODES, descriptor.dim_in1, dtype=dtype), x2, weights, src, dst, NODES,
-                               *tensors, descriptor.dim_out, deterministic=kernel == "tp_conv_deterministic")
+                module.tp_conv(
+                    torch.zeros(NODES, descriptor.dim_in1, dtype=dtype),
+                    x2,
+                    weights,
+                    src,
+                    dst,
+                    NODES,
+                    *tensors,
+                    descriptor.dim_out,
+                    deterministic=kernel == "tp_conv_deterministic",
+                )
         groups = {}  # one case per kernel Triton would compile: launches with the same specialisation share one
         for args, kwargs in recorder.launches:
             signature, constexprs, attrs = specialize(fn, args, kwargs)
-            key = (tuple(signature.values()), tuple(sorted(constexprs.items())),
-                   tuple(sorted((path, repr(attr)) for path, attr in attrs.items())))
+            key = (
+                tuple(signature.values()),
+                tuple(sorted(constexprs.items())),
+                tuple(sorted((path, repr(attr)) for path, attr in attrs.items())),
+            )
             groups.setdefault(key, []).append((args, kwargs))
         launches_of = list(groups.values())
         if quick:  # one path: the first without a dimension of 1 (no integer specialised into a constant)
@@ -275,10 +366,20 @@ def _tp_cases(kernel: str, selection, quick: bool) -> list[Case]:
             seen[variant] = seen.get(variant, 0) + 1
             if seen[variant] > 1:  # same dims, another specialisation (offsets divisible by 16 or not)
                 variant += f"#{seen[variant]}"
-            cases.append(Case(kernel, variant, fn, args, kwargs,
-                              {"shape": f"{mode} mul {p['mul1']}x{p['mul2']}->{p['mul_out']}, "
-                                        f"dims {p['d1']}x{p['d2']}->{p['d_out']}",
-                               "paths": len(launches)}))
+            cases.append(
+                Case(
+                    kernel,
+                    variant,
+                    fn,
+                    args,
+                    kwargs,
+                    {
+                        "shape": f"{mode} mul {p['mul1']}x{p['mul2']}->{p['mul_out']}, "
+                        f"dims {p['d1']}x{p['d2']}->{p['d_out']}",
+                        "paths": len(launches),
+                    },
+                )
+            )
     return cases
 
 
@@ -293,9 +394,17 @@ def _forecast_cases(selection) -> list[Case]:
         history = [torch.zeros(FORECAST_NUMEL, dtype=dtype) for _ in range(HISTORY)]
         with _recording(module, "_cache_forecast_kernel") as (fn, recorder):
             module.cache_forecast(history, [1.0] * HISTORY)
-        (args, kwargs), = recorder.launches
-        cases.append(Case("cache_forecast", f"K{HISTORY}/{dtype_name}", fn, args, kwargs,
-                          {"shape": f"K={HISTORY}, numel={FORECAST_NUMEL}"}))
+        ((args, kwargs),) = recorder.launches
+        cases.append(
+            Case(
+                "cache_forecast",
+                f"K{HISTORY}/{dtype_name}",
+                fn,
+                args,
+                kwargs,
+                {"shape": f"K={HISTORY}, numel={FORECAST_NUMEL}"},
+            )
+        )
     return cases
 
 
@@ -309,12 +418,28 @@ def _step_cases(selection) -> list[Case]:
         dtype, K, N, B = _torch_dtype(dtype_name), STEP_CASES[what], 24, 4
         shape = (B, N, N, K) if what == "bonds" else (B, N, K)
         with _recording(module, "_discrete_flow_step_kernel") as (fn, recorder):
-            module.discrete_flow_step(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype),
-                                      torch.ones(B, N, dtype=torch.bool), torch.zeros(B, dtype=dtype),
-                                      torch.zeros(B, dtype=torch.int64), 0, 5, 0.01, 1.0)
-        (args, kwargs), = recorder.launches
-        cases.append(Case("discrete_flow_step", f"{what}/{dtype_name}", fn, args, kwargs,
-                          {"shape": f"K={K}, {'pairs' if what == 'bonds' else 'atoms'}"}))
+            module.discrete_flow_step(
+                torch.zeros(shape, dtype=dtype),
+                torch.zeros(shape, dtype=dtype),
+                torch.ones(B, N, dtype=torch.bool),
+                torch.zeros(B, dtype=dtype),
+                torch.zeros(B, dtype=torch.int64),
+                0,
+                5,
+                0.01,
+                1.0,
+            )
+        ((args, kwargs),) = recorder.launches
+        cases.append(
+            Case(
+                "discrete_flow_step",
+                f"{what}/{dtype_name}",
+                fn,
+                args,
+                kwargs,
+                {"shape": f"K={K}, {'pairs' if what == 'bonds' else 'atoms'}"},
+            )
+        )
     return cases
 
 
@@ -325,7 +450,9 @@ def selections(quick: bool) -> dict:
     tp = [(case, dtype) for case in TP_CASES for dtype in DTYPES]
     return {
         "semla_attention": [(p, layer, d) for p in SEMLA_PRESETS for layer in SEMLA_LAYERS for d in DTYPES],
-        "tensor_product": tp, "tp_conv_atomic": tp, "tp_conv_deterministic": tp,
+        "tensor_product": tp,
+        "tp_conv_atomic": tp,
+        "tp_conv_deterministic": tp,
         "cache_forecast": [(d,) for d in DTYPES],
         "discrete_flow_step": [(what, d) for what in STEP_CASES for d in DTYPES],
     }
@@ -358,8 +485,10 @@ def parse_target(name: str) -> int:
         raise ValueError(f"--targets: {name!r} is not an NVIDIA architecture like sm_80 or sm_90")
     capability = int(match.group(1))
     if capability not in SHARED_LIMITS:
-        raise ValueError(f"--targets: {name}: no shared-memory limit known for sm_{capability} "
-                         f"(known: {', '.join(f'sm_{c}' for c in sorted(SHARED_LIMITS))})")
+        raise ValueError(
+            f"--targets: {name}: no shared-memory limit known for sm_{capability} "
+            f"(known: {', '.join(f'sm_{c}' for c in sorted(SHARED_LIMITS))})"
+        )
     return capability
 
 
@@ -377,8 +506,13 @@ def specialize(fn, args, kwargs):
             signature[param.name] = "constexpr"
             constexprs[(index,)] = value
             continue
-        kind, key = native_specialize_impl(CUDABackend, value, param.is_const, not param.do_not_specialize,
-                                           not param.do_not_specialize_on_alignment)
+        kind, key = native_specialize_impl(
+            CUDABackend,
+            value,
+            param.is_const,
+            not param.do_not_specialize,
+            not param.do_not_specialize_on_alignment,
+        )
         signature[param.name] = kind
         if kind == "constexpr":  # an integer equal to 1
             constexprs[(index,)] = key
@@ -396,8 +530,10 @@ def _tool(name: str) -> str:
 def _run(command: list[str]) -> str:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
-        raise RuntimeError(f"{Path(command[0]).name} failed ({result.returncode}): "
-                           f"{(result.stderr or result.stdout).strip().splitlines()[:1]}")
+        raise RuntimeError(
+            f"{Path(command[0]).name} failed ({result.returncode}): "
+            f"{(result.stderr or result.stdout).strip().splitlines()[:1]}"
+        )
     return result.stdout + result.stderr
 
 
@@ -418,20 +554,37 @@ def _ptxas_log(ptx: str, metadata, capability: int) -> str:
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(ptx)
-        return _run([get_ptxas(capability).path, *debug, *fmad, "-v", *opt, "--regAllocOptLevel=2", *extra,
-                     f"--gpu-name={sm_arch_from_capability(capability)}", str(source), "-o",
-                     str(Path(folder) / "kernel.cubin")])
+        return _run(
+            [
+                get_ptxas(capability).path,
+                *debug,
+                *fmad,
+                "-v",
+                *opt,
+                "--regAllocOptLevel=2",
+                *extra,
+                f"--gpu-name={sm_arch_from_capability(capability)}",
+                str(source),
+                "-o",
+                str(Path(folder) / "kernel.cubin"),
+            ]
+        )
 
 
 def parse_ptxas(log: str) -> dict:
     """Registers, stack frame, spill stores and loads, static shared memory of one function's ``ptxas -v`` log."""
+
     def number(pattern):
         match = re.search(pattern, log)
         return int(match.group(1)) if match else 0
 
-    return {"registers": number(r"Used (\d+) registers"), "stack_bytes": number(r"(\d+) bytes stack frame"),
-            "spill_stores": number(r"(\d+) bytes spill stores"), "spill_loads": number(r"(\d+) bytes spill loads"),
-            "static_shared_bytes": number(r"(\d+) bytes smem")}
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "stack_bytes": number(r"(\d+) bytes stack frame"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        "static_shared_bytes": number(r"(\d+) bytes smem"),
+    }
 
 
 def cubin_analysis(cubin: bytes) -> dict:
@@ -447,9 +600,13 @@ def cubin_analysis(cubin: bytes) -> dict:
         base = opcode.split(".")[0]
         if base in TENSOR_CORE_OPCODES:
             counts[opcode] = counts.get(opcode, 0) + 1
-    return {"registers": int(fields.get("REG", 0)), "stack_bytes": int(fields.get("STACK", 0)),
-            "sass_shared_bytes": int(fields.get("SHARED", 0)), "tensor_core_ops": counts,
-            "sass_instructions": len(_SASS_OPCODE.findall(sass))}
+    return {
+        "registers": int(fields.get("REG", 0)),
+        "stack_bytes": int(fields.get("STACK", 0)),
+        "sass_shared_bytes": int(fields.get("SHARED", 0)),
+        "tensor_core_ops": counts,
+        "sass_instructions": len(_SASS_OPCODE.findall(sass)),
+    }
 
 
 def _error_line(error: BaseException) -> str:
@@ -469,21 +626,37 @@ def compile_case(case: Case, target: str) -> dict:
     from triton.compiler import ASTSource
 
     capability = parse_target(target)
-    row = {"kernel": case.kernel, "variant": case.variant, "target": target, "registers": None,
-           "spill_bytes": None, "shared_bytes": None, "shared_limit": SHARED_LIMITS[capability],
-           "tensor_cores": None, "ok": False, "gpu_name": sm_arch_from_capability(capability), **case.info}
+    row = {
+        "kernel": case.kernel,
+        "variant": case.variant,
+        "target": target,
+        "registers": None,
+        "spill_bytes": None,
+        "shared_bytes": None,
+        "shared_limit": SHARED_LIMITS[capability],
+        "tensor_cores": None,
+        "ok": False,
+        "gpu_name": sm_arch_from_capability(capability),
+        **case.info,
+    }
     started = time.perf_counter()
     try:
         signature, constexprs, attrs = specialize(case.fn, case.args, case.kwargs)
         row["constexprs"] = {case.fn.arg_names[path[0]]: value for path, value in constexprs.items()}
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # ptxas failures print the PTX
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):  # ptxas failures print the PTX
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
             hits = []
-            previous, knobs.compilation.listener = knobs.compilation.listener, (
-                lambda **event: hits.append(event["cache_hit"]))
+            previous, knobs.compilation.listener = (
+                knobs.compilation.listener,
+                (lambda **event: hits.append(event["cache_hit"])),
+            )
             try:
-                compiled = triton.compile(ASTSource(case.fn, signature, constexprs, attrs),
-                                          target=GPUTarget("cuda", capability, 32))
+                compiled = triton.compile(
+                    ASTSource(case.fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32)
+                )
             finally:
                 knobs.compilation.listener = previous
         row["compile_seconds"] = round(time.perf_counter() - started, 2)
@@ -494,19 +667,27 @@ def compile_case(case: Case, target: str) -> dict:
         row.update(
             registers=cubin["registers"],
             spill_bytes=ptxas["spill_stores"] + ptxas["spill_loads"],
-            spill_stores=ptxas["spill_stores"], spill_loads=ptxas["spill_loads"],
+            spill_stores=ptxas["spill_stores"],
+            spill_loads=ptxas["spill_loads"],
             stack_bytes=cubin["stack_bytes"],
             shared_bytes=metadata.shared + ptxas["static_shared_bytes"],
             sass_shared_bytes=cubin["sass_shared_bytes"],
-            tensor_cores=bool(cubin["tensor_core_ops"]), tensor_core_ops=cubin["tensor_core_ops"],
+            tensor_cores=bool(cubin["tensor_core_ops"]),
+            tensor_core_ops=cubin["tensor_core_ops"],
             sass_instructions=cubin["sass_instructions"],
-            num_warps=metadata.num_warps, num_stages=metadata.num_stages,
+            num_warps=metadata.num_warps,
+            num_stages=metadata.num_stages,
             ptx_version=re.search(r"^\.version (\S+)", compiled.asm["ptx"], re.MULTILINE).group(1),
         )
         if ptxas["registers"] != cubin["registers"]:
-            row["note"] = f"ptxas -v rerun used {ptxas['registers']} registers, the cubin {cubin['registers']}"
-        row["ok"] = (row["spill_bytes"] == 0 and row["shared_bytes"] <= row["shared_limit"]
-                     and row["registers"] <= MAX_REGISTERS)
+            row["note"] = (
+                f"ptxas -v rerun used {ptxas['registers']} registers, the cubin {cubin['registers']}"
+            )
+        row["ok"] = (
+            row["spill_bytes"] == 0
+            and row["shared_bytes"] <= row["shared_limit"]
+            and row["registers"] <= MAX_REGISTERS
+        )
     except Exception as error:  # noqa: BLE001 — any failure is a row saying why
         row["compile_seconds"] = round(time.perf_counter() - started, 2)
         row["error"] = _error_line(error)
@@ -523,19 +704,27 @@ def toolchain() -> dict:
         match = re.search(r"release ([\d.]+), (V[\d.]+)", text)
         return f"{Path(get_ptxas(capability).path).name} {match.group(2) if match else text.splitlines()[-1]}"
 
-    return {"triton": triton.__version__, "ptxas_sm80_89": version(80), "ptxas_sm90_plus": version(90),
-            "fp_fusion": knobs.language.fp_fusion_enabled(None) if hasattr(knobs.language, "fp_fusion_enabled")
-            else None,
-            "env": "no GPU, no CUDA driver, no environment variables: triton.compile with an explicit "
-                   "GPUTarget; TRITON_INTERPRET unset for the compiling process"}
+    return {
+        "triton": triton.__version__,
+        "ptxas_sm80_89": version(80),
+        "ptxas_sm90_plus": version(90),
+        "fp_fusion": knobs.language.fp_fusion_enabled(None)
+        if hasattr(knobs.language, "fp_fusion_enabled")
+        else None,
+        "env": "no GPU, no CUDA driver, no environment variables: triton.compile with an explicit "
+        "GPUTarget; TRITON_INTERPRET unset for the compiling process",
+    }
 
 
 def _interpreting() -> bool:
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"):
         return True
     triton = sys.modules.get("triton")
-    return bool(triton is not None and getattr(getattr(triton, "knobs", None), "runtime", None) is not None
-                and triton.knobs.runtime.interpret)
+    return bool(
+        triton is not None
+        and getattr(getattr(triton, "knobs", None), "runtime", None) is not None
+        and triton.knobs.runtime.interpret
+    )
 
 
 def _collect_here(kernels, targets, quick: bool, progress: bool) -> dict:
@@ -547,7 +736,9 @@ def _collect_here(kernels, targets, quick: bool, progress: bool) -> dict:
     cases = build_cases(kernels, quick)
     for case in cases:
         if not isinstance(case.fn, JITFunction):
-            raise RuntimeError(f"{case.kernel}: {type(case.fn).__name__} is not a JITFunction (TRITON_INTERPRET?)")
+            raise RuntimeError(
+                f"{case.kernel}: {type(case.fn).__name__} is not a JITFunction (TRITON_INTERPRET?)"
+            )
     rows = []
     total = len(cases) * len(targets)
     for case in cases:
@@ -557,8 +748,11 @@ def _collect_here(kernels, targets, quick: bool, progress: bool) -> dict:
             if progress:
                 state = "ok" if row["ok"] else row.get("error") or "MISS"
                 seconds = "cached" if row.get("cache_hit") else f"{row['compile_seconds']} s"
-                print(f"[{len(rows)}/{total}] {case.kernel} {case.variant} {target}: {state} ({seconds})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{len(rows)}/{total}] {case.kernel} {case.variant} {target}: {state} ({seconds})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return {"toolchain": tools, "rows": rows}
 
 
@@ -570,8 +764,18 @@ def collect(kernels=KERNELS, targets=TARGETS, quick: bool = False, progress: boo
     if not _interpreting():
         return _collect_here(tuple(kernels), tuple(targets), quick, progress)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "fastflow.benchmarks.gpu_static", "--worker", "--kernels", *kernels,
-               "--targets", *targets, *(["--quick"] if quick else []), *([] if progress else ["--no-progress"])]
+    command = [
+        sys.executable,
+        "-m",
+        "fastflow.benchmarks.gpu_static",
+        "--worker",
+        "--kernels",
+        *kernels,
+        "--targets",
+        *targets,
+        *(["--quick"] if quick else []),
+        *([] if progress else ["--no-progress"]),
+    ]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     if result.returncode:
         raise RuntimeError(f"gpu-static worker failed (exit {result.returncode}): {' '.join(command)}")
@@ -582,23 +786,59 @@ def collect(kernels=KERNELS, targets=TARGETS, quick: bool = False, progress: boo
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("kernel", "variant", "target", "regs", "spill B", "stack B", "shared B", "limit B", "TC", "ok",
-              "s")
+    header = (
+        "kernel",
+        "variant",
+        "target",
+        "regs",
+        "spill B",
+        "stack B",
+        "shared B",
+        "limit B",
+        "TC",
+        "ok",
+        "s",
+    )
     lines = [header]
     for row in rows:
         if row.get("error"):
-            lines.append((row["kernel"], row["variant"], row["target"], "-", "-", "-", "-", str(row["shared_limit"]),
-                          "-", "FAIL", str(row.get("compile_seconds", ""))))
+            lines.append(
+                (
+                    row["kernel"],
+                    row["variant"],
+                    row["target"],
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    str(row["shared_limit"]),
+                    "-",
+                    "FAIL",
+                    str(row.get("compile_seconds", "")),
+                )
+            )
             continue
         over = row["shared_bytes"] > row["shared_limit"]
-        lines.append((row["kernel"], row["variant"], row["target"], str(row["registers"]),
-                      str(row["spill_bytes"]), str(row["stack_bytes"]),
-                      f"{row['shared_bytes']}{' !' if over else ''}", str(row["shared_limit"]),
-                      "yes" if row["tensor_cores"] else "no", "ok" if row["ok"] else "MISS",
-                      "cached" if row.get("cache_hit") else str(row["compile_seconds"])))
+        lines.append(
+            (
+                row["kernel"],
+                row["variant"],
+                row["target"],
+                str(row["registers"]),
+                str(row["spill_bytes"]),
+                str(row["stack_bytes"]),
+                f"{row['shared_bytes']}{' !' if over else ''}",
+                str(row["shared_limit"]),
+                "yes" if row["tensor_cores"] else "no",
+                "ok" if row["ok"] else "MISS",
+                "cached" if row.get("cache_hit") else str(row["compile_seconds"]),
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-            for line in lines]
+    text = [
+        "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in lines
+    ]
     text.insert(1, "  ".join("-" * w for w in widths))
     failures = [row for row in rows if row.get("error")]
     text += [f"FAIL {row['kernel']} {row['variant']} {row['target']}: {row['error']}" for row in failures]
@@ -621,24 +861,45 @@ def summary(rows: list[dict]) -> str:
         if r["tensor_cores"]:
             opcodes = {op.split(".")[0] for op in r["tensor_core_ops"]}
             with_tc.setdefault((r["kernel"], r["variant"]), set()).update({r["target"], *opcodes})
-    listed = "; ".join(f"{kernel} {variant} ({' '.join(sorted(found))})" for (kernel, variant), found in with_tc.items())
-    parts.append(f"tensor cores: {sum(r['tensor_cores'] for r in compiled)} of {len(compiled)} compiled rows"
-                 + (f": {listed}" if listed else ""))
+    listed = "; ".join(
+        f"{kernel} {variant} ({' '.join(sorted(found))})" for (kernel, variant), found in with_tc.items()
+    )
+    parts.append(
+        f"tensor cores: {sum(r['tensor_cores'] for r in compiled)} of {len(compiled)} compiled rows"
+        + (f": {listed}" if listed else "")
+    )
     return "\n".join(parts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), metavar="SM",
-                        help=f"architectures (default {' '.join(TARGETS)}; known: "
-                             f"{' '.join(f'sm_{c}' for c in sorted(SHARED_LIMITS))}; sm_90 builds as sm_90a)")
-    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
-                        help="kernels to compile (default all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the smallest case of each kernel and semla_attention's semlaflow core layer (tests)")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=list(TARGETS),
+        metavar="SM",
+        help=f"architectures (default {' '.join(TARGETS)}; known: "
+        f"{' '.join(f'sm_{c}' for c in sorted(SHARED_LIMITS))}; sm_90 builds as sm_90a)",
+    )
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=KERNELS,
+        default=list(KERNELS),
+        help="kernels to compile (default all)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the smallest case of each kernel and semla_attention's semlaflow core layer (tests)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="one line per compilation on stderr (default on)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one line per compilation on stderr (default on)",
+    )
 
 
 def run(args) -> dict:
@@ -660,8 +921,10 @@ def run(args) -> dict:
     else:
         tools = result["toolchain"]
         print(machine_header(metadata))
-        print(f"# triton {tools['triton']}; {tools['ptxas_sm80_89']} (sm < 90), {tools['ptxas_sm90_plus']} "
-              f"(sm >= 90); compiled without a GPU")
+        print(
+            f"# triton {tools['triton']}; {tools['ptxas_sm80_89']} (sm < 90), {tools['ptxas_sm90_plus']} "
+            f"(sm >= 90); compiled without a GPU"
+        )
         print(format_table(result["rows"]))
         print(summary(result["rows"]))
         if args.out is not None:
@@ -670,8 +933,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastflow.benchmarks.gpu_static",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastflow.benchmarks.gpu_static", description=__doc__.split("\n")[0]
+    )
     add_arguments(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # collect()'s child process
     args = parser.parse_args(argv)

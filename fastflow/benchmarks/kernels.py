@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,15 +43,22 @@ def random_inputs(config: SemlaConfig, batch: int, atoms: int, seed: int = 0) ->
     one_hot = torch.nn.functional.one_hot
     inputs = {
         "coords": torch.randn(B, N, 3, generator=g),
-        "inv_feats": torch.cat([torch.rand(B, 1, 1, generator=g).expand(B, N, 1),
-                                one_hot(torch.randint(2, V, (B, N), generator=g), V).float()], -1),
+        "inv_feats": torch.cat(
+            [
+                torch.rand(B, 1, 1, generator=g).expand(B, N, 1),
+                one_hot(torch.randint(2, V, (B, N), generator=g), V).float(),
+            ],
+            -1,
+        ),
         "edge_feats": one_hot(torch.randint(0, K, (B, N, N), generator=g), K).float(),
         "atom_mask": torch.ones(B, N, dtype=torch.long),
     }
     if config.self_cond:
-        inputs.update(cond_coords=torch.randn(B, N, 3, generator=g),
-                      cond_atomics=torch.softmax(torch.randn(B, N, V, generator=g), -1),
-                      cond_bonds=torch.softmax(torch.randn(B, N, N, K, generator=g), -1))
+        inputs.update(
+            cond_coords=torch.randn(B, N, 3, generator=g),
+            cond_atomics=torch.softmax(torch.randn(B, N, V, generator=g), -1),
+            cond_bonds=torch.softmax(torch.randn(B, N, N, K, generator=g), -1),
+        )
     return inputs
 
 
@@ -65,10 +73,14 @@ def layer_op_inputs(config: SemlaConfig, batch: int, atoms: int, seed: int = 0) 
         return torch.randn(*shape, generator=g) * scale
 
     return {
-        "node_terms_i": randn(B, N, F), "node_terms_j": randn(B, N, F),
-        "gram_coords": randn(B, S, N, 3), "gram_weight": randn(F, S, scale=S**-0.5),
-        "out_weight": randn(H + S, F, scale=F**-0.5), "out_bias": randn(H + S),
-        "values": randn(B, N, H, d_head), "attn_coords": randn(B, S, N, 3),
+        "node_terms_i": randn(B, N, F),
+        "node_terms_j": randn(B, N, F),
+        "gram_coords": randn(B, S, N, 3),
+        "gram_weight": randn(F, S, scale=S**-0.5),
+        "out_weight": randn(H + S, F, scale=F**-0.5),
+        "out_bias": randn(H + S),
+        "values": randn(B, N, H, d_head),
+        "attn_coords": randn(B, S, N, 3),
         "adjacency": ~torch.eye(N, dtype=torch.bool).expand(B, N, N).contiguous(),
     }
 
@@ -87,8 +99,11 @@ def count_flops(fn) -> int:
 
 
 def max_relative_error(got, expected) -> float:
-    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-               for a, b in zip(got, expected) if b.numel())
+    return max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(got, expected)
+        if b.numel()
+    )
 
 
 def compiled_or_none(fn, example: dict):
@@ -104,15 +119,21 @@ def compiled_or_none(fn, example: dict):
         return None
 
 
-def timed_row(B: int, N: int, variants: dict, fused: str, flops: int, error: float, repeats: int,
-              peak_gflops: float) -> dict:
+def timed_row(
+    B: int, N: int, variants: dict, fused: str, flops: int, error: float, repeats: int, peak_gflops: float
+) -> dict:
     """Median times of the variants (reference first), with speedups and the fused variant's FLOP rate."""
     with torch.inference_mode():
         seconds = median_seconds(variants, repeats, warmup=1)
-    row = {"molecules": B, "atoms": N, "flops": flops, "max_rel_error": error,
-           **{f"{name}_ms": 1e3 * value for name, value in seconds.items()},
-           "speedup": seconds["reference"] / seconds[fused],
-           "gflops": flops / seconds[fused] / 1e9}
+    row = {
+        "molecules": B,
+        "atoms": N,
+        "flops": flops,
+        "max_rel_error": error,
+        **{f"{name}_ms": 1e3 * value for name, value in seconds.items()},
+        "speedup": seconds["reference"] / seconds[fused],
+        "gflops": flops / seconds[fused] / 1e9,
+    }
     row["fraction_of_matmul"] = row["gflops"] / peak_gflops
     if "compiled" in seconds:
         row["speedup_vs_compiled"] = seconds["compiled"] / seconds[fused]
@@ -126,10 +147,12 @@ def bench_op(config: SemlaConfig, backend: str, repeats: int, compile_reference:
     rows = []
     for B, N in CASES:
         args = layer_op_inputs(config, B, N)
-        variants = {"reference": lambda: semla_attention(**args, backend="reference"),
-                    backend: lambda: semla_attention(**args, backend=backend)}
+        variants = {
+            "reference": partial(semla_attention, **args, backend="reference"),
+            backend: partial(semla_attention, **args, backend=backend),
+        }
         if compile_reference and (compiled := compiled_or_none(semla_attention_reference, args)) is not None:
-            variants["compiled"] = lambda: compiled(**args)
+            variants["compiled"] = partial(compiled, **args)
         with torch.inference_mode():
             error = max_relative_error(variants[backend](), variants["reference"]())
             flops = count_flops(variants[backend])
@@ -137,7 +160,9 @@ def bench_op(config: SemlaConfig, backend: str, repeats: int, compile_reference:
     return rows
 
 
-def bench_forward(config: SemlaConfig, backend: str, repeats: int, compile_reference: bool, peak_gflops: float):
+def bench_forward(
+    config: SemlaConfig, backend: str, repeats: int, compile_reference: bool, peak_gflops: float
+):
     """The whole generator: unpatched vs patched vs compiled unpatched; FLOPs of the patched (split) form."""
     reference = Semla(config).eval()
     fused = Semla(config).eval()
@@ -146,12 +171,14 @@ def bench_forward(config: SemlaConfig, backend: str, repeats: int, compile_refer
     rows = []
     for B, N in CASES:
         if N >= config.max_atoms:
-            print(f"  ({B} x {N} atoms skipped: the config embeds sizes below max_atoms = {config.max_atoms})")
+            print(
+                f"  ({B} x {N} atoms skipped: the config embeds sizes below max_atoms = {config.max_atoms})"
+            )
             continue
         inputs = random_inputs(config, B, N)
-        variants = {"reference": lambda: reference(**inputs), backend: lambda: fused(**inputs)}
+        variants = {"reference": partial(reference, **inputs), backend: partial(fused, **inputs)}
         if compile_reference and (compiled := compiled_or_none(reference, inputs)) is not None:
-            variants["compiled"] = lambda: compiled(**inputs)
+            variants["compiled"] = partial(compiled, **inputs)
         with torch.inference_mode():
             error = max_relative_error(variants[backend](), variants["reference"]())
             flops = count_flops(variants[backend])
@@ -165,8 +192,15 @@ def bench_memory(config: SemlaConfig, backend: str) -> list[dict]:
     for B, N in CASES:
         if N < config.max_atoms:
             reference, fused = (peak_memory_mib(config, B, N, variant) for variant in ("reference", backend))
-            rows.append({"molecules": B, "atoms": N, "reference_peak_mib": reference,
-                         f"{backend}_peak_mib": fused, "ratio": fused / reference})
+            rows.append(
+                {
+                    "molecules": B,
+                    "atoms": N,
+                    "reference_peak_mib": reference,
+                    f"{backend}_peak_mib": fused,
+                    "ratio": fused / reference,
+                }
+            )
     return rows
 
 
@@ -191,23 +225,37 @@ def bench_sampling(n: int, steps: int, backend: str, seed: int = 0) -> list[dict
     from fastflow.sampling import sample
 
     rows, unfused = [], {}
-    for kernels, cache in [("reference", None), (backend, None), ("reference", CacheConfig(interval=2)),
-                           (backend, CacheConfig(interval=2))]:
+    for kernels, cache in [
+        ("reference", None),
+        (backend, None),
+        ("reference", CacheConfig(interval=2)),
+        (backend, CacheConfig(interval=2)),
+    ]:
         model = load_pretrained()
         handle = patch_model(model, kernels=kernels, cache=cache)
-        result = sample(model, n, steps=steps, seed=seed, size_distribution=model.size_counts,
-                        kernels=kernels)  # the solver step's fused op too: "reference" is the whole reference path
-        row = {"kernels": kernels, "cache": "none" if cache is None else "taylor-2, D=2", "molecules": n,
-               "steps": steps, "nfe": result.stats["nfe"], "seconds": result.stats["sampling_seconds"],
-               "molecules_per_second": result.stats["molecules_per_second"],
-               "cache_hit_rate": handle.stats().get("hit_rate", 0.0)}
+        result = sample(
+            model, n, steps=steps, seed=seed, size_distribution=model.size_counts, kernels=kernels
+        )  # the solver step's fused op too: "reference" is the whole reference path
+        row = {
+            "kernels": kernels,
+            "cache": "none" if cache is None else "taylor-2, D=2",
+            "molecules": n,
+            "steps": steps,
+            "nfe": result.stats["nfe"],
+            "seconds": result.stats["sampling_seconds"],
+            "molecules_per_second": result.stats["molecules_per_second"],
+            "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
+        }
         if kernels == "reference":
             unfused[row["cache"]] = result
         else:  # same noise, same cache: molecules differ only where fp32 rounding flips an argmax
             twin = unfused[row["cache"]]
-            row["same_graph_as_reference"] = sum(_same_graph(a, b) for a, b in zip(result.graphs, twin.graphs))
-            row["max_coord_difference"] = max((a - b).abs().max().item()
-                                              for a, b in zip(result.coords, twin.coords))
+            row["same_graph_as_reference"] = sum(
+                _same_graph(a, b) for a, b in zip(result.graphs, twin.graphs)
+            )
+            row["max_coord_difference"] = max(
+                (a - b).abs().max().item() for a, b in zip(result.coords, twin.coords)
+            )
         rows.append(row)
     base = rows[0]["molecules_per_second"]
     for row in rows:
@@ -216,8 +264,10 @@ def bench_sampling(n: int, steps: int, backend: str, seed: int = 0) -> list[dict
 
 
 def _same_graph(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in ((a.atom_types, b.atom_types), (a.bond_types, b.bond_types),
-                                              (a.charges, b.charges)))
+    return all(
+        torch.equal(x, y)
+        for x, y in ((a.atom_types, b.atom_types), (a.bond_types, b.bond_types), (a.charges, b.charges))
+    )
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
@@ -234,44 +284,81 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
         print("  ".join(cells))
 
 
-def run(presets=("semlaflow", "small"), backend: str = "auto", repeats: int = 5, compile_reference: bool = True,
-        sampling_molecules: int = 64, sampling_steps: int = 100, out: Path | None = None,
-        parts=("op", "forward", "memory", "sampling")):
+def run(
+    presets=("semlaflow", "small"),
+    backend: str = "auto",
+    repeats: int = 5,
+    compile_reference: bool = True,
+    sampling_molecules: int = 64,
+    sampling_steps: int = 100,
+    out: Path | None = None,
+    parts=("op", "forward", "memory", "sampling"),
+):
     """Run the chosen parts, print the tables, write JSON to ``out`` (when given) and return the results."""
     from fastflow.ops.backends import resolve_backend
 
     backend = resolve_backend(backend, "cpu" if not torch.cuda.is_available() else "cuda")
     if backend == "reference":
-        raise RuntimeError("no fused backend is available here; `fastflow bench kernels` compares one to the "
-                           "reference")
+        raise RuntimeError(
+            "no fused backend is available here; `fastflow bench kernels` compares one to the reference"
+        )
     machine = machine_metadata()
     peak = machine["gemm_gflops"]["fp32"]
-    results = {"metadata": {**machine, "backend": backend, "repeats": repeats,
-                            "matmul_gflops": peak}, "op": {}, "forward": {}, "memory": {}}
+    results = {
+        "metadata": {**machine, "backend": backend, "repeats": repeats, "matmul_gflops": peak},
+        "op": {},
+        "forward": {},
+        "memory": {},
+    }
     print(machine_header(machine))
     print(f"backend {backend}; gflops columns are fractions of the fp32 matmul rate {peak:.1f} GFLOP/s")
-    op_columns = ["molecules", "atoms", "reference_ms", "compiled_ms", f"{backend}_ms", "speedup",
-                  "speedup_vs_compiled", "gflops", "fraction_of_matmul", "max_rel_error"]
+    op_columns = [
+        "molecules",
+        "atoms",
+        "reference_ms",
+        "compiled_ms",
+        f"{backend}_ms",
+        "speedup",
+        "speedup_vs_compiled",
+        "gflops",
+        "fraction_of_matmul",
+        "max_rel_error",
+    ]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TF32.*")
         for preset in presets:
             config = SemlaConfig.preset(preset)
             if "op" in parts:
                 results["op"][preset] = bench_op(config, backend, repeats * 4, compile_reference, peak)
-                print_table(f"semla_attention, one core layer of '{preset}'", results["op"][preset], op_columns)
+                print_table(
+                    f"semla_attention, one core layer of '{preset}'", results["op"][preset], op_columns
+                )
             if "forward" in parts:
                 results["forward"][preset] = bench_forward(config, backend, repeats, compile_reference, peak)
                 print_table(f"generator forward, '{preset}'", results["forward"][preset], op_columns)
             if "memory" in parts:
                 results["memory"][preset] = bench_memory(config, backend)
-                print_table(f"peak activation memory of one forward, '{preset}' (MiB, one thread)",
-                            results["memory"][preset],
-                            ["molecules", "atoms", "reference_peak_mib", f"{backend}_peak_mib", "ratio"])
+                print_table(
+                    f"peak activation memory of one forward, '{preset}' (MiB, one thread)",
+                    results["memory"][preset],
+                    ["molecules", "atoms", "reference_peak_mib", f"{backend}_peak_mib", "ratio"],
+                )
     if sampling_molecules and "sampling" in parts:
         results["sampling"] = bench_sampling(sampling_molecules, sampling_steps, backend)
-        print_table(f"sampling, packaged model, {sampling_molecules} molecules x {sampling_steps} steps",
-                    results["sampling"], ["kernels", "cache", "nfe", "seconds", "molecules_per_second", "speedup",
-                                          "same_graph_as_reference", "max_coord_difference"])
+        print_table(
+            f"sampling, packaged model, {sampling_molecules} molecules x {sampling_steps} steps",
+            results["sampling"],
+            [
+                "kernels",
+                "cache",
+                "nfe",
+                "seconds",
+                "molecules_per_second",
+                "speedup",
+                "same_graph_as_reference",
+                "max_coord_difference",
+            ],
+        )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -60,8 +60,11 @@ def peak_allocated_bytes(fn, single_thread: bool = True) -> int:
             fn()
     finally:
         torch.set_num_threads(threads)
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):  # stable: ties keep the recorded order
         live += event.nbytes()
@@ -85,20 +88,24 @@ def machine_metadata(device: str = "cpu") -> dict:
     return {
         "cpu": cpu_model(),
         "isa": list(cpu_isa()),
-        "gemm_gflops": {name: round(matmul_gflops(device=device, dtype=dtype), 1)
-                        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
+        "gemm_gflops": {
+            name: round(matmul_gflops(device=device, dtype=dtype), 1)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        },
         "heap": heap_setting(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "python": platform.python_version(),
         "host": platform.node(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
 def machine_header(metadata: dict) -> str:
     """One line for the top of a benchmark's table: the machine :func:`machine_metadata` describes."""
     rates = ", ".join(f"{name} {rate:.0f}" for name, rate in metadata["gemm_gflops"].items())
-    return (f"# {metadata['cpu']}; ISA {' '.join(metadata['isa']) or 'baseline'}; matmul GFLOP/s at 1024^3: "
-            f"{rates}; {metadata['threads']} threads; heap: {metadata['heap']}; torch {metadata['torch']}")
+    return (
+        f"# {metadata['cpu']}; ISA {' '.join(metadata['isa']) or 'baseline'}; matmul GFLOP/s at 1024^3: "
+        f"{rates}; {metadata['threads']} threads; heap: {metadata['heap']}; torch {metadata['torch']}"
+    )

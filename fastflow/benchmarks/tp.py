@@ -25,7 +25,7 @@ import argparse
 import json
 import platform
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -45,27 +45,52 @@ RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
-                        help="irreps configurations (default l1 l2 l3)")
-    parser.add_argument("--edges", nargs="+", type=int, default=list(EDGES), help="edge counts (default 2k 20k 200k)")
-    parser.add_argument("--degree", type=int, default=20, help="average in-degree: N = E / degree (default 20)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=sorted(CONFIGS),
+        default=list(CONFIGS),
+        help="irreps configurations (default l1 l2 l3)",
+    )
+    parser.add_argument(
+        "--edges", nargs="+", type=int, default=list(EDGES), help="edge counts (default 2k 20k 200k)"
+    )
+    parser.add_argument(
+        "--degree", type=int, default=20, help="average in-degree: N = E / degree (default 20)"
+    )
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--backend", choices=("auto", "cpp", "triton", "reference"), default="auto",
-                        help="fastflow backend to measure (default auto)")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "cpp", "triton", "reference"),
+        default="auto",
+        help="fastflow backend to measure (default auto)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time torch.compile of the e3nn variant (default on)")
-    parser.add_argument("--cuequivariance", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time cuequivariance's ChannelWiseTensorProduct (default on, if installed)")
-    parser.add_argument("--memory-limit-gb", type=float, default=12.0,
-                        help="skip the baselines of a case whose [E, ·] tensors would exceed this (default 12)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.compile of the e3nn variant (default on)",
+    )
+    parser.add_argument(
+        "--cuequivariance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time cuequivariance's ChannelWiseTensorProduct (default on, if installed)",
+    )
+    parser.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=12.0,
+        help="skip the baselines of a case whose [E, ·] tensors would exceed this (default 12)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
 
 
 def default_out(results_dir: Path = RESULTS_DIR) -> Path:
-    date = datetime.now(timezone.utc).date().isoformat()
+    date = datetime.now(UTC).date().isoformat()
     return Path(results_dir) / f"tp-{platform.node()}-{date}.json"
 
 
@@ -86,8 +111,15 @@ def nequip_tensor_product(irreps_node: str, lmax: int, **options):
                     irreps_mid.append((mul, ir_out))
     irreps_mid, permutation, _ = o3.Irreps(irreps_mid).sort()
     instructions = [(i, j, permutation[k], mode, train) for i, j, k, mode, train in instructions]
-    return o3.TensorProduct(irreps_node, irreps_sh, irreps_mid, instructions, shared_weights=False,
-                            internal_weights=False, **options)
+    return o3.TensorProduct(
+        irreps_node,
+        irreps_sh,
+        irreps_mid,
+        instructions,
+        shared_weights=False,
+        internal_weights=False,
+        **options,
+    )
 
 
 def case_inputs(tp, n_edges: int, n_nodes: int, seed: int = 0) -> dict:
@@ -97,7 +129,9 @@ def case_inputs(tp, n_edges: int, n_nodes: int, seed: int = 0) -> dict:
     vectors = torch.randn(n_edges, 3, generator=g)
     return {
         "node_feats": torch.randn(n_nodes, tp.irreps_in1.dim, generator=g),
-        "edge_attrs": o3.spherical_harmonics(tp.irreps_in2, vectors, normalize=True, normalization="component"),
+        "edge_attrs": o3.spherical_harmonics(
+            tp.irreps_in2, vectors, normalize=True, normalization="component"
+        ),
         "weights": torch.randn(n_edges, tp.weight_numel, generator=g),
         "edge_src": torch.randint(n_nodes, (n_edges,), generator=g),
         "edge_dst": torch.randint(n_nodes, (n_edges,), generator=g),
@@ -114,9 +148,15 @@ def cuequivariance_module(irreps_node: str, lmax: int):
     filter_out = [cue.O3(l, p) for l in range(lmax + 1) for p in (1, -1)]  # outputs l <= lmax, as NequIP
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cuet.ChannelWiseTensorProduct(node, cue.Irreps("O3", irreps_sh), filter_irreps_out=filter_out,
-                                             layout=cue.mul_ir, shared_weights=False, internal_weights=False,
-                                             method="naive")
+        return cuet.ChannelWiseTensorProduct(
+            node,
+            cue.Irreps("O3", irreps_sh),
+            filter_irreps_out=filter_out,
+            layout=cue.mul_ir,
+            shared_weights=False,
+            internal_weights=False,
+            method="naive",
+        )
 
 
 def _compiled(fn, example: tuple, backward: bool):
@@ -132,8 +172,18 @@ def _compiled(fn, example: tuple, backward: bool):
         return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
-def bench_case(config: str, n_edges: int, degree: int, ops, passes, backend: str, repeats: int,
-               compile_e3nn: bool, cuequivariance: bool, memory_limit_gb: float) -> list[dict]:
+def bench_case(
+    config: str,
+    n_edges: int,
+    degree: int,
+    ops,
+    passes,
+    backend: str,
+    repeats: int,
+    compile_e3nn: bool,
+    cuequivariance: bool,
+    memory_limit_gb: float,
+) -> list[dict]:
     from fastflow.nn import TensorProduct, TPConv
 
     irreps_node, lmax = CONFIGS[config]
@@ -153,7 +203,9 @@ def bench_case(config: str, n_edges: int, degree: int, ops, passes, backend: str
     baselines = baseline_bytes <= memory_limit_gb * 2**30
     if not baselines:
         for name in ("e3nn", "cuequivariance", "e3nn_compiled"):
-            skipped[name] = f"estimated {baseline_bytes / 2**30:.1f} GiB > --memory-limit-gb {memory_limit_gb}"
+            skipped[name] = (
+                f"estimated {baseline_bytes / 2**30:.1f} GiB > --memory-limit-gb {memory_limit_gb}"
+            )
         cue_module = None
     src, dst = data["edge_src"], data["edge_dst"]
 
@@ -175,7 +227,8 @@ def bench_case(config: str, n_edges: int, degree: int, ops, passes, backend: str
                     functions["e3nn"] = e3nn_conv
                 if cue_module is not None:
                     functions["cuequivariance"] = lambda a, b, w, cw=cue_weights_leaf: cue_module(
-                        a, b, cw, indices_1=src, indices_out=dst, size_out=n_nodes)
+                        a, b, cw, indices_1=src, indices_out=dst, size_out=n_nodes
+                    )
             else:
                 functions["fastflow"] = fused_tp
                 if baselines:
@@ -199,13 +252,30 @@ def bench_case(config: str, n_edges: int, degree: int, ops, passes, backend: str
             if reference is not None:
                 error = ((out - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
             grads_of = [*leaves, cue_weights_leaf]
-            seconds = median_seconds({name: _timed(f, leaves, grads_of, grad if backward else None)
-                                      for name, f in functions.items()}, repeats, warmup=1)
-            row = {"config": config, "irreps_node": irreps_node, "irreps_edge": str(tp.irreps_in2),
-                   "irreps_out": str(tp.irreps_out), "paths": len(tp.instructions), "weights_per_edge": tp.weight_numel,
-                   "edges": n_edges, "nodes": n_nodes, "op": op, "pass": pass_, "backend": backend,
-                   "max_rel_error": error, **{f"{name}_ms": 1e3 * s for name, s in seconds.items()},
-                   "skipped": {k: v for k, v in skipped.items() if k not in seconds}}
+            seconds = median_seconds(
+                {
+                    name: _timed(f, leaves, grads_of, grad if backward else None)
+                    for name, f in functions.items()
+                },
+                repeats,
+                warmup=1,
+            )
+            row = {
+                "config": config,
+                "irreps_node": irreps_node,
+                "irreps_edge": str(tp.irreps_in2),
+                "irreps_out": str(tp.irreps_out),
+                "paths": len(tp.instructions),
+                "weights_per_edge": tp.weight_numel,
+                "edges": n_edges,
+                "nodes": n_nodes,
+                "op": op,
+                "pass": pass_,
+                "backend": backend,
+                "max_rel_error": error,
+                **{f"{name}_ms": 1e3 * s for name, s in seconds.items()},
+                "skipped": {k: v for k, v in skipped.items() if k not in seconds},
+            }
             for name in ("e3nn", "cuequivariance", "e3nn_compiled"):
                 if name in seconds:
                     row[f"speedup_vs_{name}"] = seconds[name] / seconds["fastflow"]
@@ -216,6 +286,7 @@ def bench_case(config: str, n_edges: int, degree: int, ops, passes, backend: str
 
 def _timed(function, leaves, grads_of, grad):
     """One timed call: forward only (grad None, no autograd), or forward and backward with ``grad``."""
+
     def run():
         if grad is None:
             with torch.no_grad():
@@ -225,21 +296,37 @@ def _timed(function, leaves, grads_of, grad):
         for leaf in grads_of:
             if leaf is not None:
                 leaf.grad = None
+
     return run
 
 
 def format_row(row: dict) -> str:
-    times = "  ".join(f"{name} {row[f'{name}_ms']:9.2f} ms" if f"{name}_ms" in row else f"{name} {'—':>9}   "
-                      for name in VARIANTS)
-    speedups = "  ".join(f"x{row[f'speedup_vs_{name}']:.1f} vs {name}" for name in ("e3nn", "cuequivariance")
-                         if f"speedup_vs_{name}" in row)
+    times = "  ".join(
+        f"{name} {row[f'{name}_ms']:9.2f} ms" if f"{name}_ms" in row else f"{name} {'—':>9}   "
+        for name in VARIANTS
+    )
+    speedups = "  ".join(
+        f"x{row[f'speedup_vs_{name}']:.1f} vs {name}"
+        for name in ("e3nn", "cuequivariance")
+        if f"speedup_vs_{name}" in row
+    )
     error = "" if row["max_rel_error"] is None else f"  err {row['max_rel_error']:.1e}"
-    return (f"{row['config']:3} E={row['edges']:>7} {row['op']:15} {row['pass']:17} {times}  {speedups}{error}")
+    return f"{row['config']:3} E={row['edges']:>7} {row['op']:15} {row['pass']:17} {times}  {speedups}{error}"
 
 
-def run(configs=tuple(CONFIGS), edges=EDGES, degree: int = 20, ops=OPS, passes=PASSES, backend: str = "auto",
-        repeats: int = 5, compile_e3nn: bool = True, cuequivariance: bool = True, memory_limit_gb: float = 12.0,
-        out: Path | None = None) -> dict:
+def run(
+    configs=tuple(CONFIGS),
+    edges=EDGES,
+    degree: int = 20,
+    ops=OPS,
+    passes=PASSES,
+    backend: str = "auto",
+    repeats: int = 5,
+    compile_e3nn: bool = True,
+    cuequivariance: bool = True,
+    memory_limit_gb: float = 12.0,
+    out: Path | None = None,
+) -> dict:
     from fastflow.ops.tensor_product import _resolve
 
     resolved = _resolve(backend, torch.device("cuda" if backend == "triton" else "cpu"))
@@ -249,10 +336,27 @@ def run(configs=tuple(CONFIGS), edges=EDGES, degree: int = 20, ops=OPS, passes=P
     rows = []
     for config in configs:
         for n_edges in edges:
-            rows += bench_case(config, n_edges, degree, ops, passes, backend, repeats, compile_e3nn, cuequivariance,
-                               memory_limit_gb)
-    results = {"benchmark": "tp", "machine": machine, "backend": backend, "resolved_backend": resolved,
-               "repeats": repeats, "degree": degree, "rows": rows}
+            rows += bench_case(
+                config,
+                n_edges,
+                degree,
+                ops,
+                passes,
+                backend,
+                repeats,
+                compile_e3nn,
+                cuequivariance,
+                memory_limit_gb,
+            )
+    results = {
+        "benchmark": "tp",
+        "machine": machine,
+        "backend": backend,
+        "resolved_backend": resolved,
+        "repeats": repeats,
+        "degree": degree,
+        "rows": rows,
+    }
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -264,6 +368,16 @@ def run(configs=tuple(CONFIGS), edges=EDGES, degree: int = 20, ops=OPS, passes=P
 def run_from_args(args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return run(configs=tuple(args.configs), edges=tuple(args.edges), degree=args.degree, ops=tuple(args.ops),
-               passes=tuple(args.passes), backend=args.backend, repeats=args.repeats, compile_e3nn=args.compile,
-               cuequivariance=args.cuequivariance, memory_limit_gb=args.memory_limit_gb, out=args.out)
+    return run(
+        configs=tuple(args.configs),
+        edges=tuple(args.edges),
+        degree=args.degree,
+        ops=tuple(args.ops),
+        passes=tuple(args.passes),
+        backend=args.backend,
+        repeats=args.repeats,
+        compile_e3nn=args.compile,
+        cuequivariance=args.cuequivariance,
+        memory_limit_gb=args.memory_limit_gb,
+        out=args.out,
+    )

@@ -121,8 +121,10 @@ class CacheConfig:
         benchmark tables) read as they did before these options existed. Adaptive labels name their measure."""
         fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
         shown = [
-            (k, v) for k, v in fields
-            if (k, v) != ("clock", "time") and (self.adaptive or k not in ("error", "coord_reference"))
+            (k, v)
+            for k, v in fields
+            if (k, v) != ("clock", "time")
+            and (self.adaptive or k not in ("error", "coord_reference"))
             and not (k == "coord_reference" and self.error != "sample")
         ]
         return f"CacheConfig({', '.join(f'{k}={v!r}' for k, v in shown)})"

@@ -57,7 +57,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from math import factorial
 
 import numpy as np
@@ -105,7 +105,7 @@ def taylorseer_coefficients(steps: Sequence[float], step: float) -> np.ndarray:
     return coeffs
 
 
-@lru_cache(maxsize=None)
+@cache
 def _classical_ab(order: int) -> tuple[float, ...]:
     coeffs = []
     for i in range(order):

@@ -225,14 +225,22 @@ class CacheHook:
         B, N, _ = coords.shape
         if B == 0 or N == 0:
             raise ValueError(f"fastflow cache: empty batch (coords has shape {list(coords.shape)})")
-        if not torch.is_tensor(inv_feats) or inv_feats.dim() != 3 or inv_feats.shape[:2] != (B, N) or (
-                inv_feats.size(-1) == 0):
-            raise ValueError(f"fastflow cache: inv_feats must be a [{B}, {N}, 1 + features] tensor with the solver "
-                             f"time in channel 0, got {_describe(inv_feats)}")
+        if (
+            not torch.is_tensor(inv_feats)
+            or inv_feats.dim() != 3
+            or inv_feats.shape[:2] != (B, N)
+            or (inv_feats.size(-1) == 0)
+        ):
+            raise ValueError(
+                f"fastflow cache: inv_feats must be a [{B}, {N}, 1 + features] tensor with the solver "
+                f"time in channel 0, got {_describe(inv_feats)}"
+            )
         for name, tensor in (("coords", coords), ("inv_feats", inv_feats)):
             if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"fastflow cache: {name} must be finite floating point, got {tensor.dtype}"
-                                 + (" with NaN or inf values" if tensor.is_floating_point() else ""))
+                raise ValueError(
+                    f"fastflow cache: {name} must be finite floating point, got {tensor.dtype}"
+                    + (" with NaN or inf values" if tensor.is_floating_point() else "")
+                )
         mask = bound.arguments.get("atom_mask")
         if mask is None:
             return coords, inv_feats, torch.ones(B, N, dtype=torch.bool, device=coords.device)
@@ -323,7 +331,9 @@ class CacheHook:
                 continue
             n, c = forecaster.points, forecaster.coefficients(times, t_b, t_next_b)
             if len(groups) == 1:
-                return [cache_forecast(list(h[:n]), c.tolist(), backend=self.backend) for h in trajectory.history]
+                return [
+                    cache_forecast(list(h[:n]), c.tolist(), backend=self.backend) for h in trajectory.history
+                ]
             coeffs[:n, rows] = torch.from_numpy(c).unsqueeze(1)
         return [_combine_rows(h, coeffs) for h in trajectory.history]
 
@@ -368,7 +378,9 @@ class CacheHook:
         if evaluate:
             output = original(*args, **kwargs)
             trajectory.structure = None if torch.is_tensor(output) else len(output)
-            self._store(trajectory, torch.arange(len(t)), _flatten(output), t, trajectory.calls - 1, clock=clock)
+            self._store(
+                trajectory, torch.arange(len(t)), _flatten(output), t, trajectory.calls - 1, clock=clock
+            )
             return output
         forecast = self._forecast(trajectory, clock, clock_next)
         trajectory.forecasts_in_a_row += 1

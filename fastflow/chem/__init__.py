@@ -3,7 +3,6 @@
 from fastflow.chem.convert import canonical_smiles, mol_to_graph
 from fastflow.chem.graph import MolGraph, graph_to_mol
 from fastflow.chem.sdf import read_sdf, write_sdf
-
 from fastflow.chem.vocab import (
     ATOM_INDEX,
     ATOM_VOCAB,

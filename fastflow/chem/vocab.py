@@ -4,9 +4,24 @@ Index 0 is ``<PAD>`` and 1 is ``<MASK>`` so that checkpoints trained upstream re
 """
 
 ATOM_VOCAB: tuple[str, ...] = (
-    "<PAD>", "<MASK>",
-    "H", "C", "N", "O", "F", "P", "S", "Cl",
-    "Br", "B", "Al", "Si", "As", "I", "Hg", "Bi",
+    "<PAD>",
+    "<MASK>",
+    "H",
+    "C",
+    "N",
+    "O",
+    "F",
+    "P",
+    "S",
+    "Cl",
+    "Br",
+    "B",
+    "Al",
+    "Si",
+    "As",
+    "I",
+    "Hg",
+    "Bi",
 )
 ATOM_INDEX: dict[str, int] = {symbol: i for i, symbol in enumerate(ATOM_VOCAB)}
 N_ATOM_TYPES = len(ATOM_VOCAB)  # V = 18

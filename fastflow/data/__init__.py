@@ -1,7 +1,13 @@
 """Training data: QM9 from the qm9pack wheel, MOSES3D (MOSES SMILES + RDKit conformers), packed molecule tensors,
 size-bucketed batches."""
 
-from fastflow.data.dataset import DRUG_BUCKET_LIMITS, QM9_BUCKET_LIMITS, MolDataset, bucket_batches, pack_graphs
+from fastflow.data.dataset import (
+    DRUG_BUCKET_LIMITS,
+    QM9_BUCKET_LIMITS,
+    MolDataset,
+    bucket_batches,
+    pack_graphs,
+)
 from fastflow.data.moses3d import INSTALL_HINT as MOSES_INSTALL_HINT
 from fastflow.data.moses3d import (
     load_moses3d,
@@ -23,8 +29,26 @@ from fastflow.data.qm9 import (
 from fastflow.data.registry import DATASETS, DatasetSpec, dataset_spec
 
 __all__ = [
-    "DATASETS", "DRUG_BUCKET_LIMITS", "DatasetSpec", "INSTALL_HINT", "MOSES_INSTALL_HINT", "MissingDataPackage",
-    "MolDataset", "QM9_BUCKET_LIMITS", "bucket_batches", "dataset_spec", "default_cache_dir", "load_moses3d",
-    "load_qm9", "midi_split", "moses3d_split", "moses_data_dir", "pack_graphs", "preprocess_moses3d",
-    "preprocess_qm9", "qm9_split", "qm9pack_data_dir", "smiles_to_graph",
+    "DATASETS",
+    "DRUG_BUCKET_LIMITS",
+    "DatasetSpec",
+    "INSTALL_HINT",
+    "MOSES_INSTALL_HINT",
+    "MissingDataPackage",
+    "MolDataset",
+    "QM9_BUCKET_LIMITS",
+    "bucket_batches",
+    "dataset_spec",
+    "default_cache_dir",
+    "load_moses3d",
+    "load_qm9",
+    "midi_split",
+    "moses3d_split",
+    "moses_data_dir",
+    "pack_graphs",
+    "preprocess_moses3d",
+    "preprocess_qm9",
+    "qm9_split",
+    "qm9pack_data_dir",
+    "smiles_to_graph",
 ]

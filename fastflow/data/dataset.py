@@ -45,8 +45,12 @@ class MolDataset:
     """A subset (``indices``) of packed molecules; batches come out padded, with coordinates in model units
     (Å / ``coord_std``, centre of mass removed)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], indices: torch.Tensor | None = None,
-                 coord_std: float = QM9_COORD_STD):
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        indices: torch.Tensor | None = None,
+        coord_std: float = QM9_COORD_STD,
+    ):
         self.tensors = tensors
         n_total = len(tensors["atom_ptr"]) - 1
         self.indices = torch.arange(n_total) if indices is None else torch.as_tensor(indices).long()
@@ -70,8 +74,12 @@ class MolDataset:
         bond_types = torch.zeros(n, n, dtype=torch.long)
         bond_types[bonds[:, 0], bonds[:, 1]] = bonds[:, 2]
         bond_types[bonds[:, 1], bonds[:, 0]] = bonds[:, 2]
-        return MolGraph(self.tensors["coords"][atoms].clone(), self.tensors["atom_types"][atoms].long(),
-                        bond_types, self.tensors["charges"][atoms].long())
+        return MolGraph(
+            self.tensors["coords"][atoms].clone(),
+            self.tensors["atom_types"][atoms].long(),
+            bond_types,
+            self.tensors["charges"][atoms].long(),
+        )
 
     def batch(self, batch_indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Padded batch of subset molecules: coords ``[B,N,3]`` (model units, zero CoM), atom_types ``[B,N]``,
@@ -99,8 +107,12 @@ class MolDataset:
         return {"coords": coords, "atom_types": atom_types, "bonds": bonds, "charges": charges, "mask": mask}
 
 
-def bucket_batches(sizes: torch.Tensor, batch_cost: int, generator: torch.Generator,
-                   bucket_limits: Sequence[int] = QM9_BUCKET_LIMITS) -> list[list[int]]:
+def bucket_batches(
+    sizes: torch.Tensor,
+    batch_cost: int,
+    generator: torch.Generator,
+    bucket_limits: Sequence[int] = QM9_BUCKET_LIMITS,
+) -> list[list[int]]:
     """One epoch of batches: molecules grouped by size bucket, shuffled, cut into batches of
     ⌊batch_cost / bucket limit⌋ molecules (so a batch holds ≈ batch_cost padded atoms), batch order shuffled.
     Molecules larger than the last limit form a bucket of their own."""

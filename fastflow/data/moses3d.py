@@ -52,26 +52,36 @@ from fastflow.data.qm9 import MissingDataPackage, default_cache_dir
 CACHE_VERSION = "moses3d-v1"
 MOSES_VERSION = "0.3.1"
 MOSES_FILES = {"train": "train.csv.gz", "test": "test.csv.gz"}  # MOSES file → the splits it feeds
-INSTALL_HINT = f"pip install --no-deps molsets=={MOSES_VERSION}  (--no-deps: its own requirements do not install)"
+INSTALL_HINT = (
+    f"pip install --no-deps molsets=={MOSES_VERSION}  (--no-deps: its own requirements do not install)"
+)
 DEFAULT_SIZES = {"train": 24_000, "val": 500, "test": 1_000}
 SHUFFLE_SEED = 0
 CHUNK_SIZE = 500
 MMFF_MAX_ITERS = 1000
-FAILURE_REASONS = ("invalid_smiles", "unsupported_element", "unsupported_charge", "embedding_failed",
-                   "mmff_setup_failed", "conversion_failed")
+FAILURE_REASONS = (
+    "invalid_smiles",
+    "unsupported_element",
+    "unsupported_charge",
+    "embedding_failed",
+    "mmff_setup_failed",
+    "conversion_failed",
+)
 
 
 def moses_data_dir() -> Path:
     """The installed ``moses/dataset/data`` folder, located without importing ``moses``."""
     spec = importlib.util.find_spec("moses")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDataPackage(f"MOSES3D needs the MOSES SMILES from the molsets wheel, which is not installed: "
-                                 f"{INSTALL_HINT}")
+        raise MissingDataPackage(
+            f"MOSES3D needs the MOSES SMILES from the molsets wheel, which is not installed: {INSTALL_HINT}"
+        )
     data_dir = Path(next(iter(spec.submodule_search_locations))) / "dataset" / "data"
     missing = [name for name in MOSES_FILES.values() if not (data_dir / name).is_file()]
     if missing:
-        raise MissingDataPackage(f"the moses package at {data_dir.parents[1]} lacks {missing}: reinstall it "
-                                 f"({INSTALL_HINT})")
+        raise MissingDataPackage(
+            f"the moses package at {data_dir.parents[1]} lacks {missing}: reinstall it ({INSTALL_HINT})"
+        )
     return data_dir
 
 
@@ -141,8 +151,9 @@ def _convert_chunk(rows: np.ndarray, smiles: list[str], pool) -> dict:
         results = list(map(_smiles_to_arrays, items))
     else:
         results = pool.map(_smiles_to_arrays, items, chunksize=max(1, len(items) // 32))
-    graphs = [MolGraph(*(torch.from_numpy(a) for a in arrays)) for status, arrays, _, _ in results
-              if status == "ok"]
+    graphs = [
+        MolGraph(*(torch.from_numpy(a) for a in arrays)) for status, arrays, _, _ in results if status == "ok"
+    ]
     return {
         "version": CACHE_VERSION,
         "rows": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
@@ -173,8 +184,9 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _convert_file(name: str, smiles: list[str], n_needed: int, parts_dir: Path, chunk_size: int, pool,
-                  bar) -> dict:
+def _convert_file(
+    name: str, smiles: list[str], n_needed: int, parts_dir: Path, chunk_size: int, pool, bar
+) -> dict:
     """Convert the shuffled rows of one MOSES file until ``n_needed`` succeed (resuming from finished parts).
 
     Returns the first ``n_needed`` successes in shuffled order (graphs in Å, keys, rows), and the rows read and
@@ -187,7 +199,7 @@ def _convert_file(name: str, smiles: list[str], n_needed: int, parts_dir: Path, 
     for chunk, start in enumerate(range(0, len(order), chunk_size)):
         if len(graphs) >= n_needed:
             break
-        chunk_rows = order[start:start + chunk_size]
+        chunk_rows = order[start : start + chunk_size]
         path = parts_dir / f"{name}-{chunk}.pt"
         part = _load_part(path, chunk_rows)
         if part is None:
@@ -210,10 +222,19 @@ def _convert_file(name: str, smiles: list[str], n_needed: int, parts_dir: Path, 
             ok += 1
         bar.update(ok)
     if len(graphs) < n_needed:
-        raise ValueError(f"MOSES {MOSES_FILES[name]}: only {len(graphs)} of its {len(smiles)} molecules converted, "
-                         f"fewer than the {n_needed} asked for")
-    return {"graphs": graphs, "keys": keys, "rows": rows, "n_read": n_read, "failures": failures,
-            "unconverged": unconverged, "seconds": seconds}
+        raise ValueError(
+            f"MOSES {MOSES_FILES[name]}: only {len(graphs)} of its {len(smiles)} molecules converted, "
+            f"fewer than the {n_needed} asked for"
+        )
+    return {
+        "graphs": graphs,
+        "keys": keys,
+        "rows": rows,
+        "n_read": n_read,
+        "failures": failures,
+        "unconverged": unconverged,
+        "seconds": seconds,
+    }
 
 
 # -- the dataset ----------------------------------------------------------------------------------------------
@@ -225,10 +246,16 @@ def _sizes(n_train: int | None, n_val: int | None, n_test: int | None) -> dict[s
     return sizes
 
 
-def preprocess_moses3d(cache_dir: str | os.PathLike | None = None, n_train: int | None = None,
-                       n_val: int | None = None, n_test: int | None = None, workers: int = 2,
-                       chunk_size: int = CHUNK_SIZE, progress: bool = False,
-                       data_dir: str | os.PathLike | None = None) -> dict:
+def preprocess_moses3d(
+    cache_dir: str | os.PathLike | None = None,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    workers: int = 2,
+    chunk_size: int = CHUNK_SIZE,
+    progress: bool = False,
+    data_dir: str | os.PathLike | None = None,
+) -> dict:
     """Build the MOSES3D dict (see :func:`load_moses3d`) from MOSES's files (default: the installed molsets
     package), resuming from / writing chunk parts under ``<cache_dir>/moses3d-v1.parts`` (left in place)."""
     from tqdm.auto import tqdm
@@ -239,27 +266,42 @@ def preprocess_moses3d(cache_dir: str | os.PathLike | None = None, n_train: int 
     parts_dir.mkdir(parents=True, exist_ok=True)
     needed = {"train": sizes["val"] + sizes["train"], "test": sizes["test"]}
     # the pool is terminated on leaving (also on Ctrl-C): every finished chunk is already on disk
-    with Pool(workers) if workers > 1 else nullcontext() as pool, tqdm(
-            total=sum(needed.values()), desc="MOSES3D conformers", unit="mol", disable=not progress,
-            mininterval=2.0) as bar:
-        converted = {name: _convert_file(name, read_moses_smiles(data_dir / file), needed[name], parts_dir,
-                                         chunk_size, pool, bar)
-                     for name, file in MOSES_FILES.items()}
+    with (
+        Pool(workers) if workers > 1 else nullcontext() as pool,
+        tqdm(
+            total=sum(needed.values()),
+            desc="MOSES3D conformers",
+            unit="mol",
+            disable=not progress,
+            mininterval=2.0,
+        ) as bar,
+    ):
+        converted = {
+            name: _convert_file(
+                name, read_moses_smiles(data_dir / file), needed[name], parts_dir, chunk_size, pool, bar
+            )
+            for name, file in MOSES_FILES.items()
+        }
     source, test = converted["train"], converted["test"]
     n_val = sizes["val"]
     # layout: train, val (both from MOSES train), test (MOSES test)
     order = list(range(n_val, len(source["graphs"]))) + list(range(n_val))
     graphs = [source["graphs"][i] for i in order] + test["graphs"]
     n_train_, n_test_ = sizes["train"], sizes["test"]
-    split = {"train": torch.arange(n_train_), "val": torch.arange(n_train_, n_train_ + n_val),
-             "test": torch.arange(n_train_ + n_val, n_train_ + n_val + n_test_)}
+    split = {
+        "train": torch.arange(n_train_),
+        "val": torch.arange(n_train_, n_train_ + n_val),
+        "test": torch.arange(n_train_ + n_val, n_train_ + n_val + n_test_),
+    }
     failures = source["failures"] + test["failures"]
     train_sizes = torch.tensor([graphs[i].n_atoms for i in split["train"].tolist()])
     data = {
         "version": CACHE_VERSION,
         "tensors": pack_graphs(graphs),
         "smiles": [source["keys"][i] for i in order] + test["keys"],
-        "moses_index": torch.tensor([source["rows"][i] for i in order] + test["rows"]),  # row in its MOSES file
+        "moses_index": torch.tensor(
+            [source["rows"][i] for i in order] + test["rows"]
+        ),  # row in its MOSES file
         "split": split,
         "sizes": sizes,
         "size_counts": torch.bincount(train_sizes),
@@ -276,9 +318,16 @@ def moses3d_cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{CACHE_VERSION}.pt"
 
 
-def load_moses3d(cache_dir: str | os.PathLike | None = None, n_train: int | None = None, n_val: int | None = None,
-                 n_test: int | None = None, workers: int = 2, progress: bool = True, keep_parts: bool = False,
-                 **kwargs) -> dict:
+def load_moses3d(
+    cache_dir: str | os.PathLike | None = None,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    keep_parts: bool = False,
+    **kwargs,
+) -> dict:
     """The MOSES3D dict, built (resumably) and cached on first use.
 
     Sizes left at None take the cached dataset's (or, when building, :data:`DEFAULT_SIZES`: 24,000 train,
@@ -296,13 +345,17 @@ def load_moses3d(cache_dir: str | os.PathLike | None = None, n_train: int | None
     if path.is_file():
         data = torch.load(path, weights_only=True)
         if data.get("version") != CACHE_VERSION:
-            raise ValueError(f"{path} is not a {CACHE_VERSION} cache (found {data.get('version')!r}): delete it")
+            raise ValueError(
+                f"{path} is not a {CACHE_VERSION} cache (found {data.get('version')!r}): delete it"
+            )
         mismatch = {k: v for k, v in asked.items() if v is not None and v != data["sizes"][k]}
         if mismatch:
             built = ", ".join(f"n_{k}={v}" for k, v in data["sizes"].items())
             wanted = ", ".join(f"n_{k}={v}" for k, v in mismatch.items())
-            raise ValueError(f"the MOSES3D cache {path} was built with {built}, but {wanted} was asked for: "
-                             "delete that file (finished conformers are not kept) or use another cache folder")
+            raise ValueError(
+                f"the MOSES3D cache {path} was built with {built}, but {wanted} was asked for: "
+                "delete that file (finished conformers are not kept) or use another cache folder"
+            )
         return data
     data = preprocess_moses3d(cache_dir, n_train, n_val, n_test, workers=workers, progress=progress, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,11 +48,15 @@ def qm9pack_data_dir() -> Path:
     """The installed ``qm9pack/data`` folder, located without importing the package (its API needs pandas)."""
     spec = importlib.util.find_spec("qm9pack")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDataPackage(f"QM9 needs the qm9pack data package, which is not installed: {INSTALL_HINT}")
+        raise MissingDataPackage(
+            f"QM9 needs the qm9pack data package, which is not installed: {INSTALL_HINT}"
+        )
     data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
     missing = [name for name in QM9_CSV_FILES if not (data_dir / name).is_file()]
     if missing:
-        raise MissingDataPackage(f"qm9pack at {data_dir.parent} lacks {missing}: reinstall it ({INSTALL_HINT})")
+        raise MissingDataPackage(
+            f"qm9pack at {data_dir.parent} lacks {missing}: reinstall it ({INSTALL_HINT})"
+        )
     return data_dir
 
 
@@ -85,8 +89,9 @@ def _xyz_to_arrays(record):
     from fastflow.metrics import molecule_key
 
     _, elements, coords = record
-    block = f"{len(elements)}\n\n" + "\n".join(f"{e} {x:.10f} {y:.10f} {z:.10f}"
-                                                for e, (x, y, z) in zip(elements, coords))
+    block = f"{len(elements)}\n\n" + "\n".join(
+        f"{e} {x:.10f} {y:.10f} {z:.10f}" for e, (x, y, z) in zip(elements, coords)
+    )
     with rdBase.BlockLogs():
         try:
             mol = Chem.MolFromXYZBlock(block)
@@ -99,19 +104,24 @@ def _xyz_to_arrays(record):
     return tuple(a.numpy() for a in arrays), molecule_key(mol)
 
 
-def midi_split(n: int, n_train: int = MIDI_N_TRAIN, test_fraction: float = MIDI_TEST_FRACTION,
-               seed: int = MIDI_SEED) -> dict[str, np.ndarray]:
+def midi_split(
+    n: int, n_train: int = MIDI_N_TRAIN, test_fraction: float = MIDI_TEST_FRACTION, seed: int = MIDI_SEED
+) -> dict[str, np.ndarray]:
     """Indices of the MiDi split of ``n`` molecules: shuffled with ``seed``; train first, test last."""
     n_test = int(test_fraction * n)
     if n_train + n_test > n:
         raise ValueError(f"cannot take {n_train} train and {n_test} test molecules out of {n}")
     order = np.random.RandomState(seed).permutation(n)
-    return {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:n - n_test]),
-            "test": np.sort(order[n - n_test:])}
+    return {
+        "train": np.sort(order[:n_train]),
+        "val": np.sort(order[n_train : n - n_test]),
+        "test": np.sort(order[n - n_test :]),
+    }
 
 
-def preprocess_qm9(csv_paths: list[Path] | None = None, workers: int = 2, n_train: int = MIDI_N_TRAIN,
-                   progress: bool = False) -> dict:
+def preprocess_qm9(
+    csv_paths: list[Path] | None = None, workers: int = 2, n_train: int = MIDI_N_TRAIN, progress: bool = False
+) -> dict:
     """Convert qm9pack's CSVs into the cached dataset dict (see :func:`load_qm9`)."""
     from tqdm.auto import tqdm
 
@@ -160,4 +170,3 @@ def load_qm9(cache_dir: str | os.PathLike | None = None, progress: bool = True) 
 def qm9_split(data: dict, split: str) -> MolDataset:
     """One split ("train", "val" or "test") of :func:`load_qm9`'s dict as a :class:`MolDataset`."""
     return MolDataset(data["tensors"], data["split"][split])
-

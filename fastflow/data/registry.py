@@ -13,7 +13,9 @@ from fastflow.data.qm9 import load_qm9, qm9_split
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    load: Callable[..., dict]  # load(cache_dir=None, progress=True) -> the cached dict (a MissingDataPackage if not)
+    load: Callable[
+        ..., dict
+    ]  # load(cache_dir=None, progress=True) -> the cached dict (a MissingDataPackage if not)
     split: Callable[[dict, str], MolDataset]  # split(data, "train" | "val" | "test")
     bucket_limits: tuple[int, ...]  # size buckets of training batches
 

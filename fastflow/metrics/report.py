@@ -64,7 +64,9 @@ def compute_metrics(
     if energy:
         metrics.update(energy_metrics(mols, max_iters))
     if posebusters:
-        from fastflow.metrics.posebusters import posebusters_metrics  # lazy: pandas and posebusters are optional
+        from fastflow.metrics.posebusters import (
+            posebusters_metrics,  # lazy: pandas and posebusters are optional
+        )
 
         metrics.update(posebusters_metrics(mols))
     return metrics

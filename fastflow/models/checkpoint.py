@@ -21,8 +21,9 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded as a Semla generator (the message says why)."""
 
 
-def load_semlaflow_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                              use_ema: bool = True) -> Semla:
+def load_semlaflow_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", use_ema: bool = True
+) -> Semla:
     """Load the generator of an upstream SemlaFlow Lightning ``.ckpt`` as a :class:`Semla` in eval mode.
 
     The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, no code runs.
@@ -35,16 +36,25 @@ def load_semlaflow_checkpoint(path: str | os.PathLike, map_location: str | torch
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a file that does not load is the file's problem, whatever the reader raised
-        raise CheckpointError(f"{path} is not a loadable PyTorch checkpoint (read with weights_only=True, "
-                              f"which refuses pickled code): {type(error).__name__}: {_first_line(error)}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(
+            f"{path} is not a loadable PyTorch checkpoint (read with weights_only=True, "
+            f"which refuses pickled code): {type(error).__name__}: {_first_line(error)}"
+        ) from None
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or "hyper_parameters" not in checkpoint
+    ):
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f"{path} is not a Lightning checkpoint with 'state_dict' and 'hyper_parameters' "
-                              f"(found {keys})")
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint with 'state_dict' and 'hyper_parameters' (found {keys})"
+        )
     try:
         config = SemlaConfig.from_hparams(checkpoint["hyper_parameters"])
     except (TypeError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{path}: cannot build a Semla config from its hyper_parameters: {error}") from None
+        raise CheckpointError(
+            f"{path}: cannot build a Semla config from its hyper_parameters: {error}"
+        ) from None
 
     state_dict = checkpoint["state_dict"]
     prefix = EMA_PREFIX if use_ema else GEN_PREFIX
@@ -52,9 +62,14 @@ def load_semlaflow_checkpoint(path: str | os.PathLike, map_location: str | torch
     if not weights and use_ema:
         weights = _strip_prefix(state_dict, GEN_PREFIX)
         if not weights:
-            raise CheckpointError(f"{path} holds neither '{EMA_PREFIX}*' nor '{GEN_PREFIX}*' generator weights")
-        warnings.warn(f"{path} has no EMA generator weights ('{EMA_PREFIX}*'); loading the raw '{GEN_PREFIX}*' "
-                      "weights instead", stacklevel=2)
+            raise CheckpointError(
+                f"{path} holds neither '{EMA_PREFIX}*' nor '{GEN_PREFIX}*' generator weights"
+            )
+        warnings.warn(
+            f"{path} has no EMA generator weights ('{EMA_PREFIX}*'); loading the raw '{GEN_PREFIX}*' "
+            "weights instead",
+            stacklevel=2,
+        )
     if not weights:
         raise CheckpointError(f"{path} holds no '{prefix}*' generator weights")
     model = Semla(config)
@@ -67,8 +82,11 @@ def load_weights(model: Semla, weights: dict[str, torch.Tensor], source: str = "
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    mis_shaped = [f"{k}: expected {list(expected[k].shape)}, found {list(weights[k].shape)}"
-                  for k in sorted(set(expected) & set(weights)) if expected[k].shape != weights[k].shape]
+    mis_shaped = [
+        f"{k}: expected {list(expected[k].shape)}, found {list(weights[k].shape)}"
+        for k in sorted(set(expected) & set(weights))
+        if expected[k].shape != weights[k].shape
+    ]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
         if items:
@@ -105,8 +123,9 @@ def load_pretrained_dir(directory: str | os.PathLike, map_location: str | torch.
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise FileNotFoundError(f"{required} not found (a fastflow model directory holds config.json and "
-                                    "model.safetensors)")
+            raise FileNotFoundError(
+                f"{required} not found (a fastflow model directory holds config.json and model.safetensors)"
+            )
     try:
         config = SemlaConfig.from_dict(json.loads(config_path.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
@@ -135,6 +154,6 @@ def _strip_prefix(state_dict: dict, prefix: str) -> dict[str, torch.Tensor]:
     stripped = {}
     for key, value in state_dict.items():
         if key.startswith(prefix) and torch.is_tensor(value):
-            name = key[len(prefix):]
-            stripped[name[len(COMPILED_PREFIX):] if name.startswith(COMPILED_PREFIX) else name] = value
+            name = key[len(prefix) :]
+            stripped[name[len(COMPILED_PREFIX) :] if name.startswith(COMPILED_PREFIX) else name] = value
     return stripped

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES, QM9_COORD_STD
 
@@ -39,16 +40,31 @@ class SemlaConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self):
-        positive = ("d_model", "n_layers", "d_message", "d_message_hidden", "d_edge", "n_coord_sets",
-                    "n_attn_heads", "size_emb", "max_atoms", "vocab_size", "n_edge_types")
+        positive = (
+            "d_model",
+            "n_layers",
+            "d_message",
+            "d_message_hidden",
+            "d_edge",
+            "n_coord_sets",
+            "n_attn_heads",
+            "size_emb",
+            "max_atoms",
+            "vocab_size",
+            "n_edge_types",
+        )
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SemlaConfig.{key} must be a positive int, got {value!r}")
         if self.d_model % self.n_attn_heads:
-            raise ValueError(f"SemlaConfig: n_attn_heads={self.n_attn_heads} must divide d_model={self.d_model}")
+            raise ValueError(
+                f"SemlaConfig: n_attn_heads={self.n_attn_heads} must divide d_model={self.d_model}"
+            )
         if self.n_layers < 2:
-            raise ValueError(f"SemlaConfig.n_layers must be >= 2 (an edge-in and an edge-out layer), got {self.n_layers}")
+            raise ValueError(
+                f"SemlaConfig.n_layers must be >= 2 (an edge-in and an edge-out layer), got {self.n_layers}"
+            )
         if self.coord_norm not in COORD_NORMS:
             raise ValueError(f"SemlaConfig.coord_norm must be one of {COORD_NORMS}, got {self.coord_norm!r}")
         if not (self.coord_std > 0):
@@ -60,7 +76,7 @@ class SemlaConfig:
         return self.vocab_size + 1
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "SemlaConfig":
+    def preset(cls, name: str, **overrides) -> SemlaConfig:
         """A named configuration: ``semlaflow`` (the 23.3 M-parameter default), ``small`` (CPU training), ``tiny`` (tests)."""
         if name not in PRESETS:
             raise ValueError(f"unknown SemlaConfig preset {name!r}; known presets: {sorted(PRESETS)}")
@@ -70,7 +86,7 @@ class SemlaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "SemlaConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> SemlaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -78,7 +94,7 @@ class SemlaConfig:
         return cls(**values)
 
     @classmethod
-    def from_hparams(cls, hparams: Mapping[str, Any]) -> "SemlaConfig":
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> SemlaConfig:
         """Build a config from the ``hyper_parameters`` stored in an upstream SemlaFlow Lightning checkpoint."""
         arch = hparams.get("architecture") or "semla"
         if arch != "semla":
@@ -88,7 +104,9 @@ class SemlaConfig:
         if missing:
             raise ValueError(f"checkpoint hyper_parameters lack {missing}: not a SemlaFlow Semla checkpoint")
         strategy = hparams.get("integration-type-strategy", "uniform-sample")
-        n_edge_types = hparams.get("n_edge_types") or (N_BOND_TYPES + 1 if strategy == "mask" else N_BOND_TYPES)
+        n_edge_types = hparams.get("n_edge_types") or (
+            N_BOND_TYPES + 1 if strategy == "mask" else N_BOND_TYPES
+        )
         config = cls(
             d_model=int(hparams["d_model"]),
             n_layers=int(hparams["n_layers"]),
@@ -111,8 +129,10 @@ class SemlaConfig:
         )
         n_atom_feats = hparams.get("n_atom_feats")
         if n_atom_feats is not None and int(n_atom_feats) != config.n_atom_feats:
-            raise ValueError(f"checkpoint n_atom_feats={n_atom_feats} but vocab_size+1={config.n_atom_feats}: "
-                             "only the time + one-hot type input of SemlaFlow is supported")
+            raise ValueError(
+                f"checkpoint n_atom_feats={n_atom_feats} but vocab_size+1={config.n_atom_feats}: "
+                "only the time + one-hot type input of SemlaFlow is supported"
+            )
         return config
 
 
@@ -120,9 +140,27 @@ PRESETS: dict[str, SemlaConfig] = {
     # SemlaFlow's defaults (train.py): 23.3 M parameters.
     "semlaflow": SemlaConfig(),
     # Trainable on a 2-core CPU in hours; same architecture, narrower and shallower.
-    "small": SemlaConfig(d_model=128, n_layers=6, d_message=64, d_message_hidden=64, d_edge=64,
-                         n_coord_sets=16, n_attn_heads=16, size_emb=32, max_atoms=64),
+    "small": SemlaConfig(
+        d_model=128,
+        n_layers=6,
+        d_message=64,
+        d_message_hidden=64,
+        d_edge=64,
+        n_coord_sets=16,
+        n_attn_heads=16,
+        size_emb=32,
+        max_atoms=64,
+    ),
     # For tests: every code path, milliseconds per forward.
-    "tiny": SemlaConfig(d_model=32, n_layers=3, d_message=16, d_message_hidden=16, d_edge=16,
-                        n_coord_sets=4, n_attn_heads=4, size_emb=8, max_atoms=64),
+    "tiny": SemlaConfig(
+        d_model=32,
+        n_layers=3,
+        d_message=16,
+        d_message_hidden=16,
+        d_edge=16,
+        n_coord_sets=4,
+        n_attn_heads=4,
+        size_emb=8,
+        max_atoms=64,
+    ),
 }

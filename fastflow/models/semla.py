@@ -135,8 +135,10 @@ class EdgeMessages(nn.Module):
         """coords ``[B,S,N,3]``, node_feats ``[B,N,D]``, node_mask ``[B,S,N]``, edge_feats ``[B,N,N,E]`` →
         messages ``[B,N,N,d_out]``."""
         if (edge_feats is None) != (self.d_edge is None):
-            raise ValueError(f"EdgeMessages built with d_edge={self.d_edge} but edge_feats "
-                             f"{'missing' if edge_feats is None else 'given'}")
+            raise ValueError(
+                f"EdgeMessages built with d_edge={self.d_edge} but edge_feats "
+                f"{'missing' if edge_feats is None else 'given'}"
+            )
         B, N, _ = node_feats.shape
         coords = self.coord_norm(coords, node_mask)
         gram = (coords @ coords.transpose(-1, -2)).movedim(1, -1)  # G_ij per set: [B, N, N, S]
@@ -265,15 +267,22 @@ class BondRefine(nn.Module):
     def forward(self, coords, node_feats, node_mask, edge_feats):
         """coords ``[B,N,3]``, node_feats ``[B,N,D]``, node_mask ``[B,N]``, edge_feats ``[B,N,N,E]`` → ``[B,N,N,E]``."""
         if coords.dim() != 3:
-            raise ValueError(f"BondRefine expects one coordinate set [B, N, 3], got shape {tuple(coords.shape)}")
+            raise ValueError(
+                f"BondRefine expects one coordinate set [B, N, 3], got shape {tuple(coords.shape)}"
+            )
         B, N, _ = node_feats.shape
         coords = self.coord_norm(coords.unsqueeze(1), node_mask.unsqueeze(1)).squeeze(1)
         diffs = coords.unsqueeze(2) - coords.unsqueeze(1)
         sq_dists = (diffs * diffs).sum(dim=-1, keepdim=True)
         dots = (coords @ coords.transpose(1, 2)).unsqueeze(-1)
         m = self.node_proj(self.node_norm(node_feats))
-        pair = (m.unsqueeze(2).expand(B, N, N, -1), m.unsqueeze(1).expand(B, N, N, -1), sq_dists, dots,
-                self.edge_norm(edge_feats))
+        pair = (
+            m.unsqueeze(2).expand(B, N, N, -1),
+            m.unsqueeze(1).expand(B, N, N, -1),
+            sq_dists,
+            dots,
+            self.edge_norm(edge_feats),
+        )
         return self.message_mlp(torch.cat(pair, dim=-1))
 
 
@@ -289,8 +298,18 @@ class EquiMessagePassingLayer(nn.Module):
     MLP also emits E edge channels, returned as a third output (last layer).
     """
 
-    def __init__(self, d_model, d_message, n_coord_sets, n_attn_heads=None, d_message_hidden=None,
-                 d_edge_in=None, d_edge_out=None, coord_norm="length", eps=1e-6):
+    def __init__(
+        self,
+        d_model,
+        d_message,
+        n_coord_sets,
+        n_attn_heads=None,
+        d_message_hidden=None,
+        d_edge_in=None,
+        d_edge_out=None,
+        coord_norm="length",
+        eps=1e-6,
+    ):
         super().__init__()
         n_attn_heads = d_message if n_attn_heads is None else n_attn_heads
         if d_model % n_attn_heads:
@@ -309,10 +328,12 @@ class EquiMessagePassingLayer(nn.Module):
         if d_edge_in is not None:
             # Unused in forward, as upstream (EdgeMessages has its own edge_norm); kept so checkpoints load.
             self.edge_feat_norm = nn.LayerNorm(d_edge_in)
-        self.node_ff = NodeFeedForward(d_model, n_coord_sets, d_ff=4 * d_model, proj_sets=d_message,
-                                       coord_norm=coord_norm)
-        self.message_ff = EdgeMessages(d_model, d_message, d_message_out, n_coord_sets, d_ff=d_message_hidden,
-                                       d_edge=d_edge_in, eps=eps)
+        self.node_ff = NodeFeedForward(
+            d_model, n_coord_sets, d_ff=4 * d_model, proj_sets=d_message, coord_norm=coord_norm
+        )
+        self.message_ff = EdgeMessages(
+            d_model, d_message, d_message_out, n_coord_sets, d_ff=d_message_hidden, d_edge=d_edge_in, eps=eps
+        )
         self.coord_attn = CoordAttention(n_coord_sets, n_coord_sets, coord_norm=coord_norm, eps=eps)
         self.node_attn = NodeAttention(d_model, n_attn_heads, d_attn=d_model)
 
@@ -320,8 +341,10 @@ class EquiMessagePassingLayer(nn.Module):
         """coords ``[B,S,N,3]``, node_feats ``[B,N,D]``, adj ``[B,N,N]``, node_mask ``[B,S,N]``, edge_feats
         ``[B,N,N,E]`` → (coords, node_feats) or, with ``d_edge_out``, (coords, node_feats, edge_out)."""
         if (edge_feats is None) != (self.d_edge_in is None):
-            raise ValueError(f"layer built with d_edge_in={self.d_edge_in} but edge_feats "
-                             f"{'missing' if edge_feats is None else 'given'}")
+            raise ValueError(
+                f"layer built with d_edge_in={self.d_edge_in} but edge_feats "
+                f"{'missing' if edge_feats is None else 'given'}"
+            )
         coord_update, node_update = self.node_ff(coords, node_feats, node_mask)
         coords = coords + coord_update
         node_feats = node_feats + node_update
@@ -329,11 +352,11 @@ class EquiMessagePassingLayer(nn.Module):
         messages = self.message_ff(coords, node_feats, node_mask, edge_feats=edge_feats)
         H, S = self.n_attn_heads, self.d_coord_message
         node_feats = node_feats + self.node_attn(node_feats, messages[..., :H], adj_matrix)
-        coords = coords + self.coord_attn(coords, messages[..., H:H + S], adj_matrix, node_mask)
+        coords = coords + self.coord_attn(coords, messages[..., H : H + S], adj_matrix, node_mask)
 
         if self.d_edge_out is None:
             return coords, node_feats
-        edge_out = messages[..., H + S:]
+        edge_out = messages[..., H + S :]
         return coords, node_feats, edge_out if edge_feats is None else edge_feats + edge_out
 
 
@@ -341,13 +364,27 @@ class EquiInvDynamics(nn.Module):
     """The layer stack: [in layer (reads edges)] + core layers + [out layer (writes edges)], a final feed-forward
     that *replaces* both streams, a coordinate head S→1 and BondRefine on the resulting single set."""
 
-    def __init__(self, d_model, d_message, n_coord_sets, n_layers, n_attn_heads=None, d_message_hidden=None,
-                 d_edge=None, bond_refine=True, self_cond=False, coord_norm="length", eps=1e-6):
+    def __init__(
+        self,
+        d_model,
+        d_message,
+        n_coord_sets,
+        n_layers,
+        n_attn_heads=None,
+        d_message_hidden=None,
+        d_edge=None,
+        bond_refine=True,
+        self_cond=False,
+        coord_norm="length",
+        eps=1e-6,
+    ):
         super().__init__()
         if d_edge is None:
             raise ValueError("d_edge=None (a Semla stack without bond features) is not supported by fastflow")
         if n_layers < 2:
-            raise ValueError(f"n_layers={n_layers} is too small: the stack needs an edge-in and an edge-out layer")
+            raise ValueError(
+                f"n_layers={n_layers} is too small: the stack needs an edge-in and an edge-out layer"
+            )
         self.d_model = d_model
         self.n_coord_sets = n_coord_sets
         self.d_edge = d_edge
@@ -355,8 +392,15 @@ class EquiInvDynamics(nn.Module):
         self.self_cond = self_cond
 
         def layer(**edges):
-            return EquiMessagePassingLayer(d_model, d_message, n_coord_sets, n_attn_heads=n_attn_heads,
-                                           coord_norm=coord_norm, eps=eps, **edges)
+            return EquiMessagePassingLayer(
+                d_model,
+                d_message,
+                n_coord_sets,
+                n_attn_heads=n_attn_heads,
+                coord_norm=coord_norm,
+                eps=eps,
+                **edges,
+            )
 
         core = layer(d_message_hidden=d_message_hidden)
         # In/out layers get d_message_hidden=None: their hidden width is their output width (upstream).
@@ -375,8 +419,9 @@ class EquiInvDynamics(nn.Module):
     def forward(self, coords, inv_feats, adj_matrix, atom_mask=None, edge_feats=None, cond_coords=None):
         """coords ``[B,N,3]``, inv_feats ``[B,N,D]``, adj ``[B,N,N]``, atom_mask ``[B,N]``, edge_feats
         ``[B,N,N,E]``, cond_coords ``[B,N,3]`` → (coords ``[B,N,3]``, feats ``[B,N,D]``, edges ``[B,N,N,E]``)."""
-        out_coords, inv_feats, edge_feats = self.trunk(coords, inv_feats, adj_matrix, atom_mask, edge_feats,
-                                                       cond_coords)
+        out_coords, inv_feats, edge_feats = self.trunk(
+            coords, inv_feats, adj_matrix, atom_mask, edge_feats, cond_coords
+        )
         if self.bond_refine:
             edge_feats = self.refine_layer(out_coords, inv_feats, atom_mask, edge_feats)
         return out_coords, self.feat_norm(inv_feats), self.bond_norm(edge_feats)
@@ -386,8 +431,10 @@ class EquiInvDynamics(nn.Module):
         ``[B,N,D]`` before the final LayerNorm, the last layer's edge features ``[B,N,N,E]``). A fused tail
         (``fastflow.nn.semla.FusedSemlaForward``) continues from here."""
         if (cond_coords is None) == self.self_cond:
-            raise ValueError(f"dynamics built with self_cond={self.self_cond} but cond_coords "
-                             f"{'missing' if cond_coords is None else 'given'}")
+            raise ValueError(
+                f"dynamics built with self_cond={self.self_cond} but cond_coords "
+                f"{'missing' if cond_coords is None else 'given'}"
+            )
         # Bias-free mix of (x_t, x̂₁ of the previous step) into S equivariant coordinate sets.
         stacked = coords.unsqueeze(-1) if cond_coords is None else torch.stack((coords, cond_coords), dim=-1)
         node_mask = atom_mask.unsqueeze(1).expand(-1, self.n_coord_sets, -1)
@@ -434,9 +481,16 @@ class Semla(nn.Module):
         d_atom_in = config.n_atom_feats + config.size_emb + (V if config.self_cond else 0)
         self.feat_proj = mlp(d_atom_in, config.d_model, config.d_model)
         self.dynamics = EquiInvDynamics(
-            config.d_model, config.d_message, config.n_coord_sets, config.n_layers,
-            n_attn_heads=config.n_attn_heads, d_message_hidden=config.d_message_hidden, d_edge=E,
-            bond_refine=config.bond_refine, self_cond=config.self_cond, coord_norm=config.coord_norm,
+            config.d_model,
+            config.d_message,
+            config.n_coord_sets,
+            config.n_layers,
+            n_attn_heads=config.n_attn_heads,
+            d_message_hidden=config.d_message_hidden,
+            d_edge=E,
+            bond_refine=config.bond_refine,
+            self_cond=config.self_cond,
+            coord_norm=config.coord_norm,
             eps=config.eps,
         )
         self.atom_classifier_head = mlp(config.d_model, config.d_model, V)
@@ -450,19 +504,30 @@ class Semla(nn.Module):
             if parameter.dim() > 1:
                 nn.init.xavier_uniform_(parameter)
 
-    def forward(self, coords, inv_feats, edge_feats=None, cond_coords=None, cond_atomics=None, cond_bonds=None,
-                atom_mask=None):
-        atom_mask = self.check_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds,
-                                       atom_mask)
-        dynamics_inputs = self.dynamics_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds,
-                                               atom_mask)
+    def forward(
+        self,
+        coords,
+        inv_feats,
+        edge_feats=None,
+        cond_coords=None,
+        cond_atomics=None,
+        cond_bonds=None,
+        atom_mask=None,
+    ):
+        atom_mask = self.check_inputs(
+            coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask
+        )
+        dynamics_inputs = self.dynamics_inputs(
+            coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask
+        )
         pred_coords, pred_feats, pred_edges = self.dynamics(**dynamics_inputs)
         # Symmetrise the pair features so that bond (i, j) and (j, i) get the same logits.
         bond_logits = self.edge_out_proj(pred_edges + pred_edges.transpose(1, 2))
         return self.outputs(pred_coords, pred_feats, bond_logits, dynamics_inputs["atom_mask"])
 
-    def dynamics_inputs(self, coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds,
-                        atom_mask) -> dict:
+    def dynamics_inputs(
+        self, coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask
+    ) -> dict:
         """The embeddings the dynamics read (checked inputs, ``atom_mask`` as returned by :meth:`check_inputs`):
         keyword arguments of ``self.dynamics`` (and of its ``trunk``)."""
         n_atoms = atom_mask.sum(dim=-1).long()
@@ -470,17 +535,35 @@ class Semla(nn.Module):
         atom_in = [inv_feats, size_emb] + ([cond_atomics] if self.self_cond else [])
         atom_feats = self.feat_proj(torch.cat(atom_in, dim=-1))
         edge_in = [edge_feats.to(atom_feats.dtype)] + ([cond_bonds] if self.self_cond else [])
-        return {"coords": coords, "inv_feats": atom_feats, "adj_matrix": adjacency_from_mask(atom_mask),
-                "atom_mask": atom_mask.to(coords.dtype), "edge_feats": self.edge_in_proj(torch.cat(edge_in, dim=-1)),
-                "cond_coords": cond_coords if self.self_cond else None}
+        return {
+            "coords": coords,
+            "inv_feats": atom_feats,
+            "adj_matrix": adjacency_from_mask(atom_mask),
+            "atom_mask": atom_mask.to(coords.dtype),
+            "edge_feats": self.edge_in_proj(torch.cat(edge_in, dim=-1)),
+            "cond_coords": cond_coords if self.self_cond else None,
+        }
 
     def outputs(self, pred_coords, pred_feats, bond_logits, mask):
         """(x̂₁ with zero centre of mass over real atoms, type logits, bond logits, charge logits)."""
         pred_coords = zero_com(pred_coords, mask) * mask.unsqueeze(-1)
-        return pred_coords, self.atom_classifier_head(pred_feats), bond_logits, self.charge_classifier_head(pred_feats)
+        return (
+            pred_coords,
+            self.atom_classifier_head(pred_feats),
+            bond_logits,
+            self.charge_classifier_head(pred_feats),
+        )
 
-    def check_inputs(self, coords, inv_feats, edge_feats=None, cond_coords=None, cond_atomics=None, cond_bonds=None,
-                     atom_mask=None):
+    def check_inputs(
+        self,
+        coords,
+        inv_feats,
+        edge_feats=None,
+        cond_coords=None,
+        cond_atomics=None,
+        cond_bonds=None,
+        atom_mask=None,
+    ):
         """Clear errors for malformed inputs (``forward``'s signature); returns the atom mask (all ones when not
         given). Public so that wrappers that may not run ``forward`` (the cache on a forecast step) check the
         same things."""
@@ -498,14 +581,23 @@ class Semla(nn.Module):
             "edge_feats": (edge_feats, (B, N, N, config.n_edge_types)),
         }
         if self.self_cond:
-            expected.update({
-                "cond_coords": (cond_coords, (B, N, 3)),
-                "cond_atomics": (cond_atomics, (B, N, config.vocab_size)),
-                "cond_bonds": (cond_bonds, (B, N, N, config.n_edge_types)),
-            })
+            expected.update(
+                {
+                    "cond_coords": (cond_coords, (B, N, 3)),
+                    "cond_atomics": (cond_atomics, (B, N, config.vocab_size)),
+                    "cond_bonds": (cond_bonds, (B, N, N, config.n_edge_types)),
+                }
+            )
         else:
-            given = [name for name, t in (("cond_coords", cond_coords), ("cond_atomics", cond_atomics),
-                                          ("cond_bonds", cond_bonds)) if t is not None]
+            given = [
+                name
+                for name, t in (
+                    ("cond_coords", cond_coords),
+                    ("cond_atomics", cond_atomics),
+                    ("cond_bonds", cond_bonds),
+                )
+                if t is not None
+            ]
             if given:
                 raise ValueError(f"{given} given but the model was built with self_cond=False")
         for name, (tensor, shape) in expected.items():
@@ -517,7 +609,9 @@ class Semla(nn.Module):
             if tensor.device != param.device:
                 raise ValueError(f"{name} is on {tensor.device} but the model is on {param.device}")
             if tensor.is_floating_point() and tensor.dtype != param.dtype:
-                raise TypeError(f"{name} has dtype {tensor.dtype} but the model's parameters are {param.dtype}")
+                raise TypeError(
+                    f"{name} has dtype {tensor.dtype} but the model's parameters are {param.dtype}"
+                )
             if tensor.is_floating_point():
                 _require(torch.isfinite(tensor).all(), f"{name} contains NaN or inf values")
 
@@ -527,13 +621,24 @@ class Semla(nn.Module):
             raise ValueError(f"atom_mask must have shape {[B, N]}, got {list(atom_mask.shape)}")
         if atom_mask.device != param.device:
             raise ValueError(f"atom_mask is on {atom_mask.device} but the model is on {param.device}")
-        _require(((atom_mask == 0) | (atom_mask == 1)).all(), "atom_mask must contain only 0/1 (or False/True)")
+        _require(
+            ((atom_mask == 0) | (atom_mask == 1)).all(), "atom_mask must contain only 0/1 (or False/True)"
+        )
         n_atoms = atom_mask.sum(dim=-1)
-        _require((n_atoms > 0).all(), lambda: f"molecules {torch.nonzero(n_atoms == 0).flatten().tolist()} of "
-                                             "the batch have no real atoms (all-padding rows)")
-        _require((n_atoms < config.max_atoms).all(),
-                 lambda: f"a molecule has {int(n_atoms.max())} atoms; this model embeds sizes up to max_atoms-1 = "
-                         f"{config.max_atoms - 1}")
+        _require(
+            (n_atoms > 0).all(),
+            lambda: (
+                f"molecules {torch.nonzero(n_atoms == 0).flatten().tolist()} of "
+                "the batch have no real atoms (all-padding rows)"
+            ),
+        )
+        _require(
+            (n_atoms < config.max_atoms).all(),
+            lambda: (
+                f"a molecule has {int(n_atoms.max())} atoms; this model embeds sizes up to max_atoms-1 = "
+                f"{config.max_atoms - 1}"
+            ),
+        )
         return atom_mask
 
 

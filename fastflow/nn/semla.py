@@ -44,7 +44,9 @@ def coord_norm(module: nn.Module, coord_sets: torch.Tensor, node_mask: torch.Ten
         coord_sets = coord_sets * module.set_weights / (mean_length.unsqueeze(-1) + module.eps)
     elif norm == "gvp":
         lengths = length(coord_sets, keepdim=True)
-        coord_sets = coord_sets * module.set_weights / ((lengths + module.eps) / math.sqrt(module.n_coord_sets))
+        coord_sets = (
+            coord_sets * module.set_weights / ((lengths + module.eps) / math.sqrt(module.n_coord_sets))
+        )
     else:
         coord_sets = coord_sets * module.set_weights
     return coord_sets * mask
@@ -93,8 +95,10 @@ class FusedSemlaLayer(nn.Module):
 
     def forward(self, coords, node_feats, adj_matrix, node_mask, edge_feats=None):
         if (edge_feats is None) != (self.d_edge_in is None):
-            raise ValueError(f"layer built with d_edge_in={self.d_edge_in} but edge_feats "
-                             f"{'missing' if edge_feats is None else 'given'}")
+            raise ValueError(
+                f"layer built with d_edge_in={self.d_edge_in} but edge_feats "
+                f"{'missing' if edge_feats is None else 'given'}"
+            )
         coord_update, node_update = self.node_ff(coords, node_feats, node_mask)
         coords = coords + coord_update
         node_feats = node_feats + node_update
@@ -104,18 +108,33 @@ class FusedSemlaLayer(nn.Module):
         first, second = messages.message_mlp[0], messages.message_mlp[2]
         m = messages.node_proj(messages.node_norm(node_feats))
         node_terms_i = F.linear(m, first.weight[:, :M], first.bias)
-        node_terms_j = F.linear(m, first.weight[:, M:2 * M])
+        node_terms_j = F.linear(m, first.weight[:, M : 2 * M])
         gram_coords = coord_norm(messages.coord_norm, coords, node_mask)
         values = node_attn.in_proj(node_attn.feat_norm(node_feats)).unflatten(-1, (self.n_attn_heads, -1))
-        attn_coords = coord_attn.coord_proj(coord_norm(coord_attn.coord_norm, coords, node_mask).transpose(1, -1))
+        attn_coords = coord_attn.coord_proj(
+            coord_norm(coord_attn.coord_norm, coords, node_mask).transpose(1, -1)
+        )
         edge_args = (None,) * 4
         if edge_feats is not None:
-            edge_args = (edge_feats, messages.edge_norm.weight, messages.edge_norm.bias,
-                         first.weight[:, 2 * M + S:])
+            edge_args = (
+                edge_feats,
+                messages.edge_norm.weight,
+                messages.edge_norm.bias,
+                first.weight[:, 2 * M + S :],
+            )
         node_agg, coord_agg, edge_out = semla_attention(
-            node_terms_i, node_terms_j, gram_coords, first.weight[:, 2 * M:2 * M + S], second.weight, second.bias,
-            values, attn_coords.transpose(1, -1).contiguous(), adj_matrix != 0, *edge_args,
-            edge_norm_eps=messages.edge_norm.eps if edge_feats is not None else 1e-5, coord_eps=coord_attn.eps,
+            node_terms_i,
+            node_terms_j,
+            gram_coords,
+            first.weight[:, 2 * M : 2 * M + S],
+            second.weight,
+            second.bias,
+            values,
+            attn_coords.transpose(1, -1).contiguous(),
+            adj_matrix != 0,
+            *edge_args,
+            edge_norm_eps=messages.edge_norm.eps if edge_feats is not None else 1e-5,
+            coord_eps=coord_attn.eps,
             backend=self.backend,
         )
         node_feats = node_feats + node_attn.out_proj(node_agg)
@@ -138,7 +157,9 @@ class FusedBondRefine(nn.Module):
 
     def forward(self, coords, node_feats, node_mask, edge_feats):
         if coords.dim() != 3:
-            raise ValueError(f"BondRefine expects one coordinate set [B, N, 3], got shape {tuple(coords.shape)}")
+            raise ValueError(
+                f"BondRefine expects one coordinate set [B, N, 3], got shape {tuple(coords.shape)}"
+            )
         coords = coord_norm(self.coord_norm, coords.unsqueeze(1), node_mask.unsqueeze(1)).squeeze(1)
         first, second = self.message_mlp[0], self.message_mlp[2]
         M = self.node_proj.out_features
@@ -156,28 +177,55 @@ class FusedBondRefine(nn.Module):
         return second(F.silu(hidden, inplace=not hidden.requires_grad))  # silu's backward needs its input
 
 
-def fused_semla_forward(self, coords, inv_feats, edge_feats=None, cond_coords=None, cond_atomics=None,
-                        cond_bonds=None, atom_mask=None):
+def fused_semla_forward(
+    self,
+    coords,
+    inv_feats,
+    edge_feats=None,
+    cond_coords=None,
+    cond_atomics=None,
+    cond_bonds=None,
+    atom_mask=None,
+):
     """``Semla.forward`` with the pair tail fused, bound by ``patch_model`` to a fastflow ``Semla`` instance as its
     ``forward`` (a bound method: deepcopy rebinds it to the copy, torch.export reads its code): the generator's own
     embeddings and the dynamics' trunk (whose layers are the fused modules), then bond refinement, the bond
     LayerNorm, the symmetrisation and the bond head as one ``fastflow::bond_head`` call that writes only the
     ``[B, N, N, K]`` bond logits (the unfused tail holds about seven ``[B, N, N, E]`` tensors)."""
-    atom_mask = self.check_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask)
-    inputs = self.dynamics_inputs(coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask)
+    atom_mask = self.check_inputs(
+        coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask
+    )
+    inputs = self.dynamics_inputs(
+        coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask
+    )
     out_coords, feats, edges = self.dynamics.trunk(**inputs)
-    bond_logits = fused_bond_logits(self.dynamics, self.edge_out_proj, out_coords, feats, inputs["atom_mask"], edges)
+    bond_logits = fused_bond_logits(
+        self.dynamics, self.edge_out_proj, out_coords, feats, inputs["atom_mask"], edges
+    )
     return self.outputs(out_coords, self.dynamics.feat_norm(feats), bond_logits, inputs["atom_mask"])
 
 
-def fused_bond_logits(dynamics: nn.Module, head: nn.Sequential, coords: torch.Tensor, feats: torch.Tensor,
-                      atom_mask: torch.Tensor, edge_feats: torch.Tensor, backend: str = "cpp") -> torch.Tensor:
+def fused_bond_logits(
+    dynamics: nn.Module,
+    head: nn.Sequential,
+    coords: torch.Tensor,
+    feats: torch.Tensor,
+    atom_mask: torch.Tensor,
+    edge_feats: torch.Tensor,
+    backend: str = "cpp",
+) -> torch.Tensor:
     """Bond logits ``[B, N, N, K]`` = head(r_ij + r_ji), r = bond_norm(refine(e')), from the modules' parameters:
     the refinement's first linear split into per-atom GEMMs (a_i, c_j) and its distance, dot and edge columns."""
     first_head, second_head = head[0], head[2]
-    args = dict(bond_norm_weight=dynamics.bond_norm.weight, bond_norm_bias=dynamics.bond_norm.bias,
-                head_weight1=first_head.weight, head_bias1=first_head.bias, head_weight2=second_head.weight,
-                head_bias2=second_head.bias, bond_norm_eps=dynamics.bond_norm.eps)
+    args = dict(
+        bond_norm_weight=dynamics.bond_norm.weight,
+        bond_norm_bias=dynamics.bond_norm.bias,
+        head_weight1=first_head.weight,
+        head_bias1=first_head.bias,
+        head_weight2=second_head.weight,
+        head_bias2=second_head.bias,
+        bond_norm_eps=dynamics.bond_norm.eps,
+    )
     if dynamics.bond_refine:
         refine = dynamics.refine_layer
         first, second = refine.message_mlp[0], refine.message_mlp[2]
@@ -185,8 +233,17 @@ def fused_bond_logits(dynamics: nn.Module, head: nn.Sequential, coords: torch.Te
         W_i, W_j, w_dist, w_dot, W_e = first.weight.split([M, M, 1, 1, first.in_features - 2 * M - 2], dim=1)
         m = refine.node_proj(refine.node_norm(feats))
         x = coord_norm(refine.coord_norm, coords.unsqueeze(1), atom_mask.unsqueeze(1)).squeeze(1)
-        args.update(node_terms_i=F.linear(m, W_i, first.bias), node_terms_j=F.linear(m, W_j), coords=x,
-                    edge_norm_weight=refine.edge_norm.weight, edge_norm_bias=refine.edge_norm.bias, edge_weight=W_e,
-                    dist_weight=w_dist.squeeze(1), dot_weight=w_dot.squeeze(1), refine_weight=second.weight,
-                    refine_bias=second.bias, edge_norm_eps=refine.edge_norm.eps)
+        args.update(
+            node_terms_i=F.linear(m, W_i, first.bias),
+            node_terms_j=F.linear(m, W_j),
+            coords=x,
+            edge_norm_weight=refine.edge_norm.weight,
+            edge_norm_bias=refine.edge_norm.bias,
+            edge_weight=W_e,
+            dist_weight=w_dist.squeeze(1),
+            dot_weight=w_dot.squeeze(1),
+            refine_weight=second.weight,
+            refine_bias=second.bias,
+            edge_norm_eps=refine.edge_norm.eps,
+        )
     return bond_head(edge_feats, **args, backend=backend)

@@ -30,14 +30,15 @@ from fastflow.ops.tensor_product import cpp_unavailable_reason, tensor_product, 
 from fastflow.tp.descriptor import TPDescriptor
 
 
-
 def cuequivariance_unavailable_reason(device: torch.device | str | None = None) -> str | None:
     """None if ``backend="cuequivariance"`` can run (on ``device``), else why not."""
     if importlib.util.find_spec("cuequivariance_torch") is None:
         return "cuequivariance_torch is not installed (`pip install cuequivariance-torch`)"
     if importlib.util.find_spec("cuequivariance_ops_torch") is None:
-        return ("cuequivariance's CUDA kernels are not installed (`pip install cuequivariance-ops-torch-cu12`); "
-                "its PyTorch fallback is no faster than e3nn")
+        return (
+            "cuequivariance's CUDA kernels are not installed (`pip install cuequivariance-ops-torch-cu12`); "
+            "its PyTorch fallback is no faster than e3nn"
+        )
     if not torch.cuda.is_available():
         return "no CUDA device is available (cuequivariance's kernels are CUDA only)"
     if device is not None and torch.device(device).type != "cuda":
@@ -53,14 +54,18 @@ def _check_backend(backend: str, cue_method: str | None) -> None:
     if backend == "cuequivariance" and cue_method is None:
         reason = cuequivariance_unavailable_reason()
         if reason is not None:
-            raise BackendUnavailable(f"backend='cuequivariance' is not available here: {reason}. Use backend='auto' "
-                               "(fastflow's C++ / Triton kernels)")
+            raise BackendUnavailable(
+                f"backend='cuequivariance' is not available here: {reason}. Use backend='auto' "
+                "(fastflow's C++ / Triton kernels)"
+            )
 
 
 _TENSOR_NAMES = ("_tp_paths", "_tp_cg_index", "_tp_cg_value", "_tp_cg_offsets")
 
 
-def _register_descriptor_tensors(module: nn.Module, descriptor: TPDescriptor, like: torch.Tensor | None) -> None:
+def _register_descriptor_tensors(
+    module: nn.Module, descriptor: TPDescriptor, like: torch.Tensor | None
+) -> None:
     """The descriptor's tensors as non-persistent buffers (not in state_dict; moved and cast with the module, and
     constants to torch.compile), in the dtype and device of ``like`` (default dtype on cpu without one)."""
     dtype = like.dtype if like is not None and like.is_floating_point() else torch.get_default_dtype()
@@ -91,8 +96,14 @@ def _adopt(fused: nn.Module, original: nn.Module) -> None:
 class TensorProduct(nn.Module):
     """e3nn's ``o3.TensorProduct`` on fastflow's ops (see the module docstring)."""
 
-    def __init__(self, source, backend: str = "auto", shared_weights: bool | None = None,
-                 internal_weights: bool | None = None, _cue_method: str | None = None):
+    def __init__(
+        self,
+        source,
+        backend: str = "auto",
+        shared_weights: bool | None = None,
+        internal_weights: bool | None = None,
+        _cue_method: str | None = None,
+    ):
         super().__init__()
         _check_backend(backend, _cue_method)
         if isinstance(source, TPDescriptor):
@@ -100,16 +111,20 @@ class TensorProduct(nn.Module):
         elif isinstance(source, nn.Module):
             descriptor, original = TPDescriptor.from_module(source), source
         else:
-            raise TypeError("TensorProduct needs a TPDescriptor or a tensor-product module, got "
-                            f"{type(source).__name__}")
+            raise TypeError(
+                f"TensorProduct needs a TPDescriptor or a tensor-product module, got {type(source).__name__}"
+            )
         self.descriptor = descriptor
         self.backend = backend
         self.flavour = "cuequivariance" if descriptor.source == "cuequivariance" else "e3nn"
         self._right = None
         if original is None:
             self.shared_weights = True if shared_weights is None else bool(shared_weights)
-            self.internal_weights = (self.shared_weights and descriptor.weight_numel > 0
-                                     if internal_weights is None else bool(internal_weights))
+            self.internal_weights = (
+                self.shared_weights and descriptor.weight_numel > 0
+                if internal_weights is None
+                else bool(internal_weights)
+            )
             if self.internal_weights and not self.shared_weights:
                 raise ValueError("internal weights are shared weights (shared_weights=False given)")
             if self.internal_weights and descriptor.weight_numel > 0:
@@ -127,11 +142,15 @@ class TensorProduct(nn.Module):
             if getattr(original, "_did_compile_right", False):
                 self._right = [original]  # hidden from nn.Module: right() is delegated
         weight = self._parameters.get("weight")
-        _register_descriptor_tensors(self, descriptor, weight if weight is not None else self._buffers.get("weight"))
+        _register_descriptor_tensors(
+            self, descriptor, weight if weight is not None else self._buffers.get("weight")
+        )
         self._cue = {} if backend == "cuequivariance" else None
         self._cue_method = _cue_method
         if backend == "cuequivariance":
-            _cuequivariance_polynomial(descriptor, _cue_method)  # raises now if the descriptor cannot be mapped
+            _cuequivariance_polynomial(
+                descriptor, _cue_method
+            )  # raises now if the descriptor cannot be mapped
 
     # ---- e3nn's properties ----
 
@@ -153,62 +172,89 @@ class TensorProduct(nn.Module):
 
     def extra_repr(self) -> str:
         d = self.descriptor
-        return (f"{d.irreps_in1} x {d.irreps_in2} -> {d.irreps_out}, {d.weight_numel} weights, "
-                f"shared_weights={self.shared_weights}, internal_weights={self.internal_weights}, "
-                f"backend={self.backend!r}")
+        return (
+            f"{d.irreps_in1} x {d.irreps_in2} -> {d.irreps_out}, {d.weight_numel} weights, "
+            f"shared_weights={self.shared_weights}, internal_weights={self.internal_weights}, "
+            f"backend={self.backend!r}"
+        )
 
     # ---- forward ----
 
     def _weights(self, weight, like: torch.Tensor) -> torch.Tensor:
         numel = self.descriptor.weight_numel
         if isinstance(weight, (list, tuple)):  # e3nn accepts one tensor per weighted instruction
-            shapes = [s for s, ins in zip(self.descriptor.weight_shapes(), self.descriptor.instructions)
-                      if ins.has_weight]
-            batch = () if self.shared_weights else weight[0].shape[:weight[0].dim() - len(shapes[0])]
+            shapes = [
+                s
+                for s, ins in zip(self.descriptor.weight_shapes(), self.descriptor.instructions)
+                if ins.has_weight
+            ]
+            batch = () if self.shared_weights else weight[0].shape[: weight[0].dim() - len(shapes[0])]
             weight = torch.cat([w.reshape(*batch, -1) for w in weight], dim=-1)
         if numel == 0:
             if weight is not None and weight.size(-1) != 0:
-                raise ValueError(f"TensorProduct: this product has no weights, got weight of shape "
-                                 f"{list(weight.shape)}")
+                raise ValueError(
+                    f"TensorProduct: this product has no weights, got weight of shape {list(weight.shape)}"
+                )
             return like.new_zeros(0)
         internal = self._parameters.get("weight") if self.internal_weights else None
         if weight is None:
             if internal is None:
-                raise RuntimeError("TensorProduct: weights must be provided when the tensor product has no internal "
-                                   "weights")
+                raise RuntimeError(
+                    "TensorProduct: weights must be provided when the tensor product has no internal weights"
+                )
             weight = internal
         elif internal is not None and self.flavour == "cuequivariance":
             raise ValueError("Internal weights are used, weight should be None")
         if weight.size(-1) != numel:
-            raise ValueError(f"TensorProduct: weight must have {numel} entries in its last dimension "
-                             f"(weight_numel), got shape {list(weight.shape)}")
+            raise ValueError(
+                f"TensorProduct: weight must have {numel} entries in its last dimension "
+                f"(weight_numel), got shape {list(weight.shape)}"
+            )
         if weight.dim() > 1 and weight.shape[:-1].numel() == 1:
             return weight.reshape(numel)  # one row for every sample: shared ([1, W], cuequivariance's form)
         if self.shared_weights and weight.dim() != 1:
-            raise ValueError(f"TensorProduct: shared weights must have shape [{numel}], got {list(weight.shape)}")
+            raise ValueError(
+                f"TensorProduct: shared weights must have shape [{numel}], got {list(weight.shape)}"
+            )
         if not self.shared_weights and weight.dim() < 2:
-            raise ValueError("TensorProduct: without shared weights, weight must have a batch dimension, got shape "
-                             f"{list(weight.shape)}")
+            raise ValueError(
+                "TensorProduct: without shared weights, weight must have a batch dimension, got shape "
+                f"{list(weight.shape)}"
+            )
         return weight
 
     def _check_features(self, x1, x2):
         d = self.descriptor
-        for name, x, dim, irreps in (("x1", x1, d.dim_in1, d.irreps_in1), ("x2", x2, d.dim_in2, d.irreps_in2)):
+        for name, x, dim, irreps in (
+            ("x1", x1, d.dim_in1, d.irreps_in1),
+            ("x2", x2, d.dim_in2, d.irreps_in2),
+        ):
             if not torch.is_tensor(x) or x.dim() == 0 or x.size(-1) != dim:
                 got = list(x.shape) if torch.is_tensor(x) else type(x).__name__
-                raise ValueError(f"TensorProduct: {name} must have {dim} features in its last dimension "
-                                 f"(irreps {irreps}), got shape {got}")
+                raise ValueError(
+                    f"TensorProduct: {name} must have {dim} features in its last dimension "
+                    f"(irreps {irreps}), got shape {got}"
+                )
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight=None, indices_1: torch.Tensor | None = None,
-                indices_2: torch.Tensor | None = None, indices_out: torch.Tensor | None = None,
-                size_out: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        weight=None,
+        indices_1: torch.Tensor | None = None,
+        indices_2: torch.Tensor | None = None,
+        indices_out: torch.Tensor | None = None,
+        size_out: int | None = None,
+    ) -> torch.Tensor:
         self._check_features(x1, x2)
         weight = self._weights(weight, x1)
         d = self.descriptor
         if indices_1 is not None or indices_2 is not None or indices_out is not None:
             return self._indexed(x1, x2, weight, indices_1, indices_2, indices_out, size_out)
         shared = weight.dim() == 1
-        batch = torch.broadcast_shapes(x1.shape[:-1], x2.shape[:-1], *(() if shared else (weight.shape[:-1],)))
+        batch = torch.broadcast_shapes(
+            x1.shape[:-1], x2.shape[:-1], *(() if shared else (weight.shape[:-1],))
+        )
         x1 = x1.expand(*batch, d.dim_in1).reshape(-1, d.dim_in1)
         x2 = x2.expand(*batch, d.dim_in2).reshape(-1, d.dim_in2)
         if not shared:
@@ -216,7 +262,9 @@ class TensorProduct(nn.Module):
         if self._cue is not None:
             out = self._cuequivariance(x1, x2, weight)
         else:
-            out = tensor_product(x1, x2, weight, *_descriptor_tensors(self, x1), d.dim_out, backend=self.backend)
+            out = tensor_product(
+                x1, x2, weight, *_descriptor_tensors(self, x1), d.dim_out, backend=self.backend
+            )
         return out.reshape(*batch, d.dim_out)
 
     def _indexed(self, x1, x2, weight, indices_1, indices_2, indices_out, size_out):
@@ -229,8 +277,17 @@ class TensorProduct(nn.Module):
         if indices_out is not None and indices_1 is not None and x2.dim() == 2:
             if self._cue is not None:
                 return self._cuequivariance(x1, x2, weight, indices_1, indices_out, int(size_out))
-            return tp_conv(x1, x2, weight, indices_1, indices_out, int(size_out), *_descriptor_tensors(self, x1),
-                           d.dim_out, backend=self.backend)
+            return tp_conv(
+                x1,
+                x2,
+                weight,
+                indices_1,
+                indices_out,
+                int(size_out),
+                *_descriptor_tensors(self, x1),
+                d.dim_out,
+                backend=self.backend,
+            )
         if indices_1 is not None:
             x1 = x1[indices_1]
         out = self.forward(x1, x2, weight)
@@ -241,13 +298,15 @@ class TensorProduct(nn.Module):
     def right(self, y: torch.Tensor, weight=None) -> torch.Tensor:
         """e3nn's ``right`` (partial evaluation), delegated to the original module (not fused)."""
         if self._right is None:
-            raise RuntimeError("right() is only available when built from an e3nn module compiled with "
-                               "compile_right=True")
+            raise RuntimeError(
+                "right() is only available when built from an e3nn module compiled with compile_right=True"
+            )
         return self._right[0].right(y, weight)
 
     def _cuequivariance(self, x1, x2, weight, edge_src=None, edge_dst=None, n_nodes=None):
-        return _run_cuequivariance(self._cue, self.descriptor, self._cue_method, x1, x2, weight, edge_src, edge_dst,
-                                   n_nodes)
+        return _run_cuequivariance(
+            self._cue, self.descriptor, self._cue_method, x1, x2, weight, edge_src, edge_dst, n_nodes
+        )
 
 
 class TPConv(nn.Module):
@@ -259,8 +318,9 @@ class TPConv(nn.Module):
     per call, per edge ``[E, n_weights]`` or shared ``[n_weights]``).
     """
 
-    def __init__(self, source, backend: str = "auto", internal_weights: bool = False,
-                 _cue_method: str | None = None):
+    def __init__(
+        self, source, backend: str = "auto", internal_weights: bool = False, _cue_method: str | None = None
+    ):
         super().__init__()
         _check_backend(backend, _cue_method)
         if isinstance(source, TPDescriptor):
@@ -274,7 +334,9 @@ class TPConv(nn.Module):
             weight = source._parameters.get("weight")
             self.weight = weight if getattr(source, "internal_weights", False) else None
         else:
-            raise TypeError(f"TPConv needs a TPDescriptor or a tensor-product module, got {type(source).__name__}")
+            raise TypeError(
+                f"TPConv needs a TPDescriptor or a tensor-product module, got {type(source).__name__}"
+            )
         self.backend = backend
         _register_descriptor_tensors(self, self.descriptor, self.weight)
         self._cue = {} if backend == "cuequivariance" else None
@@ -286,11 +348,20 @@ class TPConv(nn.Module):
         d = self.descriptor
         return f"{d.irreps_in1} x {d.irreps_in2} -> {d.irreps_out}, {d.weight_numel} weights, backend={self.backend!r}"
 
-    def forward(self, node_feats: torch.Tensor, edge_attrs: torch.Tensor, edge_weights: torch.Tensor | None,
-                edge_src: torch.Tensor, edge_dst: torch.Tensor, n_nodes: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        node_feats: torch.Tensor,
+        edge_attrs: torch.Tensor,
+        edge_weights: torch.Tensor | None,
+        edge_src: torch.Tensor,
+        edge_dst: torch.Tensor,
+        n_nodes: int | None = None,
+    ) -> torch.Tensor:
         d = self.descriptor
-        for name, x, dim, irreps in (("node_feats", node_feats, d.dim_in1, d.irreps_in1),
-                                     ("edge_attrs", edge_attrs, d.dim_in2, d.irreps_in2)):
+        for name, x, dim, irreps in (
+            ("node_feats", node_feats, d.dim_in1, d.irreps_in1),
+            ("edge_attrs", edge_attrs, d.dim_in2, d.irreps_in2),
+        ):
             if not torch.is_tensor(x) or x.dim() != 2 or x.size(-1) != dim:
                 got = list(x.shape) if torch.is_tensor(x) else type(x).__name__
                 raise ValueError(f"TPConv: {name} must have shape [·, {dim}] (irreps {irreps}), got {got}")
@@ -301,14 +372,34 @@ class TPConv(nn.Module):
                 raise RuntimeError("TPConv: edge_weights must be given (no internal weights)")
             edge_weights = self.weight
         elif edge_weights.size(-1) != d.weight_numel:
-            raise ValueError(f"TPConv: edge_weights must have {d.weight_numel} entries in the last dimension, got "
-                             f"shape {list(edge_weights.shape)}")
+            raise ValueError(
+                f"TPConv: edge_weights must have {d.weight_numel} entries in the last dimension, got "
+                f"shape {list(edge_weights.shape)}"
+            )
         n_nodes = node_feats.size(0) if n_nodes is None else int(n_nodes)
         if self._cue is not None:
-            return _run_cuequivariance(self._cue, d, self._cue_method, node_feats, edge_attrs, edge_weights, edge_src,
-                                       edge_dst, n_nodes)
-        return tp_conv(node_feats, edge_attrs, edge_weights, edge_src, edge_dst, n_nodes,
-                       *_descriptor_tensors(self, node_feats), d.dim_out, backend=self.backend)
+            return _run_cuequivariance(
+                self._cue,
+                d,
+                self._cue_method,
+                node_feats,
+                edge_attrs,
+                edge_weights,
+                edge_src,
+                edge_dst,
+                n_nodes,
+            )
+        return tp_conv(
+            node_feats,
+            edge_attrs,
+            edge_weights,
+            edge_src,
+            edge_dst,
+            n_nodes,
+            *_descriptor_tensors(self, node_feats),
+            d.dim_out,
+            backend=self.backend,
+        )
 
 
 # ---- backend="cuequivariance": the descriptor as a cuequivariance segmented polynomial ----
@@ -322,8 +413,10 @@ def _cuequivariance_polynomial(descriptor: TPDescriptor, method: str | None):
     modes = {ins.mode for ins in descriptor.instructions}
     subscripts = {"uvu": "uv,iu,jv,ku+ijk", "uvw": "uvw,iu,jv,kw+ijk"}
     if len(modes) != 1 or next(iter(modes)) not in subscripts:
-        raise ValueError(f"backend='cuequivariance' maps descriptors whose instructions are all uvu or all uvw, "
-                         f"got modes {sorted(modes)}")
+        raise ValueError(
+            f"backend='cuequivariance' maps descriptors whose instructions are all uvu or all uvw, "
+            f"got modes {sorted(modes)}"
+        )
     if not all(ins.has_weight for ins in descriptor.instructions):
         raise ValueError("backend='cuequivariance' needs every instruction weighted")
     stp = cue.SegmentedTensorProduct.from_subscripts(subscripts[next(iter(modes))])
@@ -345,7 +438,9 @@ def _cuequivariance_polynomial(descriptor: TPDescriptor, method: str | None):
             for i, j, k, v in ins.cg:
                 C[i, j, k] += v * ins.path_weight
         stp.add_path(segment, ins.i_in1, ins.i_in2, ins.i_out, c=C)
-    polynomial = cue.SegmentedPolynomial(stp.operands[:3], stp.operands[3:], [(cue.Operation((0, 1, 2, 3)), stp)])
+    polynomial = cue.SegmentedPolynomial(
+        stp.operands[:3], stp.operands[3:], [(cue.Operation((0, 1, 2, 3)), stp)]
+    )
     if method is None:
         flat = polynomial.flatten_coefficient_modes().squeeze_modes()
         uniform = flat.all_same_segment_shape() and len(flat.operations[0][1].subscripts.modes()) == 1
@@ -357,14 +452,16 @@ def _transpose_blocks(x: torch.Tensor, blocks, to_ir_mul: bool) -> torch.Tensor:
     parts, offset = [], 0
     for b in blocks:
         n = b.mul * b.dim
-        block = x[..., offset:offset + n]
+        block = x[..., offset : offset + n]
         shape = (b.mul, b.dim) if to_ir_mul else (b.dim, b.mul)
         parts.append(block.unflatten(-1, shape).transpose(-1, -2).flatten(-2))
         offset += n
     return torch.cat(parts, dim=-1) if parts else x
 
 
-def _run_cuequivariance(cache, descriptor, method, x1, x2, weight, edge_src=None, edge_dst=None, n_nodes=None):
+def _run_cuequivariance(
+    cache, descriptor, method, x1, x2, weight, edge_src=None, edge_dst=None, n_nodes=None
+):
     import cuequivariance_torch as cuet
 
     key = (x1.device, x1.dtype)
@@ -379,6 +476,10 @@ def _run_cuequivariance(cache, descriptor, method, x1, x2, weight, edge_src=None
     if edge_src is None:
         out = function([w, a, b])[0]
     else:
-        out = function([w, a, b], input_indices={1: edge_src}, output_shapes={0: x1.new_empty(n_nodes, 1)},
-                       output_indices={0: edge_dst})[0]
+        out = function(
+            [w, a, b],
+            input_indices={1: edge_src},
+            output_shapes={0: x1.new_empty(n_nodes, 1)},
+            output_indices={0: edge_dst},
+        )[0]
     return _transpose_blocks(out, d.blocks_out, False)

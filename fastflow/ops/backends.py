@@ -21,6 +21,7 @@ BACKENDS = ("auto", "cpp", "triton", "reference")
 TP_BACKENDS = (*BACKENDS, "cuequivariance")
 FLOAT_DTYPES = (torch.float32, torch.float64)  # what every fastflow kernel computes in
 
+
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here (the message says why and what to use instead)."""
 
@@ -62,8 +63,10 @@ def register_cpp_op(name: str, fake, backward=None, setup_context=None):
     """
     if name not in _registered:
         if not hasattr(torch.ops.fastflow, name):
-            raise BackendUnavailable(f"the loaded fastflow._C has no fastflow::{name} (built from older sources? "
-                                     "rebuild with `pip install --no-build-isolation -e .`)")
+            raise BackendUnavailable(
+                f"the loaded fastflow._C has no fastflow::{name} (built from older sources? "
+                "rebuild with `pip install --no-build-isolation -e .`)"
+            )
         torch.library.register_fake(f"fastflow::{name}", _stacklevel=2)(fake)
         if backward is not None:
             torch.library.register_autograd(f"fastflow::{name}", backward, setup_context=setup_context)
@@ -106,7 +109,9 @@ def _run_binders() -> None:
     while _pending_binders:
         try:
             _pending_binders.pop(0)()
-        except BackendUnavailable:  # an op this build of fastflow._C lacks: the error comes back on its first use
+        except (
+            BackendUnavailable
+        ):  # an op this build of fastflow._C lacks: the error comes back on its first use
             pass
 
 

@@ -38,23 +38,64 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastflow.ops.backends import (FLOAT_DTYPES, BackendUnavailable, bind_cpp_ops, recompute_vjp, register_cpp_op,
-                                   resolve_backend)
+from fastflow.ops.backends import (
+    FLOAT_DTYPES,
+    BackendUnavailable,
+    bind_cpp_ops,
+    recompute_vjp,
+    register_cpp_op,
+    resolve_backend,
+)
 
 # Tensor arguments in schema order. The head block is always given; the refinement block (BondRefine) is all
 # given or all None.
-HEAD_ARGUMENTS = ("edge_feats", "bond_norm_weight", "bond_norm_bias", "head_weight1", "head_bias1", "head_weight2",
-                  "head_bias2")
-REFINE_ARGUMENTS = ("node_terms_i", "node_terms_j", "coords", "edge_norm_weight", "edge_norm_bias", "edge_weight",
-                    "dist_weight", "dot_weight", "refine_weight", "refine_bias")
+HEAD_ARGUMENTS = (
+    "edge_feats",
+    "bond_norm_weight",
+    "bond_norm_bias",
+    "head_weight1",
+    "head_bias1",
+    "head_weight2",
+    "head_bias2",
+)
+REFINE_ARGUMENTS = (
+    "node_terms_i",
+    "node_terms_j",
+    "coords",
+    "edge_norm_weight",
+    "edge_norm_bias",
+    "edge_weight",
+    "dist_weight",
+    "dot_weight",
+    "refine_weight",
+    "refine_bias",
+)
 ARGUMENTS = HEAD_ARGUMENTS + REFINE_ARGUMENTS
 _warned_no_triton: list[bool] = []
 
 
-def bond_head(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_bias1, head_weight2, head_bias2,
-              node_terms_i=None, node_terms_j=None, coords=None, edge_norm_weight=None, edge_norm_bias=None,
-              edge_weight=None, dist_weight=None, dot_weight=None, refine_weight=None, refine_bias=None,
-              edge_norm_eps: float = 1e-5, bond_norm_eps: float = 1e-5, backend: str | None = None):
+def bond_head(
+    edge_feats,
+    bond_norm_weight,
+    bond_norm_bias,
+    head_weight1,
+    head_bias1,
+    head_weight2,
+    head_bias2,
+    node_terms_i=None,
+    node_terms_j=None,
+    coords=None,
+    edge_norm_weight=None,
+    edge_norm_bias=None,
+    edge_weight=None,
+    dist_weight=None,
+    dot_weight=None,
+    refine_weight=None,
+    refine_bias=None,
+    edge_norm_eps: float = 1e-5,
+    bond_norm_eps: float = 1e-5,
+    backend: str | None = None,
+):
     """Fused bond head (see the module docstring for the math).
 
     Arguments (B molecules, N atoms, E edge channels, F BondRefine hidden, G head hidden, K bond classes):
@@ -74,9 +115,25 @@ def bond_head(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_b
     Return:
         logits ``[B, N, N, K]``, contiguous, symmetric in (i, j).
     """
-    inputs = (edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_bias1, head_weight2, head_bias2,
-              node_terms_i, node_terms_j, coords, edge_norm_weight, edge_norm_bias, edge_weight, dist_weight,
-              dot_weight, refine_weight, refine_bias)
+    inputs = (
+        edge_feats,
+        bond_norm_weight,
+        bond_norm_bias,
+        head_weight1,
+        head_bias1,
+        head_weight2,
+        head_bias2,
+        node_terms_i,
+        node_terms_j,
+        coords,
+        edge_norm_weight,
+        edge_norm_bias,
+        edge_weight,
+        dist_weight,
+        dot_weight,
+        refine_weight,
+        refine_bias,
+    )
     check_inputs(*inputs)
     chosen = resolve_backend(backend, edge_feats.device)
     if chosen == "cpp":
@@ -85,39 +142,85 @@ def bond_head(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_b
         if backend not in (None, "auto"):
             raise BackendUnavailable("bond_head has no Triton kernel yet; use backend='reference'")
         if not _warned_no_triton:
-            warnings.warn("fastflow: bond_head has no Triton kernel yet; it runs the PyTorch reference on CUDA",
-                          stacklevel=2)
+            warnings.warn(
+                "fastflow: bond_head has no Triton kernel yet; it runs the PyTorch reference on CUDA",
+                stacklevel=2,
+            )
             _warned_no_triton.append(True)
     return bond_head_reference(*inputs, edge_norm_eps=edge_norm_eps, bond_norm_eps=bond_norm_eps)
 
 
-def bond_head_reference(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_bias1, head_weight2,
-                        head_bias2, node_terms_i=None, node_terms_j=None, coords=None, edge_norm_weight=None,
-                        edge_norm_bias=None, edge_weight=None, dist_weight=None, dot_weight=None, refine_weight=None,
-                        refine_bias=None, edge_norm_eps: float = 1e-5, bond_norm_eps: float = 1e-5):
+def bond_head_reference(
+    edge_feats,
+    bond_norm_weight,
+    bond_norm_bias,
+    head_weight1,
+    head_bias1,
+    head_weight2,
+    head_bias2,
+    node_terms_i=None,
+    node_terms_j=None,
+    coords=None,
+    edge_norm_weight=None,
+    edge_norm_bias=None,
+    edge_weight=None,
+    dist_weight=None,
+    dot_weight=None,
+    refine_weight=None,
+    refine_bias=None,
+    edge_norm_eps: float = 1e-5,
+    bond_norm_eps: float = 1e-5,
+):
     """The definition, in plain PyTorch: every [B, N, N, ·] pair tensor is materialised."""
     E = edge_feats.size(-1)
     if node_terms_i is None:  # no BondRefine
         refined = edge_feats
     else:
         normed = F.layer_norm(edge_feats, (E,), edge_norm_weight, edge_norm_bias, edge_norm_eps)
-        sq_dists = (coords.unsqueeze(2) - coords.unsqueeze(1)).square().sum(dim=-1, keepdim=True)  # ‖x_i − x_j‖²
+        sq_dists = (
+            (coords.unsqueeze(2) - coords.unsqueeze(1)).square().sum(dim=-1, keepdim=True)
+        )  # ‖x_i − x_j‖²
         dots = (coords @ coords.transpose(1, 2)).unsqueeze(-1)  # x_i · x_j
-        hidden = (normed @ edge_weight.T + node_terms_i.unsqueeze(2) + node_terms_j.unsqueeze(1)
-                  + sq_dists * dist_weight + dots * dot_weight)
+        hidden = (
+            normed @ edge_weight.T
+            + node_terms_i.unsqueeze(2)
+            + node_terms_j.unsqueeze(1)
+            + sq_dists * dist_weight
+            + dots * dot_weight
+        )
         refined = F.silu(hidden) @ refine_weight.T + refine_bias
     r = F.layer_norm(refined, (E,), bond_norm_weight, bond_norm_bias, bond_norm_eps)
     s = r + r.transpose(1, 2)
     return (F.silu(s @ head_weight1.T + head_bias1) @ head_weight2.T + head_bias2).contiguous()
 
 
-def check_inputs(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_bias1, head_weight2, head_bias2,
-                 node_terms_i=None, node_terms_j=None, coords=None, edge_norm_weight=None, edge_norm_bias=None,
-                 edge_weight=None, dist_weight=None, dot_weight=None, refine_weight=None, refine_bias=None):
+def check_inputs(
+    edge_feats,
+    bond_norm_weight,
+    bond_norm_bias,
+    head_weight1,
+    head_bias1,
+    head_weight2,
+    head_bias2,
+    node_terms_i=None,
+    node_terms_j=None,
+    coords=None,
+    edge_norm_weight=None,
+    edge_norm_bias=None,
+    edge_weight=None,
+    dist_weight=None,
+    dot_weight=None,
+    refine_weight=None,
+    refine_bias=None,
+):
     """Raise with a message naming the argument, the expectation and what arrived."""
+
     def check(name, tensor, shape):
-        if not torch.is_tensor(tensor) or tensor.dim() != len(shape) or any(
-                want is not None and have != want for have, want in zip(tensor.shape, shape)):
+        if (
+            not torch.is_tensor(tensor)
+            or tensor.dim() != len(shape)
+            or any(want is not None and have != want for have, want in zip(tensor.shape, shape))
+        ):
             got = f"shape {list(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
             expected = "[" + ", ".join("·" if want is None else str(want) for want in shape) + "]"
             raise ValueError(f"bond_head: {name} must have shape {expected}, got {got}")
@@ -136,15 +239,35 @@ def check_inputs(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, hea
     check("head_bias1", head_bias1, (G,))
     check("head_weight2", head_weight2, (None, G))
     check("head_bias2", head_bias2, (head_weight2.size(0),))
-    floats = [edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_bias1, head_weight2, head_bias2]
+    floats = [
+        edge_feats,
+        bond_norm_weight,
+        bond_norm_bias,
+        head_weight1,
+        head_bias1,
+        head_weight2,
+        head_bias2,
+    ]
     names = list(HEAD_ARGUMENTS)
 
-    refine = (node_terms_i, node_terms_j, coords, edge_norm_weight, edge_norm_bias, edge_weight, dist_weight,
-              dot_weight, refine_weight, refine_bias)
+    refine = (
+        node_terms_i,
+        node_terms_j,
+        coords,
+        edge_norm_weight,
+        edge_norm_bias,
+        edge_weight,
+        dist_weight,
+        dot_weight,
+        refine_weight,
+        refine_bias,
+    )
     missing = [name for name, t in zip(REFINE_ARGUMENTS, refine) if t is None]
     if missing and len(missing) < len(refine):
-        raise ValueError(f"bond_head: the BondRefine arguments {list(REFINE_ARGUMENTS)} are given together or not "
-                         f"at all (None for a model without BondRefine); missing {missing}")
+        raise ValueError(
+            f"bond_head: the BondRefine arguments {list(REFINE_ARGUMENTS)} are given together or not "
+            f"at all (None for a model without BondRefine); missing {missing}"
+        )
     if not missing:
         check("node_terms_i", node_terms_i, (B, N, None))
         F_ = node_terms_i.size(2)
@@ -170,27 +293,72 @@ def check_inputs(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, hea
             raise ValueError(f"bond_head: {name} is on {tensor.device}, expected {device} like edge_feats")
 
 
-def bond_head_flops(edge_feats_shape, bond_norm_weight_shape, bond_norm_bias_shape, head_weight1_shape,
-                    head_bias1_shape, head_weight2_shape, head_bias2_shape, node_terms_i_shape=None,
-                    *args, **kwargs) -> int:
+def bond_head_flops(
+    edge_feats_shape,
+    bond_norm_weight_shape,
+    bond_norm_bias_shape,
+    head_weight1_shape,
+    head_bias1_shape,
+    head_weight2_shape,
+    head_bias2_shape,
+    node_terms_i_shape=None,
+    *args,
+    **kwargs,
+) -> int:
     """Minimal FLOPs (2 per multiply-add) of the op, a torch.utils.flop_counter formula. Per ordered pair, the
     refinement's two linears (E·F + F·E) and its distance and dot terms (3 + 3 + 2F); per unordered pair (the head
     runs once per pair {i, j}, i = j included: N(N + 1)/2 per molecule) the head's two linears (E·G + G·K).
     LayerNorms, SiLU and the symmetrisation are not counted."""
     B, N, _, E = edge_feats_shape
     G, K = head_weight1_shape[0], head_weight2_shape[0]
-    ordered = 0 if node_terms_i_shape is None else 2 * E * node_terms_i_shape[2] + 6 + 2 * node_terms_i_shape[2]
+    ordered = (
+        0 if node_terms_i_shape is None else 2 * E * node_terms_i_shape[2] + 6 + 2 * node_terms_i_shape[2]
+    )
     return 2 * B * (N * N * ordered + N * (N + 1) // 2 * (E * G + G * K))
 
 
-def _bond_head_fake(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_bias1, head_weight2, head_bias2,
-                    node_terms_i, node_terms_j, coords, edge_norm_weight, edge_norm_bias, edge_weight, dist_weight,
-                    dot_weight, refine_weight, refine_bias, edge_norm_eps, bond_norm_eps):
+def _bond_head_fake(
+    edge_feats,
+    bond_norm_weight,
+    bond_norm_bias,
+    head_weight1,
+    head_bias1,
+    head_weight2,
+    head_bias2,
+    node_terms_i,
+    node_terms_j,
+    coords,
+    edge_norm_weight,
+    edge_norm_bias,
+    edge_weight,
+    dist_weight,
+    dot_weight,
+    refine_weight,
+    refine_bias,
+    edge_norm_eps,
+    bond_norm_eps,
+):
     # Output shape, so torch.compile and torch.export can trace the op; the checks also run here because a
     # meta or fake input sends even the C++ op to this function instead of its kernel.
-    check_inputs(edge_feats, bond_norm_weight, bond_norm_bias, head_weight1, head_bias1, head_weight2, head_bias2,
-                 node_terms_i, node_terms_j, coords, edge_norm_weight, edge_norm_bias, edge_weight, dist_weight,
-                 dot_weight, refine_weight, refine_bias)
+    check_inputs(
+        edge_feats,
+        bond_norm_weight,
+        bond_norm_bias,
+        head_weight1,
+        head_bias1,
+        head_weight2,
+        head_bias2,
+        node_terms_i,
+        node_terms_j,
+        coords,
+        edge_norm_weight,
+        edge_norm_bias,
+        edge_weight,
+        dist_weight,
+        dot_weight,
+        refine_weight,
+        refine_bias,
+    )
     B, N, _, _ = edge_feats.shape
     return edge_feats.new_empty(B, N, N, head_weight2.size(0))
 

@@ -112,7 +112,9 @@ bind_cpp_ops(_cpp_op)
 # export under TRITON_INTERPRET=1 (the interpreter touches real storage).
 @torch.library.custom_op("fastflow::cache_forecast_triton", mutates_args=())
 def cache_forecast_triton(history: list[torch.Tensor], coeffs: list[float]) -> torch.Tensor:
-    from fastflow.triton_kernels import cache_forecast as kernel  # lazy: importing fastflow never needs triton
+    from fastflow.triton_kernels import (
+        cache_forecast as kernel,  # lazy: importing fastflow never needs triton
+    )
 
     check_inputs(history, coeffs)  # here too: a kernel launched on mismatched history reads out of bounds
     return kernel.cache_forecast(history, coeffs)

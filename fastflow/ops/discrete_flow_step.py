@@ -38,8 +38,18 @@ from fastflow.ops.backends import FLOAT_DTYPES, bind_cpp_ops, register_cpp_op, r
 T_EPS = 1e-5  # upstream clamps t to [eps, 1 − eps] in the categorical rates
 
 
-def discrete_flow_step(logits, current, mask, t, keys, step: int, stream: int, dt: float, noise_level: float,
-                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def discrete_flow_step(
+    logits,
+    current,
+    mask,
+    t,
+    keys,
+    step: int,
+    stream: int,
+    dt: float,
+    noise_level: float,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One discrete-flow step (see the module docstring).
 
     Arguments (B molecules, N atoms, K classes):
@@ -55,16 +65,27 @@ def discrete_flow_step(logits, current, mask, t, keys, step: int, stream: int, d
     check_inputs(logits, current, mask, t, keys, step, stream, dt, noise_level)
     chosen = resolve_backend(backend, logits.device)
     if chosen == "cpp":
-        return _cpp_op()(logits.contiguous(), current.contiguous(), mask.contiguous(), t.contiguous(),
-                         keys.contiguous(), int(step), int(stream), float(dt), float(noise_level))
+        return _cpp_op()(
+            logits.contiguous(),
+            current.contiguous(),
+            mask.contiguous(),
+            t.contiguous(),
+            keys.contiguous(),
+            int(step),
+            int(stream),
+            float(dt),
+            float(noise_level),
+        )
     if chosen == "triton":
-        return discrete_flow_step_triton(logits, current, mask, t, keys, int(step), int(stream), float(dt),
-                                         float(noise_level))
+        return discrete_flow_step_triton(
+            logits, current, mask, t, keys, int(step), int(stream), float(dt), float(noise_level)
+        )
     return discrete_flow_step_reference(logits, current, mask, t, keys, step, stream, dt, noise_level)
 
 
-def discrete_flow_step_reference(logits, current, mask, t, keys, step: int, stream: int, dt: float,
-                                 noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+def discrete_flow_step_reference(
+    logits, current, mask, t, keys, step: int, stream: int, dt: float, noise_level: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The definition, in plain PyTorch."""
     pairs, n_atoms, n_classes = logits.dim() == 4, mask.size(1), logits.size(-1)
     valid = mask.unsqueeze(-1) & mask.unsqueeze(-2) if pairs else mask
@@ -76,8 +97,9 @@ def discrete_flow_step_reference(logits, current, mask, t, keys, step: int, stre
     return probs.contiguous(), drawn
 
 
-def discrete_flow_probs(classes: torch.Tensor, probs: torch.Tensor, t: torch.Tensor, dt: float,
-                        noise_level: float) -> torch.Tensor:
+def discrete_flow_probs(
+    classes: torch.Tensor, probs: torch.Tensor, t: torch.Tensor, dt: float, noise_level: float
+) -> torch.Tensor:
     """Transition weights w ``[..., K]`` of one uniform-noise CTMC step from current classes ``[...]`` (the
     module docstring's w; t ``[B]`` broadcasts over the leading axis)."""
     n_classes = probs.size(-1)
@@ -102,8 +124,11 @@ def sample_categorical(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def check_inputs(logits, current, mask, t, keys, step, stream, dt, noise_level) -> None:
     """Raise with a message naming the argument, the expectation and what arrived."""
     op = "discrete_flow_step"
-    if not torch.is_tensor(logits) or logits.dim() not in (3, 4) or (
-            logits.dim() == 4 and logits.size(1) != logits.size(2)):
+    if (
+        not torch.is_tensor(logits)
+        or logits.dim() not in (3, 4)
+        or (logits.dim() == 4 and logits.size(1) != logits.size(2))
+    ):
         got = f"shape {list(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
         raise ValueError(f"{op}: logits must be [B, N, K] (atoms) or [B, N, N, K] (pairs), got {got}")
     B, N, K = logits.size(0), logits.size(1), logits.size(-1)
@@ -111,9 +136,12 @@ def check_inputs(logits, current, mask, t, keys, step, stream, dt, noise_level) 
         raise ValueError(f"{op}: empty logits of shape {list(logits.shape)}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: logits must be float32 or float64, got {logits.dtype}")
-    for name, tensor, shape, dtype in (("current", current, tuple(logits.shape), logits.dtype),
-                                       ("mask", mask, (B, N), torch.bool), ("t", t, (B,), logits.dtype),
-                                       ("keys", keys, (B,), torch.int64)):
+    for name, tensor, shape, dtype in (
+        ("current", current, tuple(logits.shape), logits.dtype),
+        ("mask", mask, (B, N), torch.bool),
+        ("t", t, (B,), logits.dtype),
+        ("keys", keys, (B,), torch.int64),
+    ):
         if not torch.is_tensor(tensor) or tuple(tensor.shape) != shape:
             got = f"shape {list(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
             raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {got}")
@@ -131,7 +159,8 @@ def _fake(logits, current, mask, t, keys, step, stream, dt, noise_level):
     # Shapes for torch.compile / export; the checks also run here (a meta input sends the C++ op here).
     check_inputs(logits, current, mask, t, keys, step, stream, dt, noise_level)
     return torch.empty_like(logits, memory_format=torch.contiguous_format), torch.empty_like(
-        logits, memory_format=torch.contiguous_format)
+        logits, memory_format=torch.contiguous_format
+    )
 
 
 def _cpp_op():
@@ -144,12 +173,24 @@ bind_cpp_ops(_cpp_op)
 
 # custom_op, not triton_op: see cache_forecast.py.
 @torch.library.custom_op("fastflow::discrete_flow_step_triton", mutates_args=())
-def discrete_flow_step_triton(logits: torch.Tensor, current: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
-                              keys: torch.Tensor, step: int, stream: int, dt: float,
-                              noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastflow.triton_kernels import discrete_flow_step as kernel  # lazy: importing fastflow never needs triton
+def discrete_flow_step_triton(
+    logits: torch.Tensor,
+    current: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,
+    keys: torch.Tensor,
+    step: int,
+    stream: int,
+    dt: float,
+    noise_level: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastflow.triton_kernels import (
+        discrete_flow_step as kernel,  # lazy: importing fastflow never needs triton
+    )
 
-    check_inputs(logits, current, mask, t, keys, step, stream, dt, noise_level)  # a bad launch reads out of bounds
+    check_inputs(
+        logits, current, mask, t, keys, step, stream, dt, noise_level
+    )  # a bad launch reads out of bounds
     return kernel.discrete_flow_step(logits, current, mask, t, keys, step, stream, dt, noise_level)
 
 

@@ -38,14 +38,41 @@ import torch.nn.functional as F
 from fastflow.ops.backends import FLOAT_DTYPES, bind_cpp_ops, recompute_vjp, register_cpp_op, resolve_backend
 
 # Tensor arguments in schema order; the optional edge-input block is all given or all None.
-ARGUMENTS = ("node_terms_i", "node_terms_j", "gram_coords", "gram_weight", "out_weight", "out_bias", "values",
-             "attn_coords", "adjacency", "edge_feats", "edge_norm_weight", "edge_norm_bias", "edge_weight")
+ARGUMENTS = (
+    "node_terms_i",
+    "node_terms_j",
+    "gram_coords",
+    "gram_weight",
+    "out_weight",
+    "out_bias",
+    "values",
+    "attn_coords",
+    "adjacency",
+    "edge_feats",
+    "edge_norm_weight",
+    "edge_norm_bias",
+    "edge_weight",
+)
 
 
-def semla_attention(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values,
-                    attn_coords, adjacency, edge_feats=None, edge_norm_weight=None, edge_norm_bias=None,
-                    edge_weight=None, edge_norm_eps: float = 1e-5, coord_eps: float = 1e-6,
-                    backend: str | None = None):
+def semla_attention(
+    node_terms_i,
+    node_terms_j,
+    gram_coords,
+    gram_weight,
+    out_weight,
+    out_bias,
+    values,
+    attn_coords,
+    adjacency,
+    edge_feats=None,
+    edge_norm_weight=None,
+    edge_norm_bias=None,
+    edge_weight=None,
+    edge_norm_eps: float = 1e-5,
+    coord_eps: float = 1e-6,
+    backend: str | None = None,
+):
     """Fused Semla attention (see the module docstring for the math).
 
     Arguments (B molecules, N atoms, F hidden, S Gram sets, H heads, P coordinate sets, E_in edge channels):
@@ -61,8 +88,21 @@ def semla_attention(node_terms_i, node_terms_j, gram_coords, gram_weight, out_we
     Return:
         node_agg ``[B, N, H * d_head]``, coord_agg ``[B, N, P, 3]``, edge_out ``[B, N, N, E_out]`` (E_out may be 0).
     """
-    inputs = (node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values, attn_coords,
-              adjacency, edge_feats, edge_norm_weight, edge_norm_bias, edge_weight)
+    inputs = (
+        node_terms_i,
+        node_terms_j,
+        gram_coords,
+        gram_weight,
+        out_weight,
+        out_bias,
+        values,
+        attn_coords,
+        adjacency,
+        edge_feats,
+        edge_norm_weight,
+        edge_norm_bias,
+        edge_weight,
+    )
     check_inputs(*inputs)
     chosen = resolve_backend(backend, node_terms_i.device)
     if chosen == "cpp":
@@ -72,15 +112,31 @@ def semla_attention(node_terms_i, node_terms_j, gram_coords, gram_weight, out_we
     return semla_attention_reference(*inputs, edge_norm_eps=edge_norm_eps, coord_eps=coord_eps)
 
 
-def semla_attention_reference(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values,
-                              attn_coords, adjacency, edge_feats=None, edge_norm_weight=None, edge_norm_bias=None,
-                              edge_weight=None, edge_norm_eps: float = 1e-5, coord_eps: float = 1e-6):
+def semla_attention_reference(
+    node_terms_i,
+    node_terms_j,
+    gram_coords,
+    gram_weight,
+    out_weight,
+    out_bias,
+    values,
+    attn_coords,
+    adjacency,
+    edge_feats=None,
+    edge_norm_weight=None,
+    edge_norm_bias=None,
+    edge_weight=None,
+    edge_norm_eps: float = 1e-5,
+    coord_eps: float = 1e-6,
+):
     """The definition, in plain PyTorch: every [B, N, N, ·] pair tensor is materialised."""
     H, P = values.size(2), attn_coords.size(1)
     gram = torch.einsum("bsik,bsjk->bijs", gram_coords, gram_coords)  # G_ij,s
     hidden = node_terms_i.unsqueeze(2) + node_terms_j.unsqueeze(1) + gram @ gram_weight.T
     if edge_feats is not None:
-        normed = F.layer_norm(edge_feats, edge_feats.shape[-1:], edge_norm_weight, edge_norm_bias, edge_norm_eps)
+        normed = F.layer_norm(
+            edge_feats, edge_feats.shape[-1:], edge_norm_weight, edge_norm_bias, edge_norm_eps
+        )
         hidden = hidden + normed @ edge_weight.T
     z = F.silu(hidden) @ out_weight.T + out_bias
     node_logits, coord_logits, edge_out = z.split([H, P, z.size(-1) - H - P], dim=-1)
@@ -97,16 +153,33 @@ def semla_attention_reference(node_terms_i, node_terms_j, gram_coords, gram_weig
     return node_agg.flatten(2), coord_agg, edge_out.contiguous()
 
 
-def check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values, attn_coords,
-                 adjacency, edge_feats=None, edge_norm_weight=None, edge_norm_bias=None, edge_weight=None):
+def check_inputs(
+    node_terms_i,
+    node_terms_j,
+    gram_coords,
+    gram_weight,
+    out_weight,
+    out_bias,
+    values,
+    attn_coords,
+    adjacency,
+    edge_feats=None,
+    edge_norm_weight=None,
+    edge_norm_bias=None,
+    edge_weight=None,
+):
     """Raise with a message naming the argument, the expectation and what arrived."""
+
     def fail(name, expected, tensor):
         got = f"shape {list(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
         raise ValueError(f"semla_attention: {name} must have shape {expected}, got {got}")
 
     def check(name, tensor, shape):
-        if not torch.is_tensor(tensor) or tensor.dim() != len(shape) or any(
-                want is not None and have != want for have, want in zip(tensor.shape, shape)):
+        if (
+            not torch.is_tensor(tensor)
+            or tensor.dim() != len(shape)
+            or any(want is not None and have != want for have, want in zip(tensor.shape, shape))
+        ):
             fail(name, "[" + ", ".join("·" if want is None else str(want) for want in shape) + "]", tensor)
 
     check("node_terms_i", node_terms_i, (None, None, None))
@@ -123,16 +196,20 @@ def check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weigh
     P = attn_coords.size(1)
     check("out_weight", out_weight, (None, F_))
     if out_weight.size(0) < H + P:
-        raise ValueError(f"semla_attention: out_weight must have at least H + P = {H + P} rows (node and "
-                         f"coordinate logits), got {out_weight.size(0)}")
+        raise ValueError(
+            f"semla_attention: out_weight must have at least H + P = {H + P} rows (node and "
+            f"coordinate logits), got {out_weight.size(0)}"
+        )
     check("out_bias", out_bias, (out_weight.size(0),))
     check("adjacency", adjacency, (B, N, N))
     if adjacency.dtype != torch.bool:
         raise TypeError(f"semla_attention: adjacency must be a bool tensor, got {adjacency.dtype}")
     edge_block = (edge_feats, edge_norm_weight, edge_norm_bias, edge_weight)
     if any(t is None for t in edge_block) and any(t is not None for t in edge_block):
-        raise ValueError("semla_attention: edge_feats, edge_norm_weight, edge_norm_bias and edge_weight are "
-                         "given together or not at all")
+        raise ValueError(
+            "semla_attention: edge_feats, edge_norm_weight, edge_norm_bias and edge_weight are "
+            "given together or not at all"
+        )
     floats = [node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values, attn_coords]
     names = list(ARGUMENTS[:8])
     if edge_feats is not None:
@@ -148,15 +225,30 @@ def check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weigh
         raise TypeError(f"semla_attention: tensors must be float32 or float64, got {dtype}")
     for name, tensor in zip(names, floats):
         if tensor.dtype != dtype:
-            raise TypeError(f"semla_attention: {name} has dtype {tensor.dtype}, expected {dtype} like node_terms_i")
+            raise TypeError(
+                f"semla_attention: {name} has dtype {tensor.dtype}, expected {dtype} like node_terms_i"
+            )
     for name, tensor in zip(names + ["adjacency"], floats + [adjacency]):
         if tensor.device != device:
-            raise ValueError(f"semla_attention: {name} is on {tensor.device}, expected {device} like node_terms_i")
+            raise ValueError(
+                f"semla_attention: {name} is on {tensor.device}, expected {device} like node_terms_i"
+            )
 
 
-def semla_attention_flops(node_terms_i_shape, node_terms_j_shape, gram_coords_shape, gram_weight_shape,
-                          out_weight_shape, out_bias_shape, values_shape, attn_coords_shape, adjacency_shape,
-                          edge_feats_shape=None, *args, **kwargs) -> int:
+def semla_attention_flops(
+    node_terms_i_shape,
+    node_terms_j_shape,
+    gram_coords_shape,
+    gram_weight_shape,
+    out_weight_shape,
+    out_bias_shape,
+    values_shape,
+    attn_coords_shape,
+    adjacency_shape,
+    edge_feats_shape=None,
+    *args,
+    **kwargs,
+) -> int:
     """Minimal FLOPs (2 per multiply-add) of the op, a torch.utils.flop_counter formula registered by
     fastflow.benchmarks.kernels (importing flop_counter imports triton, which must stay lazy). Per pair: the Gram
     entries (3S), the Gram and edge terms of the hidden layer (S·F, E_in·F), the output linear (F·(H + P + E_out)), the
@@ -168,13 +260,40 @@ def semla_attention_flops(node_terms_i_shape, node_terms_j_shape, gram_coords_sh
     return 2 * B * N * N * per_pair
 
 
-def _semla_attention_fake(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values,
-                          attn_coords, adjacency, edge_feats, edge_norm_weight, edge_norm_bias, edge_weight,
-                          edge_norm_eps, coord_eps):
+def _semla_attention_fake(
+    node_terms_i,
+    node_terms_j,
+    gram_coords,
+    gram_weight,
+    out_weight,
+    out_bias,
+    values,
+    attn_coords,
+    adjacency,
+    edge_feats,
+    edge_norm_weight,
+    edge_norm_bias,
+    edge_weight,
+    edge_norm_eps,
+    coord_eps,
+):
     # Output shapes, so torch.compile and torch.export can trace the op; the checks also run here because a
     # meta or fake input sends even the C++ op to this function instead of its kernel.
-    check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values, attn_coords,
-                 adjacency, edge_feats, edge_norm_weight, edge_norm_bias, edge_weight)
+    check_inputs(
+        node_terms_i,
+        node_terms_j,
+        gram_coords,
+        gram_weight,
+        out_weight,
+        out_bias,
+        values,
+        attn_coords,
+        adjacency,
+        edge_feats,
+        edge_norm_weight,
+        edge_norm_bias,
+        edge_weight,
+    )
     B, N, _ = node_terms_i.shape
     H, d_head, P = values.size(2), values.size(3), attn_coords.size(1)
     E_out = out_weight.size(0) - H - P
@@ -189,8 +308,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_node, grad_coord, grad_edge):
-    return recompute_vjp(semla_attention_reference, ctx.inputs, len(ARGUMENTS), (grad_node, grad_coord, grad_edge),
-                         skip=(ARGUMENTS.index("adjacency"),))
+    return recompute_vjp(
+        semla_attention_reference,
+        ctx.inputs,
+        len(ARGUMENTS),
+        (grad_node, grad_coord, grad_edge),
+        skip=(ARGUMENTS.index("adjacency"),),
+    )
 
 
 def _cpp_op():
@@ -203,20 +327,60 @@ bind_cpp_ops(_cpp_op)
 
 # custom_op, not triton_op: see cache_forecast.py.
 @torch.library.custom_op("fastflow::semla_attention_triton", mutates_args=())
-def semla_attention_triton(node_terms_i: torch.Tensor, node_terms_j: torch.Tensor, gram_coords: torch.Tensor,
-                           gram_weight: torch.Tensor, out_weight: torch.Tensor, out_bias: torch.Tensor,
-                           values: torch.Tensor, attn_coords: torch.Tensor, adjacency: torch.Tensor,
-                           edge_feats: torch.Tensor | None, edge_norm_weight: torch.Tensor | None,
-                           edge_norm_bias: torch.Tensor | None, edge_weight: torch.Tensor | None,
-                           edge_norm_eps: float, coord_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastflow.triton_kernels import semla_attention as kernel  # lazy: importing fastflow never needs triton
+def semla_attention_triton(
+    node_terms_i: torch.Tensor,
+    node_terms_j: torch.Tensor,
+    gram_coords: torch.Tensor,
+    gram_weight: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    values: torch.Tensor,
+    attn_coords: torch.Tensor,
+    adjacency: torch.Tensor,
+    edge_feats: torch.Tensor | None,
+    edge_norm_weight: torch.Tensor | None,
+    edge_norm_bias: torch.Tensor | None,
+    edge_weight: torch.Tensor | None,
+    edge_norm_eps: float,
+    coord_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastflow.triton_kernels import (
+        semla_attention as kernel,  # lazy: importing fastflow never needs triton
+    )
 
     # Checked here too, not only in semla_attention(): a kernel launched on wrong shapes reads out of bounds.
-    check_inputs(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values, attn_coords,
-                 adjacency, edge_feats, edge_norm_weight, edge_norm_bias, edge_weight)
-    return kernel.semla_attention(node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias,
-                                  values, attn_coords, adjacency, edge_feats, edge_norm_weight, edge_norm_bias,
-                                  edge_weight, edge_norm_eps, coord_eps)
+    check_inputs(
+        node_terms_i,
+        node_terms_j,
+        gram_coords,
+        gram_weight,
+        out_weight,
+        out_bias,
+        values,
+        attn_coords,
+        adjacency,
+        edge_feats,
+        edge_norm_weight,
+        edge_norm_bias,
+        edge_weight,
+    )
+    return kernel.semla_attention(
+        node_terms_i,
+        node_terms_j,
+        gram_coords,
+        gram_weight,
+        out_weight,
+        out_bias,
+        values,
+        attn_coords,
+        adjacency,
+        edge_feats,
+        edge_norm_weight,
+        edge_norm_bias,
+        edge_weight,
+        edge_norm_eps,
+        coord_eps,
+    )
 
 
 semla_attention_triton.register_fake(_semla_attention_fake)

@@ -50,15 +50,35 @@ from typing import NamedTuple
 
 import torch
 
-from fastflow.ops.backends import FLOAT_DTYPES, BackendUnavailable, bind_cpp_ops, register_cpp_op, resolve_backend
+from fastflow.ops.backends import (
+    FLOAT_DTYPES,
+    BackendUnavailable,
+    bind_cpp_ops,
+    register_cpp_op,
+    resolve_backend,
+)
 from fastflow.tp.descriptor import MODES  # index = the mode code in paths[:, 0]
 
-PATH_COLUMNS = ("mode", "off1", "mul1", "d1", "off2", "mul2", "d2", "off_out", "mul_out", "d_out", "w_off",
-                "has_weight")
+PATH_COLUMNS = (
+    "mode",
+    "off1",
+    "mul1",
+    "d1",
+    "off2",
+    "mul2",
+    "d2",
+    "off_out",
+    "mul_out",
+    "d_out",
+    "w_off",
+    "has_weight",
+)
 WEIGHT_INDICES = {"uvw": "uvw", "uvu": "uv", "uvv": "uv", "uuw": "uw", "uuu": "u"}
 
 
-def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int, backend: str | None = None):
+def tensor_product(
+    x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int, backend: str | None = None
+):
     """Batched tensor product ``out[z] = TP(x1[z], x2[z]; W)`` (see the module docstring for the math).
 
     Arguments (Z samples; descriptor tensors from ``TPDescriptor.tensors(dtype, device)``):
@@ -79,8 +99,20 @@ def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_o
     return tensor_product_reference(*args, int(dim_out))
 
 
-def tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, paths, cg_index, cg_value,
-            cg_offsets, dim_out: int, backend: str | None = None):
+def tp_conv(
+    node_feats,
+    edge_attrs,
+    weights,
+    edge_src,
+    edge_dst,
+    n_nodes: int,
+    paths,
+    cg_index,
+    cg_value,
+    cg_offsets,
+    dim_out: int,
+    backend: str | None = None,
+):
     """Fused gather–tensor product–scatter: ``out[n] = Σ_{e: edge_dst[e] = n} TP(node_feats[edge_src[e]],
     edge_attrs[e]; W_e)``, without the ``[E, dim_out]`` messages in the fused kernels.
 
@@ -99,7 +131,9 @@ def tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, p
     check_conv_inputs(*args, int(n_nodes), *descriptor, int(dim_out))
     chosen = _resolve(backend, node_feats.device)
     if chosen == "cpp":
-        return _cpp_ops().tp_conv.default(*_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out))
+        return _cpp_ops().tp_conv.default(
+            *_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out)
+        )
     if chosen == "triton":
         return tp_conv_triton(*_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out))
     return tp_conv_reference(*args, int(n_nodes), *descriptor, int(dim_out))
@@ -115,11 +149,23 @@ def tensor_product_reference(x1, x2, weights, paths, cg_index, cg_value, cg_offs
     return out
 
 
-def tp_conv_reference(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, paths, cg_index,
-                      cg_value, cg_offsets, dim_out: int):
+def tp_conv_reference(
+    node_feats,
+    edge_attrs,
+    weights,
+    edge_src,
+    edge_dst,
+    n_nodes: int,
+    paths,
+    cg_index,
+    cg_value,
+    cg_offsets,
+    dim_out: int,
+):
     """Gather by edge source, tensor product per edge, scatter-sum to edge destinations."""
-    messages = tensor_product_reference(node_feats[edge_src], edge_attrs, weights, paths, cg_index, cg_value,
-                                        cg_offsets, dim_out)
+    messages = tensor_product_reference(
+        node_feats[edge_src], edge_attrs, weights, paths, cg_index, cg_value, cg_offsets, dim_out
+    )
     return node_feats.new_zeros(n_nodes, dim_out).index_add(0, edge_dst, messages)
 
 
@@ -150,12 +196,14 @@ def _dense_paths(x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
     Z = x1.shape[0]
     shared = weights.dim() == 1
     for p, (mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight) in enumerate(
-            paths.tolist()):
+        paths.tolist()
+    ):
         mode = MODES[mode]
         cols1, cols2 = slice(off1, off1 + mul1 * d1), slice(off2, off2 + mul2 * d2)
         start, stop = cg_offsets[p].item(), cg_offsets[p + 1].item()
-        C = x1.new_zeros(d1, d2, d_out).index_put(tuple(cg_index[start:stop].T), cg_value[start:stop],
-                                                 accumulate=True)
+        C = x1.new_zeros(d1, d2, d_out).index_put(
+            tuple(cg_index[start:stop].T), cg_value[start:stop], accumulate=True
+        )
         w_shape = _weight_shape(mode, mul1, mul2, mul_out)
         if has_weight:
             cols_w = slice(w_off, w_off + math.prod(w_shape))
@@ -165,9 +213,18 @@ def _dense_paths(x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
         z = "" if shared or not has_weight else "z"
         target = {"uvw": "w", "uvu": "u", "uvv": "v", "uuw": "w", "uuu": "u"}[mode]
         second = "v" if mode in ("uvw", "uvu", "uvv") else "u"
-        yield _DensePath(cols1, cols2, slice(off_out, off_out + mul_out * d_out), cols_w,
-                         x1[:, cols1].reshape(Z, mul1, d1), x2[:, cols2].reshape(Z, mul2, d2), C, W,
-                         (mul_out, d_out), (target, second, z + WEIGHT_INDICES[mode]))
+        yield _DensePath(
+            cols1,
+            cols2,
+            slice(off_out, off_out + mul_out * d_out),
+            cols_w,
+            x1[:, cols1].reshape(Z, mul1, d1),
+            x2[:, cols2].reshape(Z, mul2, d2),
+            C,
+            W,
+            (mul_out, d_out),
+            (target, second, z + WEIGHT_INDICES[mode]),
+        )
 
 
 # ---- argument checks ----
@@ -175,8 +232,12 @@ def _dense_paths(x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
 
 def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: str = "tensor_product"):
     """The descriptor tensors' shapes, dtypes and devices (values are checked where cheap: see check_inputs)."""
-    for name, tensor, ndim in (("paths", paths, 2), ("cg_index", cg_index, 2), ("cg_value", cg_value, 1),
-                               ("cg_offsets", cg_offsets, 1)):
+    for name, tensor, ndim in (
+        ("paths", paths, 2),
+        ("cg_index", cg_index, 2),
+        ("cg_value", cg_value, 1),
+        ("cg_offsets", cg_offsets, 1),
+    ):
         if not torch.is_tensor(tensor) or tensor.dim() != ndim:
             got = f"shape {list(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
             raise ValueError(f"{op}: {name} must be a {ndim}-d tensor, got {got}")
@@ -187,11 +248,15 @@ def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: s
             raise TypeError(f"{op}: {name} must have dtype {expected}, got {tensor.dtype}")
     P, C = paths.size(0), cg_index.size(0)
     if paths.size(1) != len(PATH_COLUMNS):
-        raise ValueError(f"{op}: paths must have shape [P, {len(PATH_COLUMNS)}] ({', '.join(PATH_COLUMNS)}), "
-                         f"got {list(paths.shape)}")
+        raise ValueError(
+            f"{op}: paths must have shape [P, {len(PATH_COLUMNS)}] ({', '.join(PATH_COLUMNS)}), "
+            f"got {list(paths.shape)}"
+        )
     if cg_index.size(1) != 3 or cg_value.size(0) != C or cg_offsets.size(0) != P + 1:
-        raise ValueError(f"{op}: cg_index [C, 3], cg_value [C] and cg_offsets [P + 1] disagree: "
-                         f"{list(cg_index.shape)}, {list(cg_value.shape)}, {list(cg_offsets.shape)} with P = {P}")
+        raise ValueError(
+            f"{op}: cg_index [C, 3], cg_value [C] and cg_offsets [P + 1] disagree: "
+            f"{list(cg_index.shape)}, {list(cg_value.shape)}, {list(cg_offsets.shape)} with P = {P}"
+        )
 
 
 def _extents(paths) -> tuple[int, int, int, int]:
@@ -222,24 +287,35 @@ def _check_features(op, pairs, weights, rows, row_name):
         if tensor.device != device:
             raise ValueError(f"{op}: {name} is on {tensor.device}, expected {device} like {pairs[0][0]}")
         if expected_rows is not None and tensor.size(0) != expected_rows:
-            raise ValueError(f"{op}: {name} must have {expected_rows} rows (one per {row_name}), got shape "
-                             f"{list(tensor.shape)}")
+            raise ValueError(
+                f"{op}: {name} must have {expected_rows} rows (one per {row_name}), got shape "
+                f"{list(tensor.shape)}"
+            )
     if weights.dim() not in (1, 2) or (weights.dim() == 2 and weights.size(0) != rows):
-        raise ValueError(f"{op}: weights must be [n_weights] (shared) or [{rows}, n_weights] (one row per "
-                         f"{row_name}), got shape {list(weights.shape)}")
+        raise ValueError(
+            f"{op}: weights must be [n_weights] (shared) or [{rows}, n_weights] (one row per "
+            f"{row_name}), got shape {list(weights.shape)}"
+        )
 
 
 def _check_extents(op, pairs, weights, paths, dim_out):
     if dim_out < 0:
         raise ValueError(f"{op}: dim_out must be >= 0, got {dim_out}")
     width1, width2, width_out, width_w = _extents(paths)
-    for name, tensor, width in ((pairs[0][0], pairs[0][1], width1), (pairs[1][0], pairs[1][1], width2),
-                                ("weights", weights, width_w)):
+    for name, tensor, width in (
+        (pairs[0][0], pairs[0][1], width1),
+        (pairs[1][0], pairs[1][1], width2),
+        ("weights", weights, width_w),
+    ):
         if tensor.size(-1) < width:
-            raise ValueError(f"{op}: the descriptor's paths read {width} features of {name}, which has "
-                             f"{tensor.size(-1)} (shape {list(tensor.shape)}): irreps mismatch")
+            raise ValueError(
+                f"{op}: the descriptor's paths read {width} features of {name}, which has "
+                f"{tensor.size(-1)} (shape {list(tensor.shape)}): irreps mismatch"
+            )
     if dim_out < width_out:
-        raise ValueError(f"{op}: the descriptor's paths write {width_out} output features, but dim_out = {dim_out}")
+        raise ValueError(
+            f"{op}: the descriptor's paths write {width_out} output features, but dim_out = {dim_out}"
+        )
 
 
 def check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int) -> None:
@@ -254,8 +330,19 @@ def check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out
     _check_extents(op, pairs, weights, paths, dim_out)
 
 
-def check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes: int, paths, cg_index, cg_value,
-                      cg_offsets, dim_out: int) -> None:
+def check_conv_inputs(
+    node_feats,
+    edge_attrs,
+    weights,
+    edge_src,
+    edge_dst,
+    n_nodes: int,
+    paths,
+    cg_index,
+    cg_value,
+    cg_offsets,
+    dim_out: int,
+) -> None:
     """Raise with a message naming the argument, the expectation and what arrived (tp_conv). Edge indices are
     checked against the node counts (one reduction each; skipped while compiling)."""
     op = "tp_conv"
@@ -269,20 +356,26 @@ def check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nod
     _check_extents(op, pairs, weights, paths, dim_out)
     if n_nodes < 0:
         raise ValueError(f"{op}: n_nodes must be >= 0, got {n_nodes}")
-    for name, index, bound, bound_name in (("edge_src", edge_src, node_feats.size(0), "node_feats rows"),
-                                           ("edge_dst", edge_dst, n_nodes, "n_nodes")):
+    for name, index, bound, bound_name in (
+        ("edge_src", edge_src, node_feats.size(0), "node_feats rows"),
+        ("edge_dst", edge_dst, n_nodes, "n_nodes"),
+    ):
         if not torch.is_tensor(index) or index.dim() != 1 or index.size(0) != E:
             got = f"shape {list(index.shape)}" if torch.is_tensor(index) else type(index).__name__
             raise ValueError(f"{op}: {name} must have shape [{E}] (one index per edge), got {got}")
         if index.dtype != torch.int64:
             raise TypeError(f"{op}: {name} must be int64, got {index.dtype}")
         if index.device != node_feats.device:
-            raise ValueError(f"{op}: {name} is on {index.device}, expected {node_feats.device} like node_feats")
+            raise ValueError(
+                f"{op}: {name} is on {index.device}, expected {node_feats.device} like node_feats"
+            )
         if E and _readable(index):
             low, high = (int(v) for v in torch.aminmax(index))
             if low < 0 or high >= bound:
-                raise IndexError(f"{op}: {name} holds indices in [{low}, {high}], outside [0, {bound}) "
-                                 f"({bound_name} = {bound})")
+                raise IndexError(
+                    f"{op}: {name} holds indices in [{low}, {high}], outside [0, {bound}) "
+                    f"({bound_name} = {bound})"
+                )
 
 
 def check_grad(op, grad_out, rows: int | None, like: torch.Tensor) -> None:
@@ -290,18 +383,24 @@ def check_grad(op, grad_out, rows: int | None, like: torch.Tensor) -> None:
     forward's input."""
     if not torch.is_tensor(grad_out) or grad_out.dim() != 2 or rows not in (None, grad_out.size(0)):
         got = f"shape {list(grad_out.shape)}" if torch.is_tensor(grad_out) else type(grad_out).__name__
-        raise ValueError(f"{op}: grad_out must have shape [{'n_nodes' if rows is None else rows}, dim_out], "
-                         f"got {got}")
+        raise ValueError(
+            f"{op}: grad_out must have shape [{'n_nodes' if rows is None else rows}, dim_out], got {got}"
+        )
     if torch.is_tensor(like) and (grad_out.dtype != like.dtype or grad_out.device != like.device):
-        raise TypeError(f"{op}: grad_out is {grad_out.dtype} on {grad_out.device}, expected {like.dtype} on "
-                        f"{like.device} like the inputs")
+        raise TypeError(
+            f"{op}: grad_out is {grad_out.dtype} on {grad_out.device}, expected {like.dtype} on "
+            f"{like.device} like the inputs"
+        )
 
 
 def _readable(tensor: torch.Tensor) -> bool:
     """Whether the values of ``tensor`` can be read for a check: not for fake or meta tensors (tracing, fake
     kernels) nor while torch.compile traces."""
-    return (not torch.compiler.is_compiling() and tensor.device.type != "meta"
-            and not torch._subclasses.fake_tensor.is_fake(tensor))
+    return (
+        not torch.compiler.is_compiling()
+        and tensor.device.type != "meta"
+        and not torch._subclasses.fake_tensor.is_fake(tensor)
+    )
 
 
 def _fail_2d(op, name, tensor):
@@ -316,7 +415,9 @@ def _contiguous(tensors):
 # ---- backend availability for these ops ----
 
 _warned: set[str] = set()
-_available: set[str] = set()  # backends found to have these ops (checked once: torch.compile cannot trace the check)
+_available: set[str] = (
+    set()
+)  # backends found to have these ops (checked once: torch.compile cannot trace the check)
 
 
 def cpp_unavailable_reason() -> str | None:
@@ -327,9 +428,12 @@ def cpp_unavailable_reason() -> str | None:
         return _extension.extension_status()["reason"]
     for name in ("tensor_product", "tp_conv"):
         if not hasattr(torch.ops.fastflow, name) or not torch._C._dispatch_has_kernel_for_dispatch_key(
-                f"fastflow::{name}", "CPU"):
-            return (f"the loaded fastflow._C has no CPU kernel for fastflow::{name} (built before "
-                    "csrc/tensor_product.cpp? rebuild with `pip install --no-build-isolation -e .`)")
+            f"fastflow::{name}", "CPU"
+        ):
+            return (
+                f"the loaded fastflow._C has no CPU kernel for fastflow::{name} (built before "
+                "csrc/tensor_product.cpp? rebuild with `pip install --no-build-isolation -e .`)"
+            )
     _available.add("cpp")
     return None
 
@@ -375,17 +479,41 @@ def _tensor_product_backward_fake(grad_out, x1, x2, weights, paths, cg_index, cg
     return torch.empty_like(x1), torch.empty_like(x2), torch.empty_like(weights)
 
 
-def _tp_conv_fake(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index, cg_value,
-                  cg_offsets, dim_out):
-    check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index, cg_value,
-                      cg_offsets, dim_out)
+def _tp_conv_fake(
+    node_feats,
+    edge_attrs,
+    weights,
+    edge_src,
+    edge_dst,
+    n_nodes,
+    paths,
+    cg_index,
+    cg_value,
+    cg_offsets,
+    dim_out,
+):
+    check_conv_inputs(
+        node_feats,
+        edge_attrs,
+        weights,
+        edge_src,
+        edge_dst,
+        n_nodes,
+        paths,
+        cg_index,
+        cg_value,
+        cg_offsets,
+        dim_out,
+    )
     return node_feats.new_empty(n_nodes, dim_out)
 
 
-def _tp_conv_backward_fake(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value,
-                           cg_offsets):
-    _check_tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value,
-                            cg_offsets)
+def _tp_conv_backward_fake(
+    grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets
+):
+    _check_tp_conv_backward(
+        grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets
+    )
     return torch.empty_like(node_feats), torch.empty_like(edge_attrs), torch.empty_like(weights)
 
 
@@ -394,11 +522,23 @@ def _check_tensor_product_backward(grad_out, x1, x2, weights, paths, cg_index, c
     check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, grad_out.size(1))
 
 
-def _check_tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index,
-                            cg_value, cg_offsets):
+def _check_tp_conv_backward(
+    grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets
+):
     check_grad("tp_conv_backward", grad_out, None, node_feats)
-    check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, grad_out.size(0), paths, cg_index,
-                      cg_value, cg_offsets, grad_out.size(1))
+    check_conv_inputs(
+        node_feats,
+        edge_attrs,
+        weights,
+        edge_src,
+        edge_dst,
+        grad_out.size(0),
+        paths,
+        cg_index,
+        cg_value,
+        cg_offsets,
+        grad_out.size(1),
+    )
 
 
 # ---- autograd: fused backward kernel, or the reference's VJP when the backward builds a graph ----
@@ -421,11 +561,13 @@ def tensor_product_grads_reference(grad_out, x1, x2, weights, paths, cg_index, c
     return grad_x1, grad_x2, grad_w
 
 
-def tp_conv_grads_reference(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value,
-                            cg_offsets):
+def tp_conv_grads_reference(
+    grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets
+):
     """Gradients of sum(grad_out * tp_conv) wrt (node_feats, edge_attrs, weights), like the above."""
     grad_x1, grad_edge_attrs, grad_w = tensor_product_grads_reference(
-        grad_out[edge_dst], node_feats[edge_src], edge_attrs, weights, paths, cg_index, cg_value, cg_offsets)
+        grad_out[edge_dst], node_feats[edge_src], edge_attrs, weights, paths, cg_index, cg_value, cg_offsets
+    )
     return torch.zeros_like(node_feats).index_add(0, edge_src, grad_x1), grad_edge_attrs, grad_w
 
 
@@ -435,7 +577,9 @@ def _tp_setup_context(ctx, inputs, output):
 
 def _conv_setup_context(ctx, inputs, output):
     node_feats, edge_attrs, weights, edge_src, edge_dst, _, paths, cg_index, cg_value, cg_offsets, _ = inputs
-    ctx.save_for_backward(node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets)
+    ctx.save_for_backward(
+        node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets
+    )
 
 
 def _make_backward(fused, reference, n_inputs: int, n_float: int = 3):
@@ -457,25 +601,43 @@ def _make_backward(fused, reference, n_inputs: int, n_float: int = 3):
 # The reference VJP as ops of their own (first-order backward of backends without a backward kernel): opaque to
 # torch.compile / AOT tracing, which cannot run the reference's data-dependent loop over paths on fake tensors.
 @torch.library.custom_op("fastflow::tensor_product_backward_reference", mutates_args=())
-def tensor_product_backward_reference(grad_out: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
-                                      weights: torch.Tensor, paths: torch.Tensor, cg_index: torch.Tensor,
-                                      cg_value: torch.Tensor,
-                                      cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tensor_product_backward_reference(
+    grad_out: torch.Tensor,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    weights: torch.Tensor,
+    paths: torch.Tensor,
+    cg_index: torch.Tensor,
+    cg_value: torch.Tensor,
+    cg_offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tensor_product_grads_reference(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets)
 
 
 @torch.library.custom_op("fastflow::tp_conv_backward_reference", mutates_args=())
-def tp_conv_backward_reference(grad_out: torch.Tensor, node_feats: torch.Tensor, edge_attrs: torch.Tensor,
-                               weights: torch.Tensor, edge_src: torch.Tensor, edge_dst: torch.Tensor,
-                               paths: torch.Tensor, cg_index: torch.Tensor, cg_value: torch.Tensor,
-                               cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tp_conv_grads_reference(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index,
-                                   cg_value, cg_offsets)
+def tp_conv_backward_reference(
+    grad_out: torch.Tensor,
+    node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor,
+    weights: torch.Tensor,
+    edge_src: torch.Tensor,
+    edge_dst: torch.Tensor,
+    paths: torch.Tensor,
+    cg_index: torch.Tensor,
+    cg_value: torch.Tensor,
+    cg_offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tp_conv_grads_reference(
+        grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets
+    )
 
 
 tensor_product_backward_reference.register_fake(_tensor_product_backward_fake)
 tp_conv_backward_reference.register_fake(_tp_conv_backward_fake)
-_REFERENCE_BACKWARD = {"tensor_product": tensor_product_backward_reference, "tp_conv": tp_conv_backward_reference}
+_REFERENCE_BACKWARD = {
+    "tensor_product": tensor_product_backward_reference,
+    "tp_conv": tp_conv_backward_reference,
+}
 
 
 def _cpp_backward(name):
@@ -483,6 +645,7 @@ def _cpp_backward(name):
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastflow::{name}_backward", "CPU"):
             return getattr(torch.ops.fastflow, f"{name}_backward").default
         return _REFERENCE_BACKWARD[name]
+
     return get
 
 
@@ -500,12 +663,19 @@ def _bind_cpp_ops():
     """Register the fake kernels and autograd of the C++ ops, where fastflow._C has them (an older build may not)."""
     if not hasattr(torch.ops.fastflow, "tp_conv"):
         return
-    register_cpp_op("tensor_product", _tensor_product_fake,
-                    _make_backward(_cpp_backward("tensor_product"), tensor_product_grads_reference, 8),
-                    _tp_setup_context)
+    register_cpp_op(
+        "tensor_product",
+        _tensor_product_fake,
+        _make_backward(_cpp_backward("tensor_product"), tensor_product_grads_reference, 8),
+        _tp_setup_context,
+    )
     register_cpp_op("tensor_product_backward", _tensor_product_backward_fake)
-    register_cpp_op("tp_conv", _tp_conv_fake,
-                    _make_backward(_cpp_backward("tp_conv"), tp_conv_grads_reference, 11), _conv_setup_context)
+    register_cpp_op(
+        "tp_conv",
+        _tp_conv_fake,
+        _make_backward(_cpp_backward("tp_conv"), tp_conv_grads_reference, 11),
+        _conv_setup_context,
+    )
     register_cpp_op("tp_conv_backward", _tp_conv_backward_fake)
 
 
@@ -517,53 +687,128 @@ bind_cpp_ops(_bind_cpp_ops)
 
 
 def _triton_kernels():
-    return importlib.import_module("fastflow.triton_kernels.tensor_product")  # lazy: fastflow never needs triton
+    return importlib.import_module(
+        "fastflow.triton_kernels.tensor_product"
+    )  # lazy: fastflow never needs triton
 
 
 @torch.library.custom_op("fastflow::tensor_product_triton", mutates_args=())
-def tensor_product_triton(x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, paths: torch.Tensor,
-                          cg_index: torch.Tensor, cg_value: torch.Tensor, cg_offsets: torch.Tensor,
-                          dim_out: int) -> torch.Tensor:
+def tensor_product_triton(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    weights: torch.Tensor,
+    paths: torch.Tensor,
+    cg_index: torch.Tensor,
+    cg_value: torch.Tensor,
+    cg_offsets: torch.Tensor,
+    dim_out: int,
+) -> torch.Tensor:
     # Every Triton op checks before launching: a kernel launched on wrong shapes reads out of bounds.
     check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
     return _triton_kernels().tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
 
 
 @torch.library.custom_op("fastflow::tensor_product_backward_triton", mutates_args=())
-def tensor_product_backward_triton(grad_out: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor,
-                                   paths: torch.Tensor, cg_index: torch.Tensor, cg_value: torch.Tensor,
-                                   cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tensor_product_backward_triton(
+    grad_out: torch.Tensor,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    weights: torch.Tensor,
+    paths: torch.Tensor,
+    cg_index: torch.Tensor,
+    cg_value: torch.Tensor,
+    cg_offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_tensor_product_backward(grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets)
-    return tuple(_triton_kernels().tensor_product_backward(grad_out, x1, x2, weights, paths, cg_index, cg_value,
-                                                           cg_offsets))
+    return tuple(
+        _triton_kernels().tensor_product_backward(
+            grad_out, x1, x2, weights, paths, cg_index, cg_value, cg_offsets
+        )
+    )
 
 
 @torch.library.custom_op("fastflow::tp_conv_triton", mutates_args=())
-def tp_conv_triton(node_feats: torch.Tensor, edge_attrs: torch.Tensor, weights: torch.Tensor, edge_src: torch.Tensor,
-                   edge_dst: torch.Tensor, n_nodes: int, paths: torch.Tensor, cg_index: torch.Tensor,
-                   cg_value: torch.Tensor, cg_offsets: torch.Tensor, dim_out: int) -> torch.Tensor:
-    check_conv_inputs(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index, cg_value,
-                      cg_offsets, dim_out)
-    return _triton_kernels().tp_conv(node_feats, edge_attrs, weights, edge_src, edge_dst, n_nodes, paths, cg_index,
-                                     cg_value, cg_offsets, dim_out)
+def tp_conv_triton(
+    node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor,
+    weights: torch.Tensor,
+    edge_src: torch.Tensor,
+    edge_dst: torch.Tensor,
+    n_nodes: int,
+    paths: torch.Tensor,
+    cg_index: torch.Tensor,
+    cg_value: torch.Tensor,
+    cg_offsets: torch.Tensor,
+    dim_out: int,
+) -> torch.Tensor:
+    check_conv_inputs(
+        node_feats,
+        edge_attrs,
+        weights,
+        edge_src,
+        edge_dst,
+        n_nodes,
+        paths,
+        cg_index,
+        cg_value,
+        cg_offsets,
+        dim_out,
+    )
+    return _triton_kernels().tp_conv(
+        node_feats,
+        edge_attrs,
+        weights,
+        edge_src,
+        edge_dst,
+        n_nodes,
+        paths,
+        cg_index,
+        cg_value,
+        cg_offsets,
+        dim_out,
+    )
 
 
 @torch.library.custom_op("fastflow::tp_conv_backward_triton", mutates_args=())
-def tp_conv_backward_triton(grad_out: torch.Tensor, node_feats: torch.Tensor, edge_attrs: torch.Tensor,
-                            weights: torch.Tensor, edge_src: torch.Tensor, edge_dst: torch.Tensor, paths: torch.Tensor,
-                            cg_index: torch.Tensor, cg_value: torch.Tensor,
-                            cg_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index,
-                            cg_value, cg_offsets)
-    return tuple(_triton_kernels().tp_conv_backward(grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst,
-                                                    paths, cg_index, cg_value, cg_offsets))
+def tp_conv_backward_triton(
+    grad_out: torch.Tensor,
+    node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor,
+    weights: torch.Tensor,
+    edge_src: torch.Tensor,
+    edge_dst: torch.Tensor,
+    paths: torch.Tensor,
+    cg_index: torch.Tensor,
+    cg_value: torch.Tensor,
+    cg_offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_tp_conv_backward(
+        grad_out, node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets
+    )
+    return tuple(
+        _triton_kernels().tp_conv_backward(
+            grad_out,
+            node_feats,
+            edge_attrs,
+            weights,
+            edge_src,
+            edge_dst,
+            paths,
+            cg_index,
+            cg_value,
+            cg_offsets,
+        )
+    )
 
 
 def _triton_backward(name):
     def get():
         if hasattr(_triton_kernels(), f"{name}_backward"):
-            return {"tensor_product": tensor_product_backward_triton, "tp_conv": tp_conv_backward_triton}[name]
+            return {"tensor_product": tensor_product_backward_triton, "tp_conv": tp_conv_backward_triton}[
+                name
+            ]
         return _REFERENCE_BACKWARD[name]
+
     return get
 
 
@@ -573,6 +818,9 @@ tp_conv_triton.register_fake(_tp_conv_fake)
 tp_conv_backward_triton.register_fake(_tp_conv_backward_fake)
 tensor_product_triton.register_autograd(
     _make_backward(_triton_backward("tensor_product"), tensor_product_grads_reference, 8),
-    setup_context=_tp_setup_context)
-tp_conv_triton.register_autograd(_make_backward(_triton_backward("tp_conv"), tp_conv_grads_reference, 11),
-                                 setup_context=_conv_setup_context)
+    setup_context=_tp_setup_context,
+)
+tp_conv_triton.register_autograd(
+    _make_backward(_triton_backward("tp_conv"), tp_conv_grads_reference, 11),
+    setup_context=_conv_setup_context,
+)

@@ -12,12 +12,37 @@ from fastflow.sampling.prior import sample_prior, zero_com
 from fastflow.sampling.sampler import QM9_SIZE_COUNTS, SampleResult, draw_sizes, plan_batches, sample
 from fastflow.sampling.schedule import SCHEDULES, time_grid
 from fastflow.sampling.step import (
-    FlowState, Prediction, SelfCond, StepContext, StepFn, current_step, model_step, step_context,
+    FlowState,
+    Prediction,
+    SelfCond,
+    StepContext,
+    StepFn,
+    current_step,
+    model_step,
+    step_context,
 )
 
 __all__ = [
-    "QM9_SIZE_COUNTS", "SCHEDULES", "FlowState", "Prediction", "SampleResult", "SelfCond", "StepContext",
-    "StepFn", "current_step", "step_context",
-    "discrete_flow_probs", "draw_sizes", "euler_coords", "integrate_step", "model_step", "plan_batches",
-    "rng", "sample", "sample_categorical", "sample_prior", "time_grid", "zero_com",
+    "QM9_SIZE_COUNTS",
+    "SCHEDULES",
+    "FlowState",
+    "Prediction",
+    "SampleResult",
+    "SelfCond",
+    "StepContext",
+    "StepFn",
+    "current_step",
+    "step_context",
+    "discrete_flow_probs",
+    "draw_sizes",
+    "euler_coords",
+    "integrate_step",
+    "model_step",
+    "plan_batches",
+    "rng",
+    "sample",
+    "sample_categorical",
+    "sample_prior",
+    "time_grid",
+    "zero_com",
 ]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
 from fastflow import rng
+from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
 
 SCALE_OT_FACTOR = 0.2
 
@@ -34,15 +34,22 @@ def zero_com(coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, coords - com, 0.0)
 
 
-def one_hot_masked(classes: torch.Tensor, n_classes: int, mask: torch.Tensor,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def one_hot_masked(
+    classes: torch.Tensor, n_classes: int, mask: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Float one-hot of ``classes``, all-zero where ``mask`` is False."""
     return F.one_hot(classes, n_classes).to(dtype) * mask.unsqueeze(-1)
 
 
-def sample_prior(keys: torch.Tensor, sizes: torch.Tensor, n_atoms: int, scale_ot: bool = False,
-                 n_atom_types: int = N_ATOM_TYPES, n_bond_types: int = N_BOND_TYPES,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+def sample_prior(
+    keys: torch.Tensor,
+    sizes: torch.Tensor,
+    n_atoms: int,
+    scale_ot: bool = False,
+    n_atom_types: int = N_ATOM_TYPES,
+    n_bond_types: int = N_BOND_TYPES,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, ...]:
     """Prior at t = 0: coords ``[B,N,3]``, one-hot atomics ``[B,N,V]``, bonds ``[B,N,N,K]``, mask ``[B,N]``.
 
     keys ``[B]``: per-molecule keys (:func:`rng.molecule_keys`); sizes ``[B]``: real atom counts; ``n_atoms``:

@@ -19,17 +19,17 @@ import math
 import numbers
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastflow import rng
 from fastflow.chem import MolGraph
 from fastflow.chem.vocab import QM9_COORD_STD
-from fastflow import rng
 from fastflow.sampling.integrator import integrate_step
 from fastflow.sampling.prior import sample_prior
 from fastflow.sampling.schedule import time_grid
@@ -38,12 +38,35 @@ from fastflow.sampling.step import FlowState, Prediction, SelfCond, StepFn, mode
 # Atom counts (hydrogens included) of QM9's 100k training molecules, the split used by EDM and SemlaFlow
 # (from EDM's qm9_with_h dataset config).
 QM9_SIZE_COUNTS: dict[int, int] = {
-    3: 1, 4: 4, 5: 5, 6: 9, 7: 16, 8: 49, 9: 124, 10: 362, 11: 807, 12: 1689, 13: 3060, 14: 5136, 15: 7796,
-    16: 10644, 17: 13025, 18: 13364, 19: 13832, 20: 9482, 21: 9970, 22: 3393, 23: 4848, 24: 539, 25: 1506,
-    26: 48, 27: 266, 29: 25,
+    3: 1,
+    4: 4,
+    5: 5,
+    6: 9,
+    7: 16,
+    8: 49,
+    9: 124,
+    10: 362,
+    11: 807,
+    12: 1689,
+    13: 3060,
+    14: 5136,
+    15: 7796,
+    16: 10644,
+    17: 13025,
+    18: 13364,
+    19: 13832,
+    20: 9482,
+    21: 9970,
+    22: 3393,
+    23: 4848,
+    24: 539,
+    25: 1506,
+    26: 48,
+    27: 266,
+    29: 25,
 }
 
-SizeDistribution = Union[Mapping[int, float], torch.Tensor, Sequence[float]]
+SizeDistribution = Mapping[int, float] | torch.Tensor | Sequence[float]
 
 
 @dataclass
@@ -88,8 +111,12 @@ def size_counts(distribution: SizeDistribution) -> torch.Tensor:
     return counts
 
 
-def draw_sizes(n_molecules: int, seed: int, distribution: SizeDistribution = QM9_SIZE_COUNTS,
-               indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+def draw_sizes(
+    n_molecules: int,
+    seed: int,
+    distribution: SizeDistribution = QM9_SIZE_COUNTS,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Atom counts ``[n_molecules]`` drawn from a histogram; molecule i's size depends only on (seed, i).
 
     ``indices`` (``[n_molecules]``, default ``0 … n_molecules−1``): the request indices to draw for, so a shard
@@ -102,8 +129,9 @@ def draw_sizes(n_molecules: int, seed: int, distribution: SizeDistribution = QM9
     return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=len(counts) - 1)
 
 
-def plan_batches(sizes: torch.Tensor, batch_size: int,
-                 max_batch_atoms: Optional[int] = None) -> list[torch.Tensor]:
+def plan_batches(
+    sizes: torch.Tensor, batch_size: int, max_batch_atoms: int | None = None
+) -> list[torch.Tensor]:
     """Split molecule indices into batches of similar size (sorted by atom count, so padding is small).
 
     Each batch holds at most ``batch_size`` molecules and, if given, at most ``max_batch_atoms`` padded atoms
@@ -130,18 +158,18 @@ def sample(
     steps: int = 100,
     schedule: str = "log",
     seed: int = 0,
-    sizes: Optional[Union[Sequence[int], torch.Tensor]] = None,
-    size_distribution: Optional[SizeDistribution] = None,
+    sizes: Sequence[int] | torch.Tensor | None = None,
+    size_distribution: SizeDistribution | None = None,
     batch_size: int = 256,
-    max_batch_atoms: Optional[int] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    coord_scale: Optional[float] = None,
+    max_batch_atoms: int | None = None,
+    device: str | torch.device | None = None,
+    coord_scale: float | None = None,
     noise_level: float = 1.0,
     scale_ot: bool = False,
-    progress: Optional[bool] = None,
+    progress: bool | None = None,
     step_fn: StepFn = model_step,
-    indices: Optional[Union[Sequence[int], torch.Tensor]] = None,
-    kernels: Optional[str] = None,
+    indices: Sequence[int] | torch.Tensor | None = None,
+    kernels: str | None = None,
 ) -> SampleResult:
     """Sample ``n_molecules`` molecules from a SemlaFlow-style generator.
 
@@ -186,8 +214,10 @@ def sample(
     max_atoms = getattr(config, "max_atoms", None)
     sizes = _check_sizes(n_molecules, seed, sizes, size_distribution, max_atoms, indices)
     if max_batch_atoms is not None and max_batch_atoms < int(sizes.max()):
-        raise ValueError(f"max_batch_atoms={max_batch_atoms} is smaller than the largest molecule "
-                         f"({int(sizes.max())} atoms)")
+        raise ValueError(
+            f"max_batch_atoms={max_batch_atoms} is smaller than the largest molecule "
+            f"({int(sizes.max())} atoms)"
+        )
     device = _check_device(model, device)
     batches = plan_batches(sizes, batch_size, max_batch_atoms)
     keys = rng.molecule_keys(seed, indices)
@@ -202,8 +232,19 @@ def sample(
         with torch.no_grad(), bar:
             for index in batches:
                 batch_out, batch_nfe = _sample_batch(
-                    model, step_fn, indices[index].to(device), sizes[index].to(device), keys[index].to(device),
-                    grid, self_cond, noise_level, scale_ot, coord_scale, bar, kernels)
+                    model,
+                    step_fn,
+                    indices[index].to(device),
+                    sizes[index].to(device),
+                    keys[index].to(device),
+                    grid,
+                    self_cond,
+                    noise_level,
+                    scale_ot,
+                    coord_scale,
+                    bar,
+                    kernels,
+                )
                 nfe += batch_nfe
                 for i, out in zip(index.tolist(), batch_out):
                     outputs[i] = out
@@ -223,12 +264,14 @@ def sample(
         "wall_seconds": time.perf_counter() - started,
         "molecules_per_second": n_molecules / sampling_seconds,
     }
-    return SampleResult(graphs, molecules, coords, type_probs, bond_probs, charge_probs, sizes.tolist(),
-                        stats)
+    return SampleResult(
+        graphs, molecules, coords, type_probs, bond_probs, charge_probs, sizes.tolist(), stats
+    )
 
 
-def _sample_batch(model, step_fn, mol_index, sizes, keys, grid, self_cond, noise_level, scale_ot, coord_scale,
-                  bar, kernels) -> tuple[list[tuple[torch.Tensor, ...]], int]:
+def _sample_batch(
+    model, step_fn, mol_index, sizes, keys, grid, self_cond, noise_level, scale_ot, coord_scale, bar, kernels
+) -> tuple[list[tuple[torch.Tensor, ...]], int]:
     """Integrate one padded batch: per-molecule (coords Å, type, bond, charge probs) on CPU, and the nfe."""
     steps = len(grid) - 1
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -248,8 +291,9 @@ def _sample_batch(model, step_fn, mol_index, sizes, keys, grid, self_cond, noise
         # Padding of the prediction is zeroed (here and in the step's probabilities) so that it cannot reach the
         # next call.
         pred_coords = torch.where(mask.unsqueeze(-1), pred.coords, 0.0)
-        state, type_probs, bond_probs = integrate_step(state, pred_coords, pred.type_logits, pred.bond_logits,
-                                                       grid, noise_level, keys, kernels)
+        state, type_probs, bond_probs = integrate_step(
+            state, pred_coords, pred.type_logits, pred.bond_logits, grid, noise_level, keys, kernels
+        )
         if self_cond:
             cond = SelfCond(pred_coords, type_probs, bond_probs)
         bar.update(1)
@@ -257,8 +301,10 @@ def _sample_batch(model, step_fn, mol_index, sizes, keys, grid, self_cond, noise
     bad_steps = torch.stack(nonfinite).nonzero().flatten().tolist()
     if bad_steps:
         k = bad_steps[0]
-        raise FloatingPointError(f"the model returned NaN/inf for real atoms at step {k} of {steps} "
-                                 f"(t = {float(grid[k]):.4f}) in a batch of {len(sizes)} molecules")
+        raise FloatingPointError(
+            f"the model returned NaN/inf for real atoms at step {k} of {steps} "
+            f"(t = {float(grid[k]):.4f}) in a batch of {len(sizes)} molecules"
+        )
     charge_probs = F.softmax(pred.charge_logits, dim=-1)
     final = (pred_coords * coord_scale, type_probs, bond_probs, charge_probs)
     final = [tensor.cpu() for tensor in final]
@@ -267,8 +313,11 @@ def _sample_batch(model, step_fn, mol_index, sizes, keys, grid, self_cond, noise
 
 def _nonfinite(pred: Prediction, mask: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
     """0-d bool tensor: does any real atom or pair have a non-finite output?"""
-    atom_bad = ~(torch.isfinite(pred.coords).all(-1) & torch.isfinite(pred.type_logits).all(-1)
-                 & torch.isfinite(pred.charge_logits).all(-1))
+    atom_bad = ~(
+        torch.isfinite(pred.coords).all(-1)
+        & torch.isfinite(pred.type_logits).all(-1)
+        & torch.isfinite(pred.charge_logits).all(-1)
+    )
     pair_bad = ~torch.isfinite(pred.bond_logits).all(-1)
     return (atom_bad & mask).any() | (pair_bad & pair_mask).any()
 
@@ -288,8 +337,10 @@ def _check_indices(n_molecules, indices) -> torch.Tensor:
         return torch.arange(n_molecules)
     indices = torch.as_tensor(indices)
     if indices.dim() != 1 or len(indices) != n_molecules:
-        raise ValueError(f"indices must list one request index per molecule ({n_molecules}), got shape "
-                         f"{tuple(indices.shape)}")
+        raise ValueError(
+            f"indices must list one request index per molecule ({n_molecules}), got shape "
+            f"{tuple(indices.shape)}"
+        )
     if indices.is_floating_point() or indices.dtype == torch.bool:
         raise ValueError("indices must be integers")
     indices = indices.long().cpu()
@@ -307,8 +358,9 @@ def _check_sizes(n_molecules, seed, sizes, size_distribution, max_atoms, indices
     else:
         sizes = torch.as_tensor(sizes)
         if sizes.dim() != 1 or len(sizes) != n_molecules:
-            raise ValueError(f"sizes must list one atom count per molecule ({n_molecules}), got shape "
-                             f"{tuple(sizes.shape)}")
+            raise ValueError(
+                f"sizes must list one atom count per molecule ({n_molecules}), got shape {tuple(sizes.shape)}"
+            )
         if sizes.is_floating_point() and not torch.equal(sizes, sizes.round()):
             raise ValueError("sizes must be integers")
         sizes = sizes.long()
@@ -316,8 +368,10 @@ def _check_sizes(n_molecules, seed, sizes, size_distribution, max_atoms, indices
         raise ValueError(f"every molecule needs at least 1 atom; got size {int(sizes.min())}")
     # The size embedding has max_atoms rows, indexed by the atom count: the largest usable size is max_atoms-1.
     if max_atoms is not None and (sizes >= max_atoms).any():
-        raise ValueError(f"size {int(sizes.max())} is too large: the model embeds sizes up to "
-                         f"max_atoms-1 = {max_atoms - 1}")
+        raise ValueError(
+            f"size {int(sizes.max())} is too large: the model embeds sizes up to "
+            f"max_atoms-1 = {max_atoms - 1}"
+        )
     return sizes.cpu()
 
 
@@ -328,6 +382,8 @@ def _check_device(model: nn.Module, device) -> torch.device:
     device = torch.device(device)
     same = device.type == model_device.type and (device.index is None or device.index == model_device.index)
     if not same:
-        raise ValueError(f"the model is on {model_device} but device={device}; "
-                         f"move it first with model.to({str(device)!r})")
+        raise ValueError(
+            f"the model is on {model_device} but device={device}; "
+            f"move it first with model.to({str(device)!r})"
+        )
     return model_device

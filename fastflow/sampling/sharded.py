@@ -68,7 +68,9 @@ STOP_HOOK = "FASTFLOW_TEST_STOP_AFTER_SHARDS"
 # Ranks wait at barriers for the slowest rank's last shard: far longer than torch's 30-minute default.
 BARRIER_TIMEOUT = timedelta(hours=24)
 IDENTITY_KEYS = ("n", "steps", "schedule", "seed", "shard_size", "cache", "energy", "model_fingerprint")
-_OUR_FILES = re.compile(r"^\.?shard-\d+\..*$|^\.?manifest\.json.*$|^\.?molecules\.sdf.*$|^\.?metrics\.json.*$")
+_OUR_FILES = re.compile(
+    r"^\.?shard-\d+\..*$|^\.?manifest\.json.*$|^\.?molecules\.sdf.*$|^\.?metrics\.json.*$"
+)
 _TMP = re.compile(r"^\.?(shard-\d+|manifest\.json|molecules\.sdf|metrics\.json).*\.tmp$")
 
 
@@ -79,8 +81,10 @@ class MissingShards(ValueError):
         self.missing = missing
         shown = ", ".join(f"{s.name} (molecules {s.start}-{s.stop - 1})" for s in missing[:20])
         more = f", and {len(missing) - 20} more" if len(missing) > 20 else ""
-        super().__init__(f"{len(missing)} of {total} shards missing in {directory}: {shown}{more}; rerun the "
-                         f"same `fastflow sample` command to sample them")
+        super().__init__(
+            f"{len(missing)} of {total} shards missing in {directory}: {shown}{more}; rerun the "
+            f"same `fastflow sample` command to sample them"
+        )
 
 
 class OtherRankFailed(RuntimeError):
@@ -111,12 +115,19 @@ class DirectoryLock:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
             os.close(fd)
             if isinstance(error, BlockingIOError):
-                raise ValueError(f"{directory} is in use by another fastflow job ({holder}); one job per shard "
-                                 f"directory: wait for it to finish, or choose another directory") from None
+                raise ValueError(
+                    f"{directory} is in use by another fastflow job ({holder}); one job per shard "
+                    f"directory: wait for it to finish, or choose another directory"
+                ) from None
             raise ValueError(f"cannot lock {directory / LOCK}: {error}") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"purpose": purpose, "pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": _now()}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {"purpose": purpose, "pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+            ).encode(),
+            0,
+        )
         return cls(directory, fd)
 
     def release(self) -> None:
@@ -162,8 +173,10 @@ def plan_shards(n_molecules: int, shard_size: int) -> list[Shard]:
     for name, value in (("n", n_molecules), ("shard_size", shard_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return [Shard(k, start, min(start + shard_size, n_molecules))
-            for k, start in enumerate(range(0, n_molecules, shard_size))]
+    return [
+        Shard(k, start, min(start + shard_size, n_molecules))
+        for k, start in enumerate(range(0, n_molecules, shard_size))
+    ]
 
 
 def shard_directory(out: Path | None, shard_size: int | None) -> Path | None:
@@ -219,10 +232,17 @@ class ShardedRequest:
     def identity(self) -> dict:
         cache = dataclasses.asdict(self.cache) if self.cache is not None else None
         if cache is not None and cache.get("clock") == "time":  # the default, absent from directories written
-            del cache["clock"]                                 # before the step clock existed: they still resume
-        return {"n": self.n, "steps": self.steps, "schedule": self.schedule, "seed": self.seed,
-                "shard_size": self.shard_size, "cache": cache, "energy": self.energy,
-                "model_fingerprint": self.model_fingerprint}
+            del cache["clock"]  # before the step clock existed: they still resume
+        return {
+            "n": self.n,
+            "steps": self.steps,
+            "schedule": self.schedule,
+            "seed": self.seed,
+            "shard_size": self.shard_size,
+            "cache": cache,
+            "energy": self.energy,
+            "model_fingerprint": self.model_fingerprint,
+        }
 
 
 def build_manifest(request: ShardedRequest, model: str, cache_label: str) -> dict:
@@ -258,8 +278,11 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     if old.get("format") != new.get("format"):
         return [f"format: {old.get('format')!r} -> {new.get('format')!r}"]
     a, b = old.get("request", {}), new["request"]
-    return [f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}"
-            for key in IDENTITY_KEYS if a.get(key) != b.get(key)]
+    return [
+        f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}"
+        for key in IDENTITY_KEYS
+        if a.get(key) != b.get(key)
+    ]
 
 
 def prepare_directory(directory: Path, manifest: dict, overwrite: bool = False) -> list[Shard]:
@@ -271,13 +294,17 @@ def prepare_directory(directory: Path, manifest: dict, overwrite: bool = False) 
         old = load_manifest(directory)
         differences = manifest_differences(old, manifest)
         if differences:
-            raise ValueError(f"{directory} holds another request ({'; '.join(differences)}): rerun with the "
-                             f"same options to resume it, or pass --overwrite to discard its shards and start "
-                             f"over")
+            raise ValueError(
+                f"{directory} holds another request ({'; '.join(differences)}): rerun with the "
+                f"same options to resume it, or pass --overwrite to discard its shards and start "
+                f"over"
+            )
         manifest = old
     elif ours and not overwrite:
-        raise ValueError(f"{directory} holds shard files but no {MANIFEST}: pass --overwrite to discard them "
-                         f"and start over, or choose another --out")
+        raise ValueError(
+            f"{directory} holds shard files but no {MANIFEST}: pass --overwrite to discard them "
+            f"and start over, or choose another --out"
+        )
     else:
         for name in ours:
             (directory / name).unlink()
@@ -351,8 +378,16 @@ def aggregate_metrics(records: dict[str, list], energy: bool = True) -> dict[str
         "uniqueness": len(set(keys)) / len(keys) if keys else float("nan"),
     }
     if energy:
-        metrics.update(summarise_mmff([MMFFResult(*row) for row in zip(
-            records["mmff_atoms"], records["energy"], records["opt_energy"], records["opt_rmsd"])]))
+        metrics.update(
+            summarise_mmff(
+                [
+                    MMFFResult(*row)
+                    for row in zip(
+                        records["mmff_atoms"], records["energy"], records["opt_energy"], records["opt_rmsd"]
+                    )
+                ]
+            )
+        )
     return metrics
 
 
@@ -364,8 +399,13 @@ class Coordinator:
     torchrun). ``from_env`` joins torchrun's process group: gloo on CPU, nccl when ``device`` is CUDA (each
     rank then takes ``cuda:LOCAL_RANK``)."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                 distributed: bool = False):
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+        distributed: bool = False,
+    ):
         self.rank, self.world_size, self.device, self.distributed = rank, world_size, device, distributed
 
     @classmethod
@@ -449,15 +489,35 @@ def sample_sharded(
             if coordinator.rank == 0:
                 raise ValueError(status[1])
             raise OtherRankFailed(status[1])
-        return _sample_missing(model, directory, request, coordinator, status[1], started, handle, batch_size,
-                               size_distribution, progress)
+        return _sample_missing(
+            model,
+            directory,
+            request,
+            coordinator,
+            status[1],
+            started,
+            handle,
+            batch_size,
+            size_distribution,
+            progress,
+        )
     finally:
         if lock is not None:
             lock.release()
 
 
-def _sample_missing(model, directory, request, coordinator, missing_indices, started, handle, batch_size,
-                    size_distribution, progress) -> dict | None:
+def _sample_missing(
+    model,
+    directory,
+    request,
+    coordinator,
+    missing_indices,
+    started,
+    handle,
+    batch_size,
+    size_distribution,
+    progress,
+) -> dict | None:
     """This rank's share of the missing shards, then (rank 0) the run record and the merge."""
     rank, world = coordinator.rank, coordinator.world_size
     shards = plan_shards(request.n, request.shard_size)
@@ -468,7 +528,9 @@ def _sample_missing(model, directory, request, coordinator, missing_indices, sta
     stop_after = _stop_hook(rank)
     try:
         for count, shard in enumerate(mine):
-            _sample_shard(model, directory, shard, request, handle, batch_size, size_distribution, rank, world)
+            _sample_shard(
+                model, directory, shard, request, handle, batch_size, size_distribution, rank, world
+            )
             if stop_after is not None and count + 1 >= stop_after:
                 _die(directory, mine[count + 1] if count + 1 < len(mine) else shard)
         coordinator.barrier()
@@ -477,38 +539,74 @@ def _sample_missing(model, directory, request, coordinator, missing_indices, sta
             bar.close()
     if rank != 0:
         return None
-    _record_run(directory, {"world_size": world, "started": _iso(started), "finished": _now(),
-                            "wall_seconds": time.time() - started, "shards_sampled": len(missing),
-                            "molecules_sampled": sum(s.n for s in missing)})
+    _record_run(
+        directory,
+        {
+            "world_size": world,
+            "started": _iso(started),
+            "finished": _now(),
+            "wall_seconds": time.time() - started,
+            "shards_sampled": len(missing),
+            "molecules_sampled": sum(s.n for s in missing),
+        },
+    )
     return merge(directory)
 
 
-def _sample_shard(model, directory, shard, request, handle, batch_size, size_distribution, rank, world) -> None:
+def _sample_shard(
+    model, directory, shard, request, handle, batch_size, size_distribution, rank, world
+) -> None:
     from fastflow.chem.sdf import INDEX_PROP, write_sdf
     from fastflow.sampling.sampler import sample
 
     if handle is not None:
         handle.reset()
     started = time.time()
-    result = sample(model, shard.n, steps=request.steps, schedule=request.schedule, seed=request.seed,
-                    batch_size=batch_size, progress=False, size_distribution=size_distribution,
-                    indices=torch.arange(shard.start, shard.stop))
+    result = sample(
+        model,
+        shard.n,
+        steps=request.steps,
+        schedule=request.schedule,
+        seed=request.seed,
+        batch_size=batch_size,
+        progress=False,
+        size_distribution=size_distribution,
+        indices=torch.arange(shard.start, shard.stop),
+    )
     records = molecule_records(result.graphs, result.molecules, energy=request.energy)
     cache = handle.stats() if handle is not None else {}
     sdf, pt = directory / shard.sdf, directory / shard.pt
-    written = write_sdf(sdf, result.molecules, props=[{INDEX_PROP: i} for i in range(shard.start, shard.stop)])
+    written = write_sdf(
+        sdf, result.molecules, props=[{INDEX_PROP: i} for i in range(shard.start, shard.stop)]
+    )
     save_graphs(pt, result.graphs)
     info = {
-        "shard": shard.index, "start": shard.start, "stop": shard.stop, "n": shard.n,
-        "steps": request.steps, "nfe": result.stats["nfe"],
-        "sampling_seconds": result.stats["sampling_seconds"], "wall_seconds": time.time() - started,
+        "shard": shard.index,
+        "start": shard.start,
+        "stop": shard.stop,
+        "n": shard.n,
+        "steps": request.steps,
+        "nfe": result.stats["nfe"],
+        "sampling_seconds": result.stats["sampling_seconds"],
+        "wall_seconds": time.time() - started,
         "kernels": handle.report()["kernels"]["backend"] if handle is not None else "reference",
-        "cache_evaluations": cache.get("evaluations", 0), "cache_forecasts": cache.get("forecasts", 0),
+        "cache_evaluations": cache.get("evaluations", 0),
+        "cache_forecasts": cache.get("forecasts", 0),
         "cache_hit_rate": cache.get("hit_rate", 0.0),
-        "rank": rank, "world_size": world, "host": socket.gethostname(), "threads": torch.get_num_threads(),
-        "device": str(next(model.parameters()).device), "batch_size": batch_size, "finished": _now(),
-        "sdf": shard.sdf, "written": written, "sdf_bytes": sdf.stat().st_size, "sdf_sha256": _sha256(sdf),
-        "pt": shard.pt, "pt_bytes": pt.stat().st_size, "pt_sha256": _sha256(pt),
+        "rank": rank,
+        "world_size": world,
+        "host": socket.gethostname(),
+        "threads": torch.get_num_threads(),
+        "device": str(next(model.parameters()).device),
+        "batch_size": batch_size,
+        "finished": _now(),
+        "sdf": shard.sdf,
+        "written": written,
+        "sdf_bytes": sdf.stat().st_size,
+        "sdf_sha256": _sha256(sdf),
+        "pt": shard.pt,
+        "pt_bytes": pt.stat().st_size,
+        "pt_sha256": _sha256(pt),
         "metrics": aggregate_metrics(records, request.energy),
         "molecules": records,
     }
@@ -523,8 +621,13 @@ class _Progress:
 
         self.directory, self.pending = directory, list(missing)
         done = sum(s.n for s in shards) - sum(s.n for s in missing)
-        self.bar = tqdm(total=sum(s.n for s in shards), initial=done, unit="mol", disable=not show,
-                        desc=f"sampling ({world} rank{'s' if world > 1 else ''})")
+        self.bar = tqdm(
+            total=sum(s.n for s in shards),
+            initial=done,
+            unit="mol",
+            disable=not show,
+            desc=f"sampling ({world} rank{'s' if world > 1 else ''})",
+        )
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True) if show else None
         if self.thread is not None:
@@ -601,8 +704,10 @@ def read_graphs(path: Path) -> list:
     atom_types = data["atom_types"].long().split(sizes)
     charges = data["charges"].long().split(sizes)
     bonds = data["bonds"].long().split([n * n for n in sizes])
-    return [MolGraph(c, a, b.reshape(n, n), q)
-            for n, c, a, b, q in zip(sizes, coords, atom_types, bonds, charges, strict=True)]
+    return [
+        MolGraph(c, a, b.reshape(n, n), q)
+        for n, c, a, b, q in zip(sizes, coords, atom_types, bonds, charges, strict=True)
+    ]
 
 
 def load_graphs(directory: Path) -> list:
@@ -699,15 +804,35 @@ def print_summary(summary: dict, as_json: bool, json_keys: Sequence[str] = ()) -
         return
     metrics = {key: summary[key] for key in summary if key not in _NOT_METRICS}
     print(format_metrics_table({"generated": metrics}))
-    print(f"{summary['n']} molecules, {summary['steps']} steps, {summary['nfe']} network evaluations, "
-          f"{summary['seconds']:.2f} s of sampling in {summary['shards']} shards "
-          f"({summary['molecules_per_second']:.1f} molecules/s per process, {summary['threads']} threads); "
-          f"{summary['written']} molecules in {summary['sdf']}")
+    print(
+        f"{summary['n']} molecules, {summary['steps']} steps, {summary['nfe']} network evaluations, "
+        f"{summary['seconds']:.2f} s of sampling in {summary['shards']} shards "
+        f"({summary['molecules_per_second']:.1f} molecules/s per process, {summary['threads']} threads); "
+        f"{summary['written']} molecules in {summary['sdf']}"
+    )
 
 
-_NOT_METRICS = {"steps", "nfe", "cache", "cache_hit_rate", "kernels", "seconds", "molecules_per_second", "seed",
-                "schedule", "model", "threads", "sdf", "written", "directory", "shards", "shard_size",
-                "world_sizes", "model_fingerprint", "runs"}
+_NOT_METRICS = {
+    "steps",
+    "nfe",
+    "cache",
+    "cache_hit_rate",
+    "kernels",
+    "seconds",
+    "molecules_per_second",
+    "seed",
+    "schedule",
+    "model",
+    "threads",
+    "sdf",
+    "written",
+    "directory",
+    "shards",
+    "shard_size",
+    "world_sizes",
+    "model_fingerprint",
+    "runs",
+}
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ Shapes: B molecules, N atoms (padded), V atom tokens, K bond classes, C charge c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class FlowState:
     step: int
     n_steps: int
     mol_index: torch.Tensor
-    t_next: Optional[torch.Tensor] = None
+    t_next: torch.Tensor | None = None
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Prediction:
     nfe: int
 
 
-StepFn = Callable[[nn.Module, FlowState, Optional[SelfCond]], Prediction]
+StepFn = Callable[[nn.Module, FlowState, SelfCond | None], Prediction]
 
 
 @dataclass
@@ -82,10 +82,10 @@ class StepContext:
     nfe: int
 
 
-_CURRENT_STEP: ContextVar[Optional[StepContext]] = ContextVar("fastflow_step", default=None)
+_CURRENT_STEP: ContextVar[StepContext | None] = ContextVar("fastflow_step", default=None)
 
 
-def current_step() -> Optional[StepContext]:
+def current_step() -> StepContext | None:
     """The step whose model call is running (None outside :func:`step_context`)."""
     return _CURRENT_STEP.get()
 
@@ -101,7 +101,7 @@ def step_context(state: FlowState) -> Iterator[StepContext]:
         _CURRENT_STEP.reset(token)
 
 
-def model_step(model: nn.Module, state: FlowState, cond: Optional[SelfCond]) -> Prediction:
+def model_step(model: nn.Module, state: FlowState, cond: SelfCond | None) -> Prediction:
     """Call a SemlaGenerator-style model once on the whole batch: ``model(coords, cat(t, atomics),
     edge_feats=bonds, cond_coords=, cond_atomics=, cond_bonds=, atom_mask=)``."""
     t = state.t.view(-1, 1, 1).expand(-1, state.coords.size(1), 1)

@@ -75,13 +75,16 @@ def parse_irreps(irreps) -> tuple[Irrep, ...]:
         try:
             return tuple(Irrep(int(mul), int(ir.l), int(ir.p)) for mul, ir in irreps)
         except (TypeError, AttributeError, ValueError) as error:
-            raise TypeError(f"irreps must be a string like '32x0e+16x1o' or an Irreps object, got {irreps!r}") \
-                from error
+            raise TypeError(
+                f"irreps must be a string like '32x0e+16x1o' or an Irreps object, got {irreps!r}"
+            ) from error
     blocks = []
     for term in irreps.split("+") if irreps.strip() else []:
         match = _TERM.match(term.strip())
         if match is None:
-            raise ValueError(f"cannot parse irrep {term.strip()!r} in irreps {irreps!r} (expected e.g. '32x1o')")
+            raise ValueError(
+                f"cannot parse irrep {term.strip()!r} in irreps {irreps!r} (expected e.g. '32x1o')"
+            )
         mul, l, p = int(match.group(1) or 1), int(match.group(2)), match.group(3)
         blocks.append(Irrep(mul, l, {"e": 1, "o": -1, "y": (-1) ** l}[p]))
     return tuple(blocks)
@@ -94,8 +97,13 @@ def irreps_string(irreps) -> str:
 
 def weight_shape(mode: str, mul1: int, mul2: int, mul_out: int) -> tuple[int, ...]:
     """Shape of one path's weight block, in e3nn's order."""
-    return {"uvw": (mul1, mul2, mul_out), "uvu": (mul1, mul2), "uvv": (mul1, mul2), "uuw": (mul1, mul_out),
-            "uuu": (mul1,)}[mode]
+    return {
+        "uvw": (mul1, mul2, mul_out),
+        "uvu": (mul1, mul2),
+        "uvv": (mul1, mul2),
+        "uuw": (mul1, mul_out),
+        "uuu": (mul1,),
+    }[mode]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +126,16 @@ class TPDescriptor:
         for ins in self.instructions:
             if not isinstance(ins, Instruction):
                 ins = Instruction(*ins)
-            ins = ins._replace(i_in1=int(ins.i_in1), i_in2=int(ins.i_in2), i_out=int(ins.i_out),
-                               has_weight=bool(ins.has_weight), path_weight=float(ins.path_weight),
-                               cg=None if ins.cg is None else tuple(
-                                   (int(i), int(j), int(k), float(v)) for i, j, k, v in ins.cg))
+            ins = ins._replace(
+                i_in1=int(ins.i_in1),
+                i_in2=int(ins.i_in2),
+                i_out=int(ins.i_out),
+                has_weight=bool(ins.has_weight),
+                path_weight=float(ins.path_weight),
+                cg=None
+                if ins.cg is None
+                else tuple((int(i), int(j), int(k), float(v)) for i, j, k, v in ins.cg),
+            )
             instructions.append(ins)
         object.__setattr__(self, "instructions", tuple(instructions))
         self._validate()
@@ -129,21 +143,37 @@ class TPDescriptor:
     # ---- constructors ----
 
     @classmethod
-    def create(cls, irreps_in1, irreps_in2, irreps_out, instructions, irrep_normalization: str = "component",
-               path_normalization: str = "element", in1_var=None, in2_var=None, out_var=None) -> TPDescriptor:
+    def create(
+        cls,
+        irreps_in1,
+        irreps_in2,
+        irreps_out,
+        instructions,
+        irrep_normalization: str = "component",
+        path_normalization: str = "element",
+        in1_var=None,
+        in2_var=None,
+        out_var=None,
+    ) -> TPDescriptor:
         """The descriptor ``e3nn.o3.TensorProduct(irreps_in1, irreps_in2, irreps_out, instructions, ...)`` would
         have: instructions ``(i_in1, i_in2, i_out, mode, has_weight[, path_weight])``, path weights normalised by
         e3nn's rules (``irrep_normalization`` component | norm | none, ``path_normalization`` element | path |
         none, optional input/output variances)."""
         if irrep_normalization not in IRREP_NORMALIZATIONS:
-            raise ValueError(f"irrep_normalization must be one of {IRREP_NORMALIZATIONS}, got {irrep_normalization!r}")
+            raise ValueError(
+                f"irrep_normalization must be one of {IRREP_NORMALIZATIONS}, got {irrep_normalization!r}"
+            )
         if path_normalization not in PATH_NORMALIZATIONS:
-            raise ValueError(f"path_normalization must be one of {PATH_NORMALIZATIONS}, got {path_normalization!r}")
+            raise ValueError(
+                f"path_normalization must be one of {PATH_NORMALIZATIONS}, got {path_normalization!r}"
+            )
         in1, in2, out = parse_irreps(irreps_in1), parse_irreps(irreps_in2), parse_irreps(irreps_out)
         raw = [tuple(ins) if len(ins) == 6 else (*tuple(ins), 1.0) for ins in instructions]
         for ins in raw:
             if len(ins) != 6:
-                raise ValueError(f"an instruction is (i_in1, i_in2, i_out, mode, has_weight[, path_weight]), got {ins}")
+                raise ValueError(
+                    f"an instruction is (i_in1, i_in2, i_out, mode, has_weight[, path_weight]), got {ins}"
+                )
             _check_mode(ins[3])
         in1_var = [1.0] * len(in1) if in1_var is None else [float(v) for v in in1_var]
         in2_var = [1.0] * len(in2) if in2_var is None else [float(v) for v in in2_var]
@@ -151,17 +181,29 @@ class TPDescriptor:
 
         def num_elements(ins):
             i1, i2 = ins[0], ins[1]
-            return {"uvw": in1[i1].mul * in2[i2].mul, "uvu": in2[i2].mul, "uvv": in1[i1].mul, "uuw": in1[i1].mul,
-                    "uuu": 1}[ins[3]]
+            return {
+                "uvw": in1[i1].mul * in2[i2].mul,
+                "uvu": in2[i2].mul,
+                "uvv": in1[i1].mul,
+                "uuw": in1[i1].mul,
+                "uuu": 1,
+            }[ins[3]]
 
         normalised = []
         for ins in raw:
             i1, i2, io, mode, has_weight, path_weight = ins
-            for index, blocks, name in ((i1, in1, "irreps_in1"), (i2, in2, "irreps_in2"), (io, out, "irreps_out")):
+            for index, blocks, name in (
+                (i1, in1, "irreps_in1"),
+                (i2, in2, "irreps_in2"),
+                (io, out, "irreps_out"),
+            ):
                 if not 0 <= index < len(blocks):
-                    raise ValueError(f"instruction {ins} refers to block {index} of {name}, which has "
-                                     f"{len(blocks)} blocks")
-            alpha = {"component": out[io].dim, "norm": in1[i1].dim * in2[i2].dim, "none": 1}[irrep_normalization]
+                    raise ValueError(
+                        f"instruction {ins} refers to block {index} of {name}, which has {len(blocks)} blocks"
+                    )
+            alpha = {"component": out[io].dim, "norm": in1[i1].dim * in2[i2].dim, "none": 1}[
+                irrep_normalization
+            ]
             if path_normalization == "element":
                 x = sum(in1_var[o[0]] * in2_var[o[1]] * num_elements(o) for o in raw if o[2] == io)
             elif path_normalization == "path":
@@ -172,8 +214,15 @@ class TPDescriptor:
                 alpha /= x
             alpha *= out_var[io] * path_weight
             normalised.append(Instruction(i1, i2, io, mode, has_weight, math.sqrt(alpha)))
-        return cls(irreps_string(in1), irreps_string(in2), irreps_string(out), tuple(normalised),
-                   irrep_normalization, path_normalization, "manual")
+        return cls(
+            irreps_string(in1),
+            irreps_string(in2),
+            irreps_string(out),
+            tuple(normalised),
+            irrep_normalization,
+            path_normalization,
+            "manual",
+        )
 
     @classmethod
     def from_module(cls, module) -> TPDescriptor:
@@ -195,13 +244,23 @@ class TPDescriptor:
         if not isinstance(module, o3.TensorProduct):
             raise TypeError(f"expected an e3nn.o3.TensorProduct, got {type(module).__name__}")
         if type(module).forward is not o3.TensorProduct.forward:
-            raise TypeError(f"{type(module).__name__} overrides TensorProduct.forward (it is not called as "
-                            "forward(x1, x2, weight)); not supported")
+            raise TypeError(
+                f"{type(module).__name__} overrides TensorProduct.forward (it is not called as "
+                "forward(x1, x2, weight)); not supported"
+            )
         for ins in module.instructions:
             _check_mode(ins.connection_mode)
-        return cls(str(module.irreps_in1), str(module.irreps_in2), str(module.irreps_out),
-                   tuple(Instruction(ins.i_in1, ins.i_in2, ins.i_out, ins.connection_mode, ins.has_weight,
-                                     ins.path_weight) for ins in module.instructions))
+        return cls(
+            str(module.irreps_in1),
+            str(module.irreps_in2),
+            str(module.irreps_out),
+            tuple(
+                Instruction(
+                    ins.i_in1, ins.i_in2, ins.i_out, ins.connection_mode, ins.has_weight, ins.path_weight
+                )
+                for ins in module.instructions
+            ),
+        )
 
     @classmethod
     def from_cuequivariance(cls, module) -> TPDescriptor:
@@ -212,14 +271,18 @@ class TPDescriptor:
         multiplicity 1 (spherical harmonics), onto ``uvv`` when the first input's do; other multiplicities
         need e3nn's ``uvuv`` mode and raise ValueError."""
         if not _is_cuequivariance_tp(module):
-            raise TypeError("expected cuequivariance_torch.ChannelWiseTensorProduct or FullyConnectedTensorProduct, "
-                            f"got {type(module).__name__}")
+            raise TypeError(
+                "expected cuequivariance_torch.ChannelWiseTensorProduct or FullyConnectedTensorProduct, "
+                f"got {type(module).__name__}"
+            )
         import cuequivariance as cue
 
         kind = type(module).__name__
-        for name, transpose, attribute in (("layout_in1", module.transpose_in1, "source"),
-                                           ("layout_in2", module.transpose_in2, "source"),
-                                           ("layout_out", module.transpose_out, "target")):
+        for name, transpose, attribute in (
+            ("layout_in1", module.transpose_in1, "source"),
+            ("layout_in2", module.transpose_in2, "source"),
+            ("layout_out", module.transpose_out, "target"),
+        ):
             layout = getattr(transpose, attribute, None)
             if layout != cue.mul_ir:
                 raise ValueError(f"{kind} with {name}={layout}: only the mul_ir layout (e3nn's) is supported")
@@ -235,12 +298,17 @@ class TPDescriptor:
         if polynomial is None:
             raise ValueError(f"{kind}: cannot read its segmented polynomial (cuequivariance_torch version?)")
         if len(polynomial.operations) != 1:
-            raise ValueError(f"{kind}: expected one segmented tensor product, got {len(polynomial.operations)}")
+            raise ValueError(
+                f"{kind}: expected one segmented tensor product, got {len(polynomial.operations)}"
+            )
         operation, stp = polynomial.operations[0]
         if tuple(operation.buffers) != (0, 1, 2, 3):
             raise ValueError(f"{kind}: unexpected operand order {tuple(operation.buffers)}")
         subscripts = str(stp.subscripts)
-        expected = {"ChannelWiseTensorProduct": "uv,iu,jv,kuv+ijk", "FullyConnectedTensorProduct": "uvw,iu,jv,kw+ijk"}
+        expected = {
+            "ChannelWiseTensorProduct": "uv,iu,jv,kuv+ijk",
+            "FullyConnectedTensorProduct": "uvw,iu,jv,kw+ijk",
+        }
         if subscripts != expected[kind]:
             raise ValueError(f"{kind}: unexpected subscripts {subscripts!r}, expected {expected[kind]!r}")
         weight_segments = stp.operands[0].segments
@@ -260,22 +328,35 @@ class TPDescriptor:
             elif mul1 == 1:
                 mode = "uvv"
             else:
-                raise ValueError(f"{kind}: channel-wise path {in1[s1]} x {in2[s2]} -> {out[so]} needs e3nn's "
-                                 "'uvuv' mode (both multiplicities > 1); only uvu (second input multiplicity 1) "
-                                 "and uvv (first input multiplicity 1) are supported")
+                raise ValueError(
+                    f"{kind}: channel-wise path {in1[s1]} x {in2[s2]} -> {out[so]} needs e3nn's "
+                    "'uvuv' mode (both multiplicities > 1); only uvu (second input multiplicity 1) "
+                    "and uvv (first input multiplicity 1) are supported"
+                )
             shape = tuple(weight_segments[sw])
             if math.prod(shape) != math.prod(weight_shape(mode, mul1, mul2, out[so].mul)):
-                raise ValueError(f"{kind}: weight segment {sw} of shape {shape} does not fit path {path.indices}")
+                raise ValueError(
+                    f"{kind}: weight segment {sw} of shape {shape} does not fit path {path.indices}"
+                )
             coefficients = path.coefficients
-            cg = tuple((int(i), int(j), int(k), float(coefficients[i, j, k]))
-                       for i, j, k in zip(*coefficients.nonzero()))
+            cg = tuple(
+                (int(i), int(j), int(k), float(coefficients[i, j, k]))
+                for i, j, k in zip(*coefficients.nonzero())
+            )
             instructions.append((sw, Instruction(s1, s2, so, mode, True, 1.0, cg)))
             used_weight_segments.append(sw)
         if sorted(used_weight_segments) != list(range(len(weight_segments))):
             raise ValueError(f"{kind}: weight segments are not used once each ({used_weight_segments})")
         instructions.sort(key=lambda item: item[0])  # the weight vector's order
-        return cls(irreps_string(in1), irreps_string(in2), irreps_string(out),
-                   tuple(ins for _, ins in instructions), None, None, "cuequivariance")
+        return cls(
+            irreps_string(in1),
+            irreps_string(in2),
+            irreps_string(out),
+            tuple(ins for _, ins in instructions),
+            None,
+            None,
+            "cuequivariance",
+        )
 
     # ---- sizes ----
 
@@ -305,21 +386,33 @@ class TPDescriptor:
 
     def weight_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Shape of each instruction's weight block (() for instructions without weights)."""
-        return tuple(weight_shape(ins.mode, self.blocks_in1[ins.i_in1].mul, self.blocks_in2[ins.i_in2].mul,
-                                  self.blocks_out[ins.i_out].mul) if ins.has_weight else ()
-                     for ins in self.instructions)
+        return tuple(
+            weight_shape(
+                ins.mode,
+                self.blocks_in1[ins.i_in1].mul,
+                self.blocks_in2[ins.i_in2].mul,
+                self.blocks_out[ins.i_out].mul,
+            )
+            if ins.has_weight
+            else ()
+            for ins in self.instructions
+        )
 
     @property
     def weight_numel(self) -> int:
-        return sum(math.prod(shape) for shape, ins in zip(self.weight_shapes(), self.instructions) if ins.has_weight)
+        return sum(
+            math.prod(shape) for shape, ins in zip(self.weight_shapes(), self.instructions) if ins.has_weight
+        )
 
     def tensors(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         """``(paths, cg_index, cg_value, cg_offsets)`` for the kernels (cached; do not modify them)."""
         return _tensors(self, dtype, torch.device(device))
 
     def __repr__(self) -> str:
-        return (f"TPDescriptor({self.irreps_in1} x {self.irreps_in2} -> {self.irreps_out} | "
-                f"{len(self.instructions)} instructions, {self.weight_numel} weights, source={self.source})")
+        return (
+            f"TPDescriptor({self.irreps_in1} x {self.irreps_in2} -> {self.irreps_out} | "
+            f"{len(self.instructions)} instructions, {self.weight_numel} weights, source={self.source})"
+        )
 
     # ---- checks ----
 
@@ -327,12 +420,17 @@ class TPDescriptor:
         in1, in2, out = self.blocks_in1, self.blocks_in2, self.blocks_out
         for ins in self.instructions:
             _check_mode(ins.mode)
-            for index, blocks, name in ((ins.i_in1, in1, "irreps_in1"), (ins.i_in2, in2, "irreps_in2"),
-                                        (ins.i_out, out, "irreps_out")):
+            for index, blocks, name in (
+                (ins.i_in1, in1, "irreps_in1"),
+                (ins.i_in2, in2, "irreps_in2"),
+                (ins.i_out, out, "irreps_out"),
+            ):
                 if not 0 <= index < len(blocks):
-                    raise ValueError(f"instruction {tuple(ins[:5])} refers to block {index} of {name} "
-                                     f"({getattr(self, name)}), which has "
-                                     f"{len(blocks)} blocks")
+                    raise ValueError(
+                        f"instruction {tuple(ins[:5])} refers to block {index} of {name} "
+                        f"({getattr(self, name)}), which has "
+                        f"{len(blocks)} blocks"
+                    )
             a, b, c = in1[ins.i_in1], in2[ins.i_in2], out[ins.i_out]
             where = f"instruction {tuple(ins[:5])} ({a} x {b} -> {c})"
             if ins.cg is None:
@@ -343,10 +441,15 @@ class TPDescriptor:
             else:
                 for i, j, k, _ in ins.cg:
                     if not (0 <= i < a.dim and 0 <= j < b.dim and 0 <= k < c.dim):
-                        raise ValueError(f"{where}: CG entry ({i}, {j}, {k}) outside ({a.dim}, {b.dim}, {c.dim})")
-            rule = {"uvu": (a.mul == c.mul, "mul_in1 == mul_out"), "uvv": (b.mul == c.mul, "mul_in2 == mul_out"),
-                    "uuw": (a.mul == b.mul, "mul_in1 == mul_in2"),
-                    "uuu": (a.mul == b.mul == c.mul, "mul_in1 == mul_in2 == mul_out")}.get(ins.mode)
+                        raise ValueError(
+                            f"{where}: CG entry ({i}, {j}, {k}) outside ({a.dim}, {b.dim}, {c.dim})"
+                        )
+            rule = {
+                "uvu": (a.mul == c.mul, "mul_in1 == mul_out"),
+                "uvv": (b.mul == c.mul, "mul_in2 == mul_out"),
+                "uuw": (a.mul == b.mul, "mul_in1 == mul_in2"),
+                "uuu": (a.mul == b.mul == c.mul, "mul_in1 == mul_in2 == mul_out"),
+            }.get(ins.mode)
             if rule is not None and not rule[0]:
                 raise ValueError(f"{where}: mode {ins.mode} needs {rule[1]}")
             if ins.mode == "uvw" and not ins.has_weight:
@@ -364,7 +467,9 @@ def _is_cuequivariance_tp(module) -> bool:
     import sys
 
     cuet = sys.modules.get("cuequivariance_torch")
-    return cuet is not None and isinstance(module, (cuet.ChannelWiseTensorProduct, cuet.FullyConnectedTensorProduct))
+    return cuet is not None and isinstance(
+        module, (cuet.ChannelWiseTensorProduct, cuet.FullyConnectedTensorProduct)
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -372,8 +477,10 @@ def _wigner_3j(l1: int, l2: int, l3: int) -> torch.Tensor:
     try:
         from e3nn.o3 import wigner_3j
     except ImportError as error:
-        raise RuntimeError("Clebsch–Gordan coefficients of e3nn descriptors come from e3nn.o3.wigner_3j; "
-                           f"install e3nn ({error})") from error
+        raise RuntimeError(
+            "Clebsch–Gordan coefficients of e3nn descriptors come from e3nn.o3.wigner_3j; "
+            f"install e3nn ({error})"
+        ) from error
     return wigner_3j(l1, l2, l3, dtype=torch.float64)
 
 
@@ -405,8 +512,22 @@ def _tensors(descriptor: TPDescriptor, dtype: torch.dtype, device: torch.device)
             entries = [(i, j, k, v * ins.path_weight) for i, j, k, v in ins.cg if v != 0]
         if not entries:
             continue
-        rows.append([MODES.index(ins.mode), off1[ins.i_in1], a.mul, a.dim, off2[ins.i_in2], b.mul, b.dim,
-                     off_out[ins.i_out], c.mul, c.dim, this_w_off, int(ins.has_weight)])
+        rows.append(
+            [
+                MODES.index(ins.mode),
+                off1[ins.i_in1],
+                a.mul,
+                a.dim,
+                off2[ins.i_in2],
+                b.mul,
+                b.dim,
+                off_out[ins.i_out],
+                c.mul,
+                c.dim,
+                this_w_off,
+                int(ins.has_weight),
+            ]
+        )
         index += [e[:3] for e in entries]
         value += [e[3] for e in entries]
         counts.append(len(entries))

@@ -19,6 +19,8 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable fastflow training checkpoint: {error}") from None
     required = {"model", "ema", "optimizer", "generator", "step", "train_config", "model_config"}
     if not isinstance(state, dict) or not required <= set(state):
-        raise CheckpointError(f"{path} is not a fastflow training checkpoint (it lacks "
-                              f"{sorted(required - set(state)) if isinstance(state, dict) else required})")
+        raise CheckpointError(
+            f"{path} is not a fastflow training checkpoint (it lacks "
+            f"{sorted(required - set(state)) if isinstance(state, dict) else required})"
+        )
     return state

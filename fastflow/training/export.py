@@ -20,11 +20,13 @@ def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLik
     save_pretrained(ema_model(state), directory)
     counts = state["size_counts"]
     (directory / "size_counts.json").write_text(
-        json.dumps({str(n): int(c) for n, c in enumerate(counts.tolist()) if c}) + "\n")
+        json.dumps({str(n): int(c) for n, c in enumerate(counts.tolist()) if c}) + "\n"
+    )
     (directory / "vocab.json").write_text(json.dumps(vocabulary()) + "\n")
     record = {key: state[key] for key in ("step", "epoch", "train_seconds")}
-    (directory / "training.json").write_text(json.dumps({**record, "train_config": state["train_config"]},
-                                                        indent=2) + "\n")
+    (directory / "training.json").write_text(
+        json.dumps({**record, "train_config": state["train_config"]}, indent=2) + "\n"
+    )
     return directory
 
 

@@ -43,11 +43,20 @@ class Objective:
 def random_rotations(n: int, generator: torch.Generator) -> torch.Tensor:
     """``[n,3,3]`` rotation matrices, uniform on SO(3) (normalised Gaussian quaternions)."""
     w, x, y, z = F.normalize(torch.randn(n, 4, generator=generator), dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).view(n, 3, 3)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).view(n, 3, 3)
 
 
 def equivariant_ot(prior: torch.Tensor, data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,8 +76,9 @@ def equivariant_ot(prior: torch.Tensor, data: torch.Tensor, mask: torch.Tensor) 
     return matched
 
 
-def interpolate(batch: dict[str, torch.Tensor], generator: torch.Generator,
-                objective: Objective) -> dict[str, torch.Tensor]:
+def interpolate(
+    batch: dict[str, torch.Tensor], generator: torch.Generator, objective: Objective
+) -> dict[str, torch.Tensor]:
     """The noisy state x_t of a data batch (see the module docstring): ``t [B]``, ``coords [B,N,3]``,
     one-hot ``atomics [B,N,V]`` and ``bonds [B,N,N,K]``, and the targets (rotated ``target_coords``)."""
     mask = batch["mask"]
@@ -77,7 +87,7 @@ def interpolate(batch: dict[str, torch.Tensor], generator: torch.Generator,
     pair_mask = mask.unsqueeze(-1) & mask.unsqueeze(-2)
     x1 = batch["coords"] @ random_rotations(B, generator).transpose(1, 2)  # rows are atoms: x R^T
 
-    keys = torch.randint(-2**63, 2**63 - 1, (B,), generator=generator)
+    keys = torch.randint(-(2**63), 2**63 - 1, (B,), generator=generator)
     x0, prior_atomics, prior_bonds, _ = sample_prior(keys, sizes, N)
     if objective.equivariant_ot:
         x0 = equivariant_ot(x0, x1, mask)
@@ -102,36 +112,57 @@ def interpolate(batch: dict[str, torch.Tensor], generator: torch.Generator,
 
 def _forward(model, noisy, mask, cond):
     t = noisy["t"].view(-1, 1, 1).expand(-1, mask.size(1), 1)
-    return model(noisy["coords"], torch.cat([t, noisy["atomics"]], dim=-1), edge_feats=noisy["bonds"],
-                 cond_coords=cond[0], cond_atomics=cond[1], cond_bonds=cond[2], atom_mask=mask)
+    return model(
+        noisy["coords"],
+        torch.cat([t, noisy["atomics"]], dim=-1),
+        edge_feats=noisy["bonds"],
+        cond_coords=cond[0],
+        cond_atomics=cond[1],
+        cond_bonds=cond[2],
+        atom_mask=mask,
+    )
 
 
-def flow_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-              objective: Objective = Objective()) -> tuple[torch.Tensor, dict[str, float]]:
+def flow_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    objective: Objective = Objective(),
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss of one batch and its weighted parts (floats: coords, types, bonds, charges)."""
     mask = batch["mask"]
     noisy = interpolate(batch, generator, objective)
     cond = (None, None, None)
     if model.config.self_cond:
-        cond = (torch.zeros_like(noisy["coords"]), torch.zeros_like(noisy["atomics"]),
-                torch.zeros_like(noisy["bonds"]))
+        cond = (
+            torch.zeros_like(noisy["coords"]),
+            torch.zeros_like(noisy["atomics"]),
+            torch.zeros_like(noisy["bonds"]),
+        )
         if torch.rand((), generator=generator) < objective.self_cond_prob:
             with torch.no_grad():
                 coords, type_logits, bond_logits, _ = _forward(model, noisy, mask, cond)
             pair_mask = (mask.unsqueeze(-1) & mask.unsqueeze(-2)).unsqueeze(-1)
-            cond = (coords, F.softmax(type_logits, -1) * mask.unsqueeze(-1), F.softmax(bond_logits, -1) * pair_mask)
+            cond = (
+                coords,
+                F.softmax(type_logits, -1) * mask.unsqueeze(-1),
+                F.softmax(bond_logits, -1) * pair_mask,
+            )
     coords, type_logits, bond_logits, charge_logits = _forward(model, noisy, mask, cond)
 
     m = mask.float()
     pair_m = m.unsqueeze(-1) * m.unsqueeze(-2)
     n_atoms = m.sum(-1)
     coord_loss = ((coords - noisy["target_coords"]).square().sum(-1) * m).sum(-1) / (3 * n_atoms)
-    type_loss = (F.cross_entropy(type_logits.transpose(1, -1), batch["atom_types"], reduction="none")
-                 * m).sum(-1) / n_atoms
-    bond_loss = (F.cross_entropy(bond_logits.permute(0, 3, 1, 2), batch["bonds"], reduction="none")
-                 * pair_m).sum((1, 2)) / n_atoms.square()
-    charge_loss = (F.cross_entropy(charge_logits.transpose(1, -1), batch["charges"], reduction="none")
-                   * m).sum(-1) / n_atoms
+    type_loss = (
+        F.cross_entropy(type_logits.transpose(1, -1), batch["atom_types"], reduction="none") * m
+    ).sum(-1) / n_atoms
+    bond_loss = (
+        F.cross_entropy(bond_logits.permute(0, 3, 1, 2), batch["bonds"], reduction="none") * pair_m
+    ).sum((1, 2)) / n_atoms.square()
+    charge_loss = (
+        F.cross_entropy(charge_logits.transpose(1, -1), batch["charges"], reduction="none") * m
+    ).sum(-1) / n_atoms
     parts = {
         "coords": objective.coord_weight * coord_loss.mean(),
         "types": objective.type_weight * type_loss.mean(),

@@ -37,12 +37,12 @@ class TrainConfig:
     """Everything that defines a run (saved in the checkpoint; a resumed run keeps the saved values)."""
 
     preset: str = "small"
-    data: str = "qm9"               # training set name ("qm9", "moses3d"): what `fastflow train --resume` reloads
-    batch_cost: int = 1024          # padded atoms per batch (upstream: 4096 on a GPU)
+    data: str = "qm9"  # training set name ("qm9", "moses3d"): what `fastflow train --resume` reloads
+    batch_cost: int = 1024  # padded atoms per batch (upstream: 4096 on a GPU)
     lr: float = 3e-4
-    warmup_steps: int = 2000        # linear warm-up from 1% of lr (upstream QM9)
+    warmup_steps: int = 2000  # linear warm-up from 1% of lr (upstream QM9)
     decay_start: int | None = None  # cosine decay of lr from this step ...
-    decay_steps: int = 0            # ... over this many steps, down to final_lr_fraction · lr (then held)
+    decay_steps: int = 0  # ... over this many steps, down to final_lr_fraction · lr (then held)
     final_lr_fraction: float = 0.1
     decay_peak_lr: float | None = None  # lr at decay_start (default lr): a resumed run may restart lower
     grad_clip: float = 1.0
@@ -50,9 +50,9 @@ class TrainConfig:
     seed: int = 0
     objective: Objective = field(default_factory=Objective)
     bucket_limits: tuple[int, ...] = QM9_BUCKET_LIMITS
-    log_every: int = 10             # steps between train records in log.jsonl
+    log_every: int = 10  # steps between train records in log.jsonl
     checkpoint_minutes: float = 5.0
-    val_minutes: float = 20.0       # 0 disables validation sampling
+    val_minutes: float = 20.0  # 0 disables validation sampling
     val_molecules: int = 100
     val_steps: int = 50
 
@@ -67,8 +67,13 @@ class TrainConfig:
 class Trainer:
     """Holds the model, its EMA copy, the optimiser and the position in the data; ``run`` trains."""
 
-    def __init__(self, config: TrainConfig, dataset: MolDataset, out: str | os.PathLike,
-                 model_config: SemlaConfig | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: MolDataset,
+        out: str | os.PathLike,
+        model_config: SemlaConfig | None = None,
+    ):
         self.config, self.dataset, self.out = config, dataset, Path(out)
         torch.manual_seed(config.seed)
         if model_config is None:  # the preset, in the dataset's coordinate units and large enough for it
@@ -77,8 +82,10 @@ class Trainer:
             if largest >= model_config.max_atoms:
                 model_config = dataclasses.replace(model_config, max_atoms=largest + 1)
         elif not math.isclose(model_config.coord_std, float(dataset.coord_std), rel_tol=1e-6):
-            raise ValueError(f"the model's coord_std {model_config.coord_std} differs from the dataset's "
-                             f"{dataset.coord_std}: is this run on another training set (--data)?")
+            raise ValueError(
+                f"the model's coord_std {model_config.coord_std} differs from the dataset's "
+                f"{dataset.coord_std}: is this run on another training set (--data)?"
+            )
         self.model = Semla(model_config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, amsgrad=True)
@@ -90,11 +97,17 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "train_seconds": self.train_seconds, "size_counts": self.size_counts,
-            "train_config": _to_json(self.config), "model_config": self.model.config.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "train_seconds": self.train_seconds,
+            "size_counts": self.size_counts,
+            "train_config": _to_json(self.config),
+            "model_config": self.model.config.to_dict(),
         }
 
     def save(self) -> Path:
@@ -108,8 +121,12 @@ class Trainer:
     def resume(cls, dataset: MolDataset, out: str | os.PathLike) -> Trainer:
         """A trainer continuing the run saved in ``out/checkpoint.pt`` with its saved configuration."""
         state = load_checkpoint(Path(out) / CHECKPOINT)
-        trainer = cls(TrainConfig.from_dict(state["train_config"]), dataset, out,
-                      SemlaConfig.from_dict(state["model_config"]))
+        trainer = cls(
+            TrainConfig.from_dict(state["train_config"]),
+            dataset,
+            out,
+            SemlaConfig.from_dict(state["model_config"]),
+        )
         trainer.model.load_state_dict(state["model"])
         trainer.ema.load_state_dict(state["ema"])
         trainer.optimizer.load_state_dict(state["optimizer"])
@@ -141,7 +158,9 @@ class Trainer:
             raise ValueError(f"lr decay needs start >= 0 and steps >= 1, got {start} and {steps}")
         if peak_lr is not None and not (math.isfinite(peak_lr) and peak_lr > 0):
             raise ValueError(f"lr decay peak must be a positive number, got {peak_lr}")
-        self.config = dataclasses.replace(self.config, decay_start=start, decay_steps=steps, decay_peak_lr=peak_lr)
+        self.config = dataclasses.replace(
+            self.config, decay_start=start, decay_steps=steps, decay_peak_lr=peak_lr
+        )
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
@@ -160,8 +179,13 @@ class Trainer:
         self.step += 1
         return {"loss": float(loss.detach()), **parts, "grad_norm": float(grad_norm)}
 
-    def run(self, max_steps: int | None = None, minutes: float | None = None, progress: bool = True,
-            export_dir: str | os.PathLike | None = None) -> dict:
+    def run(
+        self,
+        max_steps: int | None = None,
+        minutes: float | None = None,
+        progress: bool = True,
+        export_dir: str | os.PathLike | None = None,
+    ) -> dict:
         """Train until ``max_steps`` (total, counting earlier runs) or ``minutes`` of this call; checkpoints at
         the end. With ``export_dir``, the EMA weights are exported there (``export_pretrained``) after every
         validation and at the end. Returns the last train record."""
@@ -171,12 +195,19 @@ class Trainer:
         (self.out / "train_config.json").write_text(json.dumps(_to_json(self.config), indent=2) + "\n")
         started = last_save = last_val = time.monotonic()
         window, record = [], {}
-        bar = tqdm(total=max_steps, initial=self.step, unit="step", desc="training", disable=not progress,
-                   mininterval=5.0)
+        bar = tqdm(
+            total=max_steps,
+            initial=self.step,
+            unit="step",
+            desc="training",
+            disable=not progress,
+            mininterval=5.0,
+        )
         with bar, open(self.out / LOG, "a") as log:
             batches = self.epoch_batches(self.epoch)
             while (max_steps is None or self.step < max_steps) and (
-                    minutes is None or time.monotonic() - started < 60 * minutes):
+                minutes is None or time.monotonic() - started < 60 * minutes
+            ):
                 if self.batch_in_epoch == len(batches):
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     batches = self.epoch_batches(self.epoch)
@@ -218,8 +249,13 @@ class Trainer:
 
     def _train_record(self, window: list[dict]) -> dict:
         keys = [k for k in window[0] if k not in ("molecules", "seconds")]
-        record = {"kind": "train", "step": self.step, "epoch": self.epoch,
-                  "lr": self.learning_rate(self.step - 1), "train_seconds": round(self.train_seconds, 2)}
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": self.epoch,
+            "lr": self.learning_rate(self.step - 1),
+            "train_seconds": round(self.train_seconds, 2),
+        }
         record.update({k: sum(w[k] for w in window) / len(window) for k in keys})
         seconds = sum(w["seconds"] for w in window)
         record["molecules_per_second"] = sum(w["molecules"] for w in window) / seconds
@@ -232,11 +268,23 @@ class Trainer:
         from fastflow.sampling import sample
 
         tic = time.monotonic()
-        result = sample(self.ema, self.config.val_molecules, steps=self.config.val_steps, seed=0,
-                        size_distribution=self.size_counts, progress=False)
+        result = sample(
+            self.ema,
+            self.config.val_molecules,
+            steps=self.config.val_steps,
+            seed=0,
+            size_distribution=self.size_counts,
+            progress=False,
+        )
         metrics = compute_metrics(result.graphs, result.molecules, energy=False)
-        return {"kind": "val", "step": self.step, "train_seconds": round(self.train_seconds, 2),
-                "steps": self.config.val_steps, **metrics, "seconds": round(time.monotonic() - tic, 2)}
+        return {
+            "kind": "val",
+            "step": self.step,
+            "train_seconds": round(self.train_seconds, 2),
+            "steps": self.config.val_steps,
+            **metrics,
+            "seconds": round(time.monotonic() - tic, 2),
+        }
 
 
 def _to_json(config: TrainConfig) -> dict:
@@ -244,6 +292,10 @@ def _to_json(config: TrainConfig) -> dict:
 
 
 def _write(log, record: dict) -> None:
-    log.write(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
-                          for k, v in record.items()}) + "\n")
+    log.write(
+        json.dumps(
+            {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        )
+        + "\n"
+    )
     log.flush()

@@ -13,15 +13,38 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def test_bench_caching_smoke(tmp_path, capsys):
     out = tmp_path / "caching.json"
-    assert main(["bench", "caching", "--quick", "--config", "tiny", "--n", "3", "--steps", "6",
-                 "--no-plot", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "caching",
+                "--quick",
+                "--config",
+                "tiny",
+                "--n",
+                "3",
+                "--steps",
+                "6",
+                "--no-plot",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
     rows = {row["run"]: row for row in results["rows"]}
     assert list(rows) == [name for name, _, _ in runs(quick=True, steps=6)]
     base = rows["base"]
-    assert base["speedup"] == 1.0 and base["rmsd_to_base_median"] == 0.0 and base["evaluations_per_molecule"] == 6
+    assert (
+        base["speedup"] == 1.0
+        and base["rmsd_to_base_median"] == 0.0
+        and base["evaluations_per_molecule"] == 6
+    )
     # Fewer-steps baselines sit at the cached runs' evaluation counts (6 steps, D=2: steps 0, 2, 4 and the last).
-    assert rows["4 steps"]["evaluations_per_molecule"] == rows["taylor 2 D=2"]["evaluations_per_molecule"] == 4
+    assert (
+        rows["4 steps"]["evaluations_per_molecule"] == rows["taylor 2 D=2"]["evaluations_per_molecule"] == 4
+    )
     assert rows["taylor 2 D=2"]["cache_hit_rate"] == pytest.approx(2 / 6)
     for row in rows.values():
         assert 0 < row["evaluations_per_molecule"] <= 6 and row["seconds"] > 0
@@ -42,14 +65,58 @@ def test_matched_quality_is_the_issues_bar():
 
 def test_bench_caching_only_runs_the_chosen_rows(tmp_path, capsys):
     out = tmp_path / "adaptive.json"
-    assert main(["bench", "caching", "--quick", "--config", "tiny", "--n", "2", "--steps", "4", "--no-plot",
-                 "--only", "base", "adaptive", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "caching",
+                "--quick",
+                "--config",
+                "tiny",
+                "--n",
+                "2",
+                "--steps",
+                "4",
+                "--no-plot",
+                "--only",
+                "base",
+                "adaptive",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [row["run"] for row in rows] == [
-        "base", "adaptive tol=0.5", "adaptive tol=2.0", "adaptive relative tol=0.1"
+        "base",
+        "adaptive tol=0.5",
+        "adaptive tol=2.0",
+        "adaptive relative tol=0.1",
     ]
-    assert main(["bench", "caching", "--quick", "--config", "tiny", "--n", "2", "--steps", "4", "--no-plot",
-                 "--only", "adaptive relative", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "caching",
+                "--quick",
+                "--config",
+                "tiny",
+                "--n",
+                "2",
+                "--steps",
+                "4",
+                "--no-plot",
+                "--only",
+                "adaptive relative",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert [row["run"] for row in json.loads(out.read_text())["rows"]] == ["adaptive relative tol=0.1"]
-    assert main(["bench", "caching", "--quick", "--config", "tiny", "--only", "nothing", "--out", str(out)]) == 2
+    assert (
+        main(["bench", "caching", "--quick", "--config", "tiny", "--only", "nothing", "--out", str(out)]) == 2
+    )
     assert "--only nothing matches no row" in capsys.readouterr().err

@@ -40,9 +40,13 @@ def test_a_coordinate_offset_of_005_angstrom_scores_005_angstrom():
     a = copy(b)
     g = torch.Generator().manual_seed(1)
     direction = torch.nn.functional.normalize(torch.randn(3, 7, 3, generator=g, dtype=torch.float64), dim=-1)
-    a[0] = b[0] + torch.where(mask[..., None], direction * 0.05 / SCALE, 0.0)  # 0.05 Å per atom, any direction
+    a[0] = b[0] + torch.where(
+        mask[..., None], direction * 0.05 / SCALE, 0.0
+    )  # 0.05 Å per atom, any direction
     parts = sample_error_parts(a, b, mask, SCALE)
-    torch.testing.assert_close(parts["coords"], torch.full((3,), 0.05, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        parts["coords"], torch.full((3,), 0.05, dtype=torch.float64), rtol=1e-12, atol=0
+    )
     assert all(torch.equal(p, torch.zeros(3, dtype=torch.float64)) for p in parts["logits"])
     # Against the tolerance: Å / coord_reference.
     torch.testing.assert_close(sample_error(a, b, mask, SCALE), torch.full((3,), 0.5, dtype=torch.float64))
@@ -106,30 +110,42 @@ def test_each_molecule_alone_scores_as_in_its_batch():
 def test_coordinates_enter_only_through_a_rigid_motion_invariant():
     b, mask = outputs([5, 7], seed=4)
     a = copy(b)
-    a[0] = a[0] + 0.02 * torch.randn(a[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    a[0] = a[0] + 0.02 * torch.randn(
+        a[0].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
     a[0] = torch.where(mask[..., None], a[0], 0.0)
-    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64))[0]
+    rotation = torch.linalg.qr(
+        torch.randn(3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    )[0]
     shift = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
     moved = [copy(a), copy(b)]
     for x in moved:
         x[0] = torch.where(mask[..., None], x[0] @ rotation.T + shift, 0.0)
-    torch.testing.assert_close(sample_error(*moved, mask, SCALE), sample_error(a, b, mask, SCALE), rtol=1e-12,
-                               atol=0)
+    torch.testing.assert_close(
+        sample_error(*moved, mask, SCALE), sample_error(a, b, mask, SCALE), rtol=1e-12, atol=0
+    )
 
 
 def test_relative_error_is_unchanged():
     """error="relative": the largest over outputs of ‖a − b‖ / ‖b‖ over each molecule's entries."""
     b, mask = outputs([3, 5], seed=7)
     a, _ = outputs([3, 5], seed=8)
-    expected = torch.tensor([
-        max((x[i] - y[i]).norm().item() / y[i].norm().item() for x, y in zip(a, b)) for i in range(2)
-    ], dtype=torch.float64)
+    expected = torch.tensor(
+        [max((x[i] - y[i]).norm().item() / y[i].norm().item() for x, y in zip(a, b)) for i in range(2)],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(relative_error(a, b), expected)
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(error="l2"), dict(coord_reference=0.0), dict(coord_reference=float("inf")),
-            dict(coord_reference=True), dict(tolerance=0.1, error="Sample")]
+    "bad",
+    [
+        dict(error="l2"),
+        dict(coord_reference=0.0),
+        dict(coord_reference=float("inf")),
+        dict(coord_reference=True),
+        dict(tolerance=0.1, error="Sample"),
+    ],
 )
 def test_bad_measures_are_refused(bad):
     with pytest.raises(ValueError):
@@ -185,8 +201,9 @@ class Curves(nn.Module):
         return x, types, bonds, charges
 
 
-@pytest.mark.parametrize("error, tolerance, evaluated", [("sample", 0.5, {0: 4, 1: 3}),
-                                                         ("relative", 0.02, {0: 3, 1: 3})])
+@pytest.mark.parametrize(
+    "error, tolerance, evaluated", [("sample", 0.5, {0: 4, 1: 3}), ("relative", 0.02, {0: 3, 1: 3})]
+)
 def test_the_policy_refreshes_a_forecast_that_would_flip_a_bond(error, tolerance, evaluated):
     """Three evaluations (warm-up), then one adaptive step at t = 0.4: error="sample" evaluates molecule 0, whose
     forecast would keep a bond that the network flips, and forecasts molecule 1, which is only slightly off;

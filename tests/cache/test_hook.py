@@ -86,7 +86,7 @@ def test_hook_is_equivariant(model64, forecaster):
     for rotate in (False, True):
         handle = patch_model(model64, cache=CacheConfig(forecaster=forecaster, interval=2))
         outputs = []
-        for step, t in enumerate([0.0, 0.2, 0.3, 0.45, 0.5]):
+        for t in [0.0, 0.2, 0.3, 0.45, 0.5]:
             x = {
                 k: v @ rotation.T if rotate and k in ("coords", "cond_coords") else v
                 for k, v in inputs.items()
@@ -113,7 +113,9 @@ def test_adaptive_policy_is_equivariant(model64, error, tolerance):
     inputs = random_inputs(TINY, [4, 6, 5], dtype=torch.float64)
     runs, decisions = [], []
     for move in (False, True):
-        handle = patch_model(model64, cache=CacheConfig(interval=4, warmup=3, tolerance=tolerance, error=error))
+        handle = patch_model(
+            model64, cache=CacheConfig(interval=4, warmup=3, tolerance=tolerance, error=error)
+        )
         outputs = []
         for t in [0.0, 0.2, 0.3, 0.38, 0.45, 0.5, 0.56, 0.6]:
             x = dict(inputs)
@@ -239,6 +241,7 @@ def test_a_deepcopy_of_a_patched_model_runs_its_own_weights(block):
 
 def _bad_inputs(config, self_cond):
     """(name, inputs) that the unpatched model refuses; built from valid inputs of two molecules."""
+
     def valid():
         inputs = random_inputs(config, [4, 5])
         inputs["inv_feats"][..., 0] = 0.5
@@ -249,7 +252,10 @@ def _bad_inputs(config, self_cond):
     yield "NaN coords", nan
     yield "B = 0", {name: value[:0] for name, value in valid().items()}
     empty = valid()
-    yield "N = 0", {name: value[:, :0, :0] if value.dim() >= 4 else value[:, :0] for name, value in empty.items()}
+    yield (
+        "N = 0",
+        {name: value[:, :0, :0] if value.dim() >= 4 else value[:, :0] for name, value in empty.items()},
+    )
     flat = valid()
     flat["inv_feats"] = flat["inv_feats"][:, 0]
     yield "2-D inv_feats", flat
@@ -270,7 +276,7 @@ def test_forecast_steps_check_inputs_like_the_model(model, which):
             inputs["inv_feats"][..., 0] = t
             net(**inputs)
         assert handle.stats()["forecasts"] == 2 * 2
-        for name, inputs in _bad_inputs(TINY, False):
+        for _, inputs in _bad_inputs(TINY, False):
             with pytest.raises(ValueError):
                 net(**inputs)
     finally:

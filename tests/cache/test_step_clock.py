@@ -21,7 +21,7 @@ from fastflow.cache.hook import _zero_padding
 from fastflow.cli import build_parser, cache_config, main
 from fastflow.ops import cache_forecast
 from fastflow.sampling import time_grid
-from tests.models.conftest import perturbed_model, random_inputs
+from tests.models.conftest import random_inputs
 
 TINY = SemlaConfig.preset("tiny")
 REQUEST = dict(n_molecules=4, steps=8, seed=1, sizes=[3, 5, 4, 7], batch_size=4)
@@ -42,11 +42,17 @@ def test_taylor_by_hand_from_checkpoints_at_steps_0_2_4():
     # The ladder at step 4: d0 = F4; d1 = (F4 − F2)/2 = −1; the ladder at step 2 had d1 = (F2 − F0)/2 = 1.5;
     # d2 = (d1(4) − d1(2))/2 = (−1 − 1.5)/2 = −1.25 (each rung divided by the latest gap, 2).
     # Step 5 (x = 1): 2 + (−1)·1 + (−1.25)·1/2 = 0.375.  Step 6 (x = 2): 2 + (−1)·2 + (−1.25)·4/2 = −2.5.
-    history = [torch.tensor([F4], dtype=torch.float64), torch.tensor([F2]).double(), torch.tensor([F0]).double()]
+    history = [
+        torch.tensor([F4], dtype=torch.float64),
+        torch.tensor([F2]).double(),
+        torch.tensor([F0]).double(),
+    ]
     assert steps_forecast("taylor", 2, history, [4, 2, 0], 5).item() == pytest.approx(0.375, abs=1e-15)
     assert steps_forecast("taylor", 2, history, [4, 2, 0], 6).item() == pytest.approx(-2.5, abs=1e-15)
     # The same as coefficients on (F4, F2, F0): step 5 (13/8, −6/8, 1/8), step 6 (5/2, −2, 1/2).
-    np.testing.assert_allclose(taylorseer_coefficients([4, 2, 0], 5), [13 / 8, -6 / 8, 1 / 8], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(
+        taylorseer_coefficients([4, 2, 0], 5), [13 / 8, -6 / 8, 1 / 8], rtol=0, atol=1e-15
+    )
     np.testing.assert_allclose(taylorseer_coefficients([4, 2, 0], 6), [5 / 2, -2, 1 / 2], rtol=0, atol=1e-15)
     # Newton through the same three points (the time clock on a uniform grid) gives 3F4 − 3F2 + F0 at step 6.
     np.testing.assert_allclose(lagrange_coefficients([4, 2, 0], 6), [3, -3, 1], atol=1e-14)
@@ -101,7 +107,9 @@ def test_classical_coefficients_are_mol_caches_doubles():
     for order, coeffs in table.items():
         assert classical_ab_coefficients(order).tolist() == coeffs
         # Independent of the checkpoints' steps and of the forecast step.
-        assert Forecaster("ab", order, "steps").coefficients(list(range(40, 0, -7)), 99, 100).tolist() == coeffs
+        assert (
+            Forecaster("ab", order, "steps").coefficients(list(range(40, 0, -7)), 99, 100).tolist() == coeffs
+        )
     with pytest.raises(ValueError):
         classical_ab_coefficients(0)
 
@@ -162,7 +170,9 @@ def test_taylor_is_exact_on_lines_and_its_top_rung_on_degree_m(order):
     # Exact on polynomials of degree 1, whatever the spacing.
     history = [poly(coeffs[:2], s) for s in uneven]
     for step in (18, 20):
-        torch.testing.assert_close(steps_forecast("taylor", order, history, uneven, step), poly(coeffs[:2], step))
+        torch.testing.assert_close(
+            steps_forecast("taylor", order, history, uneven, step), poly(coeffs[:2], step)
+        )
     # Uniform spacing D = 3: for a degree-m polynomial the top rung is its m-th derivative, so the order-m and
     # order-(m − 1) forecasts differ by exactly a_m·x^m.
     D, s0 = 3, 21
@@ -214,8 +224,16 @@ def test_default_clock_is_time_and_labels_are_unchanged():
 
 @pytest.mark.parametrize(
     "kind,order,same_on_linear",
-    [("reuse", 0, True), ("taylor", 0, True), ("taylor", 1, True), ("ab", 1, True),
-     ("taylor", 2, False), ("taylor", 3, False), ("ab", 2, False), ("ab", 3, False)],
+    [
+        ("reuse", 0, True),
+        ("taylor", 0, True),
+        ("taylor", 1, True),
+        ("ab", 1, True),
+        ("taylor", 2, False),
+        ("taylor", 3, False),
+        ("ab", 2, False),
+        ("ab", 3, False),
+    ],
 )
 def test_steps_equal_time_where_the_math_says(kind, order, same_on_linear):
     """Checkpoints every 2 steps, forecasting the step after the newest. On the linear grid t = s/N: lines in t
@@ -267,7 +285,9 @@ def test_sample_forecasts_the_mol_cache_formulas(model64, kind, order):
     """A whole fastflow.sample run, 8 steps, D = 2: evaluated 0, 2, 4, 6 and the forced last step 7; the
     forecasts at steps 1, 3 and 5 are the formulas applied to the evaluations at the sampler's step indices."""
     calls, handle_hook = record(model64)
-    handle = patch_model(model64, kernels="reference", cache=CacheConfig(kind, order, interval=2, clock="steps"))
+    handle = patch_model(
+        model64, kernels="reference", cache=CacheConfig(kind, order, interval=2, clock="steps")
+    )
     try:
         result = sample(model64, **REQUEST)
         stats = handle.stats()
@@ -331,8 +351,11 @@ def test_direct_calls_count_steps_and_ignore_times(model64):
 
 def test_block_cache_with_step_clock(model):
     base = sample(model, **REQUEST)
-    handle = patch_model(model, kernels="reference",
-                         cache=CacheConfig("ab", 2, interval=2, block="dynamics.layers.1", clock="steps"))
+    handle = patch_model(
+        model,
+        kernels="reference",
+        cache=CacheConfig("ab", 2, interval=2, block="dynamics.layers.1", clock="steps"),
+    )
     try:
         result = sample(model, **REQUEST)
         stats = handle.stats()

@@ -17,12 +17,21 @@ from fastflow.data import moses3d as moses3d_module
 from fastflow.models.checkpoint import load_pretrained_dir
 from fastflow.training.trainer import CHECKPOINT
 
-VALID_TRAIN = ["CC(=O)Nc1ccc(O)cc1", "CC(C)Cc1ccc(C(C)C(=O)O)cc1", "COc1ccc2[nH]cc(CCNC(C)=O)c2c1",
-               "O=[N+]([O-])c1ccc(Cl)cc1",  # charged atoms (+1, -1): kept
-               "CN1CCN(c2ccc(F)cc2)CC1", "Cc1ccc(S(=O)(=O)N2CCCC2)cc1", "O=C(NC1CC1)c1ccc(Br)s1",
-               "CCOC(=O)c1cnc2ccccc2c1O"]
-BAD_TRAIN = {"C1CC(N": "invalid_smiles", "C[Se]c1ccccc1": "unsupported_element",
-             "OB(O)c1ccccc1": "mmff_setup_failed"}  # boron: in ATOM_VOCAB, not in MMFF94
+VALID_TRAIN = [
+    "CC(=O)Nc1ccc(O)cc1",
+    "CC(C)Cc1ccc(C(C)C(=O)O)cc1",
+    "COc1ccc2[nH]cc(CCNC(C)=O)c2c1",
+    "O=[N+]([O-])c1ccc(Cl)cc1",  # charged atoms (+1, -1): kept
+    "CN1CCN(c2ccc(F)cc2)CC1",
+    "Cc1ccc(S(=O)(=O)N2CCCC2)cc1",
+    "O=C(NC1CC1)c1ccc(Br)s1",
+    "CCOC(=O)c1cnc2ccccc2c1O",
+]
+BAD_TRAIN = {
+    "C1CC(N": "invalid_smiles",
+    "C[Se]c1ccccc1": "unsupported_element",
+    "OB(O)c1ccccc1": "mmff_setup_failed",
+}  # boron: in ATOM_VOCAB, not in MMFF94
 VALID_TEST = ["CC(=O)Oc1ccccc1C(=O)O", "CS(=O)(=O)c1ccc(C#N)cc1", "CC(=O)N1CCc2ccccc21"]
 BAD_TEST = {"C[Sn](C)(C)c1ccccc1": "unsupported_element"}
 SIZES = {"n_train": 6, "n_val": 2, "n_test": 3}  # every valid molecule of both files
@@ -88,19 +97,29 @@ def test_build_counts_failures_and_splits(tiny_cache):
     assert data["size_counts"].equal(torch.bincount(train.sizes)) and int(data["size_counts"].sum()) == 6
     test_keys = {data["smiles"][i] for i in data["split"]["test"].tolist()}
     assert test_keys == set(VALID_TEST)  # MOSES's test file feeds our test split, its train file train + val
-    assert CHARGE_INDEX[1] in data["tensors"]["charges"].tolist() and CHARGE_INDEX[-1] in data["tensors"][
-        "charges"].tolist()
+    assert (
+        CHARGE_INDEX[1] in data["tensors"]["charges"].tolist()
+        and CHARGE_INDEX[-1] in data["tensors"]["charges"].tolist()
+    )
     assert (cache / "moses3d-v1.pt").is_file() and not (cache / "moses3d-v1.parts").exists()
     batch = train.batch([0, 1])
-    assert torch.allclose(batch["coords"][0, : train.sizes[0]] * GEOM_COORD_STD,
-                          train.graph(0).coords - train.graph(0).coords.mean(0), atol=1e-4)
+    assert torch.allclose(
+        batch["coords"][0, : train.sizes[0]] * GEOM_COORD_STD,
+        train.graph(0).coords - train.graph(0).coords.mean(0),
+        atol=1e-4,
+    )
 
 
 def test_same_result_for_any_worker_count_and_chunking(tiny_dir, tiny_cache, tmp_path):
     _, reference = tiny_cache
     for workers, chunk_size in ((2, 500), (1, 3)):
-        data = moses3d_module.preprocess_moses3d(tmp_path / f"{workers}-{chunk_size}", **SIZES, workers=workers,
-                                                 chunk_size=chunk_size, data_dir=tiny_dir)
+        data = moses3d_module.preprocess_moses3d(
+            tmp_path / f"{workers}-{chunk_size}",
+            **SIZES,
+            workers=workers,
+            chunk_size=chunk_size,
+            data_dir=tiny_dir,
+        )
         _same(data, reference)
 
 
@@ -136,7 +155,9 @@ def test_cache_with_other_sizes_is_refused(tiny_cache):
 
 def test_too_few_molecules_is_an_error(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="only 8 of its 11 molecules converted, fewer than the 9"):
-        moses3d_module.preprocess_moses3d(tmp_path, n_train=7, n_val=2, n_test=0, workers=1, data_dir=tiny_dir)
+        moses3d_module.preprocess_moses3d(
+            tmp_path, n_train=7, n_val=2, n_test=0, workers=1, data_dir=tiny_dir
+        )
 
 
 def test_missing_molsets_says_how_to_install(monkeypatch, tmp_path, capsys):
@@ -152,12 +173,31 @@ def test_cli_data_summary_and_training_on_moses3d(tiny_dir, tmp_path, monkeypatc
     args = ["--n-train", "6", "--n-val", "2", "--n-test", "3", "--workers", "1", "--cache-dir", str(tmp_path)]
     assert main(["data", "moses3d", *args]) == 0
     out = capsys.readouterr().out
-    assert f"{N_READ} SMILES read, 4 dropped (invalid_smiles 1, unsupported_element 2, mmff_setup_failed 1)" in out
+    assert (
+        f"{N_READ} SMILES read, 4 dropped (invalid_smiles 1, unsupported_element 2, mmff_setup_failed 1)"
+        in out
+    )
     assert "11 kept; split train 6, val 2, test 3" in out and "s wall" in out
 
     run, model_dir = tmp_path / "run", tmp_path / "model"
-    train = ["train", "--data", "moses3d", "--config", "tiny", "--cache-dir", str(tmp_path), "--out", str(run),
-             "--val-minutes", "0", "--no-progress", "--threads", "1", "--batch-cost", "128"]
+    train = [
+        "train",
+        "--data",
+        "moses3d",
+        "--config",
+        "tiny",
+        "--cache-dir",
+        str(tmp_path),
+        "--out",
+        str(run),
+        "--val-minutes",
+        "0",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--batch-cost",
+        "128",
+    ]
     assert main([*train, "--steps", "2"]) == 0
     state = torch.load(run / CHECKPOINT, weights_only=True)
     assert state["model_config"]["coord_std"] == GEOM_COORD_STD
@@ -165,7 +205,17 @@ def test_cli_data_summary_and_training_on_moses3d(tiny_dir, tmp_path, monkeypatc
     assert tuple(state["train_config"]["bucket_limits"]) == DRUG_BUCKET_LIMITS
     assert state["size_counts"].equal(load_moses3d(tmp_path)["size_counts"])
     # --resume takes the run's data set (no --data given), and refuses another one
-    resume = ["train", "--resume", "--cache-dir", str(tmp_path), "--out", str(run), "--no-progress", "--threads", "1"]
+    resume = [
+        "train",
+        "--resume",
+        "--cache-dir",
+        str(tmp_path),
+        "--out",
+        str(run),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert main([*resume, "--steps", "3"]) == 0
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 3
     assert main([*resume, "--data", "qm9", "--steps", "4"]) == 2
@@ -187,9 +237,30 @@ def test_eval_on_moses3d_with_posebusters(tiny_cache, tmp_path):
     pytest.importorskip("posebusters")
     cache, _ = tiny_cache
     save_pretrained(Semla(SemlaConfig.preset("tiny", coord_std=GEOM_COORD_STD)), tmp_path / "model")
-    result = subprocess.run([sys.executable, "-m", "fastflow", "eval", "--checkpoint", str(tmp_path / "model"),
-                             "--n", "2", "--steps", "2", "--no-energy", "--json", "--data", "moses3d", "--cache-dir",
-                             str(cache), "--posebusters"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastflow",
+            "eval",
+            "--checkpoint",
+            str(tmp_path / "model"),
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--no-energy",
+            "--json",
+            "--data",
+            "moses3d",
+            "--cache-dir",
+            str(cache),
+            "--posebusters",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     assert summary["data"] == "moses3d"

@@ -33,8 +33,10 @@ def test_midi_split_is_deterministic_with_midi_sizes():
 def test_xyz_parsing_reads_bare_decimal_points(tmp_path):
     # qm9pack writes "0." and "1." (not JSON); molecule 4 of QM9, acetylene, has such coordinates
     csv = tmp_path / "tiny.csv"
-    csv.write_text('Index,Elements,XYZ_Ang\n4,"[\'C\',\'C\',\'H\',\'H\']",'
-                   '"[[0.5995394918,0.,1.],[-0.5995394918,0.,1.],[-1.6616385861,0.,1.],[1.6616385861,0.,1.]]"\n')
+    csv.write_text(
+        "Index,Elements,XYZ_Ang\n4,\"['C','C','H','H']\","
+        '"[[0.5995394918,0.,1.],[-0.5995394918,0.,1.],[-1.6616385861,0.,1.],[1.6616385861,0.,1.]]"\n'
+    )
     (record,) = read_qm9_csv([csv])
     graph, smiles = xyz_to_graph(record)
     assert smiles == "C#C" and graph.bond_types[0, 1] == 3 and graph.coords[0, 2] == 1.0

@@ -5,7 +5,6 @@ from rdkit.Chem import AllChem
 
 from fastflow.chem import graph_to_mol
 from fastflow.metrics import kabsch_rmsd, mmff_energy, mmff_evaluate, mmff_strain
-
 from tests.chem.helpers import cdk2_mols, graph
 
 

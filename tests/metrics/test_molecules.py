@@ -4,7 +4,6 @@ from rdkit import Chem
 
 from fastflow.chem import ATOM_INDEX, graph_to_mol, mol_to_graph
 from fastflow.metrics import canonical_smiles_set, is_valid, novelty, uniqueness, validity
-
 from tests.chem.helpers import cdk2_mols, graph, star
 
 

@@ -6,7 +6,6 @@ from rdkit import Chem
 
 from fastflow.chem import ATOM_INDEX, mol_to_graph
 from fastflow.metrics import compute_metrics, format_metrics_table, mmff_energy
-
 from tests.chem.helpers import cdk2_mols, star
 
 GRAPH_KEYS = {"n", "atom_stability", "mol_stability", "validity", "connected_validity", "uniqueness"}
@@ -29,8 +28,15 @@ def test_real_molecules():
     metrics = compute_metrics(graphs, train_smiles=train)
     assert set(metrics) == GRAPH_KEYS | ENERGY_KEYS | {"novelty"}
     assert metrics["n"] == 12
-    for key in ("atom_stability", "mol_stability", "validity", "connected_validity", "uniqueness",
-                "energy_validity", "opt_energy_validity"):
+    for key in (
+        "atom_stability",
+        "mol_stability",
+        "validity",
+        "connected_validity",
+        "uniqueness",
+        "energy_validity",
+        "opt_energy_validity",
+    ):
         assert metrics[key] == 1.0, key
     assert metrics["novelty"] == 0.75
     assert metrics["strain"] > 0 and metrics["strain_per_atom"] > 0 and math.isfinite(metrics["energy"])

@@ -3,7 +3,6 @@ import torch
 
 from fastflow.chem import ATOM_INDEX, mol_to_graph
 from fastflow.metrics import atom_stabilities, atom_valences, stability
-
 from tests.chem.helpers import cdk2_mols, graph, graph_from_smiles, star
 
 

@@ -1,5 +1,6 @@
-import torch
 from pathlib import Path
+
+import torch
 
 from fastflow.chem.vocab import N_ATOM_TYPES, N_BOND_TYPES
 

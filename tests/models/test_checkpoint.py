@@ -4,8 +4,12 @@ import pytest
 import torch
 
 from fastflow.models import Semla, SemlaConfig
-from fastflow.models.checkpoint import (CheckpointError, load_pretrained_dir, load_semlaflow_checkpoint,
-                                        save_pretrained)
+from fastflow.models.checkpoint import (
+    CheckpointError,
+    load_pretrained_dir,
+    load_semlaflow_checkpoint,
+    save_pretrained,
+)
 
 from .conftest import perturbed_model, random_inputs
 
@@ -15,14 +19,34 @@ TINY = SemlaConfig.preset("tiny")
 def upstream_hparams(config: SemlaConfig) -> dict:
     """hyper_parameters as upstream's MolecularCFM saves them (gen.hparams + dynamics + integrator + extras)."""
     return {
-        "lr": 3e-4, "coord_scale": 1.723299503326416, "type_loss_weight": 0.2, "bond_loss_weight": 0.5,
-        "type_strategy": "ce", "bond_strategy": "ce", "self_condition": True, "use_ema": True,
-        "d_model": config.d_model, "vocab_size": 18, "n_atom_feats": 19, "d_edge": config.d_edge,
-        "n_edge_types": 5, "self_cond": True, "size_emb": config.size_emb, "max_atoms": config.max_atoms,
-        "d_message": config.d_message, "n_coord_sets": config.n_coord_sets, "n_layers": config.n_layers,
-        "n_attn_heads": config.n_attn_heads, "d_message_hidden": config.d_message_hidden,
-        "bond_refine": True, "coord_norm": "length", "eps": 1e-6, "integration-steps": 100,
-        "integration-type-strategy": "uniform-sample", "architecture": "semla", "dataset": "qm9",
+        "lr": 3e-4,
+        "coord_scale": 1.723299503326416,
+        "type_loss_weight": 0.2,
+        "bond_loss_weight": 0.5,
+        "type_strategy": "ce",
+        "bond_strategy": "ce",
+        "self_condition": True,
+        "use_ema": True,
+        "d_model": config.d_model,
+        "vocab_size": 18,
+        "n_atom_feats": 19,
+        "d_edge": config.d_edge,
+        "n_edge_types": 5,
+        "self_cond": True,
+        "size_emb": config.size_emb,
+        "max_atoms": config.max_atoms,
+        "d_message": config.d_message,
+        "n_coord_sets": config.n_coord_sets,
+        "n_layers": config.n_layers,
+        "n_attn_heads": config.n_attn_heads,
+        "d_message_hidden": config.d_message_hidden,
+        "bond_refine": True,
+        "coord_norm": "length",
+        "eps": 1e-6,
+        "integration-steps": 100,
+        "integration-type-strategy": "uniform-sample",
+        "architecture": "semla",
+        "dataset": "qm9",
     }
 
 
@@ -30,8 +54,17 @@ def write_lightning_checkpoint(path, ema: Semla, raw: Semla, hparams=None):
     state = {f"gen.{k}": v for k, v in raw.state_dict().items()}
     state.update({f"ema_gen.module.{k}": v for k, v in ema.state_dict().items()})
     state["ema_gen.n_averaged"] = torch.tensor(1000)
-    torch.save({"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.2.1", "state_dict": state,
-                "hyper_parameters": hparams or upstream_hparams(TINY), "optimizer_states": []}, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 1000,
+            "pytorch-lightning_version": "2.2.1",
+            "state_dict": state,
+            "hyper_parameters": hparams or upstream_hparams(TINY),
+            "optimizer_states": [],
+        },
+        path,
+    )
 
 
 def test_loads_ema_weights_and_config(tmp_path):
@@ -47,7 +80,9 @@ def test_loads_ema_weights_and_config(tmp_path):
         for got, expected in zip(model(**inputs), ema(**inputs)):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
     raw_model = load_semlaflow_checkpoint(path, use_ema=False)
-    torch.testing.assert_close(raw_model.state_dict()["feat_proj.0.weight"], raw.state_dict()["feat_proj.0.weight"])
+    torch.testing.assert_close(
+        raw_model.state_dict()["feat_proj.0.weight"], raw.state_dict()["feat_proj.0.weight"]
+    )
 
 
 def test_compiled_generator_prefix_is_understood(tmp_path):
@@ -98,8 +133,13 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path):
 def test_missing_ema_warns_and_uses_raw_weights(tmp_path):
     raw = perturbed_model(TINY, seed=4)
     path = tmp_path / "noema.ckpt"
-    torch.save({"state_dict": {f"gen.{k}": v for k, v in raw.state_dict().items()},
-                "hyper_parameters": upstream_hparams(TINY)}, path)
+    torch.save(
+        {
+            "state_dict": {f"gen.{k}": v for k, v in raw.state_dict().items()},
+            "hyper_parameters": upstream_hparams(TINY),
+        },
+        path,
+    )
     with pytest.warns(UserWarning, match="no EMA generator weights"):
         model = load_semlaflow_checkpoint(path)
     torch.testing.assert_close(model.state_dict()["size_emb.weight"], raw.state_dict()["size_emb.weight"])

@@ -38,9 +38,13 @@ def test_matches_upstream_outputs(upstream_fixture, tag):
     """Weights, inputs and outputs were produced by upstream's SemlaGenerator (see fixtures/generate_*.py)."""
     config = SemlaConfig.preset("tiny", self_cond=(tag == "sc"))
     model = Semla(config).eval()
-    weights = {k[len(f"{tag}.param."):]: v for k, v in upstream_fixture.items() if k.startswith(f"{tag}.param.")}
+    weights = {
+        k[len(f"{tag}.param.") :]: v for k, v in upstream_fixture.items() if k.startswith(f"{tag}.param.")
+    }
     model.load_state_dict(weights, strict=True)
-    inputs = {k[len(f"{tag}.input."):]: v for k, v in upstream_fixture.items() if k.startswith(f"{tag}.input.")}
+    inputs = {
+        k[len(f"{tag}.input.") :]: v for k, v in upstream_fixture.items() if k.startswith(f"{tag}.input.")
+    }
     expected = [upstream_fixture[f"{tag}.output.{name}"] for name in OUTPUTS]
     with torch.no_grad():
         got = model(**inputs)
@@ -60,13 +64,23 @@ def test_parameter_names_and_shapes_match_upstream(preset):
         assert ours == upstream
         assert sum(v.numel() for v in Semla(config).parameters()) == 23_301_407
     else:  # same module tree: every name of the tiny upstream fixture, scaled
-        assert set(ours) >= {"dynamics.layers.0.edge_feat_norm.weight", "dynamics.refine_layer.message_mlp.2.bias",
-                             f"dynamics.layers.{config.n_layers - 1}.message_ff.message_mlp.2.weight"}
+        assert set(ours) >= {
+            "dynamics.layers.0.edge_feat_norm.weight",
+            "dynamics.refine_layer.message_mlp.2.bias",
+            f"dynamics.layers.{config.n_layers - 1}.message_ff.message_mlp.2.weight",
+        }
 
 
 def test_semlaflow_preset_defaults():
     c = SemlaConfig.preset("semlaflow")
-    assert (c.d_model, c.n_layers, c.d_message, c.d_edge, c.n_coord_sets, c.n_attn_heads) == (384, 12, 128, 128, 64, 32)
+    assert (c.d_model, c.n_layers, c.d_message, c.d_edge, c.n_coord_sets, c.n_attn_heads) == (
+        384,
+        12,
+        128,
+        128,
+        64,
+        32,
+    )
 
 
 def test_equivariant_mlp_is_the_outer_product_sum():
@@ -115,7 +129,9 @@ def test_equivariance_rotation_translation_permutation(self_cond, seed):
         out = model(**moved)
     expected = [transform(name, value) for name, value in zip(("x", "t", "b", "c"), reference)]
     expected[0] = expected[0] @ R.T  # outputs are zero-CoM: rotate, no shift
-    for name, got, exp in zip(OUTPUTS, real_parts(out, moved["atom_mask"]), real_parts(expected, moved["atom_mask"])):
+    for name, got, exp in zip(
+        OUTPUTS, real_parts(out, moved["atom_mask"]), real_parts(expected, moved["atom_mask"])
+    ):
         assert max_rel_err(got, exp) < 1e-9, name
 
 
@@ -127,9 +143,13 @@ def test_outputs_do_not_depend_on_padding_or_batch_mates():
     with torch.no_grad():
         together = model(**batch)
         alone = model(**{k: v[1:2, :4] if v.dim() < 4 else v[1:2, :4, :4] for k, v in batch.items()})
-    for name, a, b in zip(OUTPUTS, real_parts([o[1:2, :4] if o.dim() < 4 else o[1:2, :4, :4] for o in together],
-                                              batch["atom_mask"][1:2, :4]),
-                          real_parts(alone, batch["atom_mask"][1:2, :4])):
+    for name, a, b in zip(
+        OUTPUTS,
+        real_parts(
+            [o[1:2, :4] if o.dim() < 4 else o[1:2, :4, :4] for o in together], batch["atom_mask"][1:2, :4]
+        ),
+        real_parts(alone, batch["atom_mask"][1:2, :4]),
+    ):
         assert max_rel_err(a, b) < 1e-5, name
 
 

@@ -15,13 +15,18 @@ BACKENDS = ["cpp", "reference"]
 
 
 def assert_close(got, expected, mask, tolerance):
-    errors = {name: max_rel_err(g, e) for name, g, e in zip(OUTPUTS, real_parts(got, mask), real_parts(expected, mask))}
+    errors = {
+        name: max_rel_err(g, e)
+        for name, g, e in zip(OUTPUTS, real_parts(got, mask), real_parts(expected, mask))
+    }
     assert max(errors.values()) <= tolerance, errors
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("preset,self_cond,sizes", [("tiny", True, [1, 2, 3, 17]), ("tiny", False, [5, 3]),
-                                                    ("small", True, [9, 4, 12])])
+@pytest.mark.parametrize(
+    "preset,self_cond,sizes",
+    [("tiny", True, [1, 2, 3, 17]), ("tiny", False, [5, 3]), ("small", True, [9, 4, 12])],
+)
 def test_patched_model_equals_unpatched(backend, preset, self_cond, sizes):
     config = SemlaConfig.preset(preset, self_cond=self_cond)
     model = perturbed_model(config, seed=len(sizes))
@@ -38,8 +43,10 @@ def test_patched_model_equals_unpatched(backend, preset, self_cond, sizes):
 def test_patched_model_matches_upstream_fixture(upstream_fixture, backend):
     config = SemlaConfig.preset("tiny")
     model = Semla(config).eval()
-    model.load_state_dict({k[len("sc.param."):]: v for k, v in upstream_fixture.items() if k.startswith("sc.param.")})
-    inputs = {k[len("sc.input."):]: v for k, v in upstream_fixture.items() if k.startswith("sc.input.")}
+    model.load_state_dict(
+        {k[len("sc.param.") :]: v for k, v in upstream_fixture.items() if k.startswith("sc.param.")}
+    )
+    inputs = {k[len("sc.input.") :]: v for k, v in upstream_fixture.items() if k.startswith("sc.input.")}
     expected = [upstream_fixture[f"sc.output.{name}"] for name in OUTPUTS]
     patch_model(model, kernels=backend)
     with torch.no_grad():
@@ -57,7 +64,9 @@ def test_patched_model_is_equivariant(backend):
     inputs = random_inputs(config, sizes, n_pad=1, generator=g, dtype=torch.double)
     mask = inputs["atom_mask"]
     R, shift = random_rotation(g, torch.double), torch.randn(3, generator=g, dtype=torch.double)
-    perm = torch.stack([torch.cat([torch.randperm(n, generator=g), torch.arange(n, mask.size(1))]) for n in sizes])
+    perm = torch.stack(
+        [torch.cat([torch.randperm(n, generator=g), torch.arange(n, mask.size(1))]) for n in sizes]
+    )
     b = torch.arange(len(sizes))[:, None]
 
     def move(name, value):
@@ -93,11 +102,16 @@ def test_swaps_keep_parameters_and_unpatch_restores_modules():
     assert list(patched_state) == list(state)
     assert all(patched_state[k].data_ptr() == v.data_ptr() for k, v in state.items())
     swapped = [entry["module"] for entry in handle.report()["kernels"]["swapped"]]
-    assert swapped == ([f"dynamics.layers.{i}" for i in range(len(layers))]
-                       + ["dynamics.final_ff_block", "dynamics.refine_layer", "(forward)"])
+    assert swapped == (
+        [f"dynamics.layers.{i}" for i in range(len(layers))]
+        + ["dynamics.final_ff_block", "dynamics.refine_layer", "(forward)"]
+    )
 
     handle.unpatch()
-    assert all(a is b for a, b in zip(model.dynamics.layers, layers)) and model.dynamics.final_ff_block is final_ff
+    assert (
+        all(a is b for a, b in zip(model.dynamics.layers, layers))
+        and model.dynamics.final_ff_block is final_ff
+    )
     assert "forward" not in model.__dict__
     with torch.no_grad():
         after = model(**inputs)
@@ -107,8 +121,9 @@ def test_swaps_keep_parameters_and_unpatch_restores_modules():
 def test_unsupported_structure_is_left_alone_and_listed():
     model = perturbed_model(SemlaConfig.preset("tiny"))
     odd = model.dynamics.layers[1]
-    odd.message_ff.message_mlp[0] = torch.nn.Linear(odd.message_ff.message_mlp[0].in_features + 1,
-                                                    odd.message_ff.message_mlp[0].out_features)
+    odd.message_ff.message_mlp[0] = torch.nn.Linear(
+        odd.message_ff.message_mlp[0].in_features + 1, odd.message_ff.message_mlp[0].out_features
+    )
     handle = patch_model(model, kernels="cpp")
     report = handle.report()["kernels"]
     assert model.dynamics.layers[1] is odd
@@ -121,7 +136,9 @@ def test_unsupported_structure_is_left_alone_and_listed():
 def test_gradients_through_the_fused_layers_equal_the_reference():
     config = SemlaConfig.preset("tiny")
     model = perturbed_model(config, seed=5, dtype=torch.double)
-    inputs = random_inputs(config, [5, 3], n_pad=1, generator=torch.Generator().manual_seed(5), dtype=torch.double)
+    inputs = random_inputs(
+        config, [5, 3], n_pad=1, generator=torch.Generator().manual_seed(5), dtype=torch.double
+    )
 
     def grads():
         model.zero_grad()

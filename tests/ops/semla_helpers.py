@@ -48,8 +48,12 @@ def random_inputs(config, B, N, seed, adjacency=molecule_adjacency):
         adjacency(B, N, generator) if callable(adjacency) else adjacency,
     ]
     if E:
-        args += [randn(B, N, N, E, scale=2.0, shift=0.5), randn(E, scale=0.2, shift=1.0), randn(E, scale=0.2),
-                 randn(F, E, scale=E**-0.5)]
+        args += [
+            randn(B, N, N, E, scale=2.0, shift=0.5),
+            randn(E, scale=0.2, shift=1.0),
+            randn(E, scale=0.2),
+            randn(F, E, scale=E**-0.5),
+        ]
     else:
         args += [None] * 4
     return args
@@ -57,8 +61,14 @@ def random_inputs(config, B, N, seed, adjacency=molecule_adjacency):
 
 def cast(args, dtype, device="cpu"):
     """The float tensors of `args` in `dtype`, every tensor on `device`; anything else as it is."""
-    return [t.to(device, dtype) if torch.is_tensor(t) and t.is_floating_point() else
-            t.to(device) if torch.is_tensor(t) else t for t in args]
+    return [
+        t.to(device, dtype)
+        if torch.is_tensor(t) and t.is_floating_point()
+        else t.to(device)
+        if torch.is_tensor(t)
+        else t
+        for t in args
+    ]
 
 
 def max_relative_errors(args, dtype, backend, tolerance, device="cpu"):

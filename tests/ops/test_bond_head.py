@@ -51,22 +51,32 @@ def random_inputs(widths, B, N, seed, refine=True, garbage_seed=None):
 
     args = dict(
         edge_feats=randn(B, N, N, E, scale=2.0, shift=0.5),
-        bond_norm_weight=randn(E, scale=0.2, shift=1.0), bond_norm_bias=randn(E, scale=0.2),
-        head_weight1=randn(G, E, scale=E**-0.5), head_bias1=randn(G, scale=0.5),
-        head_weight2=randn(K, G, scale=G**-0.5), head_bias2=randn(K, scale=0.5),
+        bond_norm_weight=randn(E, scale=0.2, shift=1.0),
+        bond_norm_bias=randn(E, scale=0.2),
+        head_weight1=randn(G, E, scale=E**-0.5),
+        head_bias1=randn(G, scale=0.5),
+        head_weight2=randn(K, G, scale=G**-0.5),
+        head_bias2=randn(K, scale=0.5),
     )
     if refine:
         coords = randn(B, N, 3, scale=1.5)
         centre = (coords * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
         args.update(
-            node_terms_i=randn(B, N, F_), node_terms_j=randn(B, N, F_), coords=(coords - centre) * mask[..., None],
-            edge_norm_weight=randn(E, scale=0.2, shift=1.0), edge_norm_bias=randn(E, scale=0.2),
-            edge_weight=randn(F_, E, scale=E**-0.5), dist_weight=randn(F_, scale=0.3), dot_weight=randn(F_, scale=0.3),
-            refine_weight=randn(E, F_, scale=F_**-0.5), refine_bias=randn(E, scale=0.5),
+            node_terms_i=randn(B, N, F_),
+            node_terms_j=randn(B, N, F_),
+            coords=(coords - centre) * mask[..., None],
+            edge_norm_weight=randn(E, scale=0.2, shift=1.0),
+            edge_norm_bias=randn(E, scale=0.2),
+            edge_weight=randn(F_, E, scale=E**-0.5),
+            dist_weight=randn(F_, scale=0.3),
+            dot_weight=randn(F_, scale=0.3),
+            refine_weight=randn(E, F_, scale=F_**-0.5),
+            refine_bias=randn(E, scale=0.5),
         )
     junk = generator if garbage_seed is None else torch.Generator().manual_seed(garbage_seed)
-    args["edge_feats"] = torch.where(pair_mask[..., None], args["edge_feats"],
-                                     randn(B, N, N, E, scale=30.0, shift=7.0, gen=junk))
+    args["edge_feats"] = torch.where(
+        pair_mask[..., None], args["edge_feats"], randn(B, N, N, E, scale=30.0, shift=7.0, gen=junk)
+    )
     if refine:
         for name, width in (("node_terms_i", F_), ("node_terms_j", F_), ("coords", 3)):
             args[name] = torch.where(mask[..., None], args[name], randn(B, N, width, scale=30.0, gen=junk))
@@ -124,11 +134,14 @@ def test_several_threads_and_tiles():
 
 def test_strided_inputs():
     args, _ = random_inputs("tiny", 3, 11, seed_of("strided"))
-    strided = {name: t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() > 1 else t[None].expand(2, -1)[1]
-               for name, t in args.items()}
+    strided = {
+        name: t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() > 1 else t[None].expand(2, -1)[1]
+        for name, t in args.items()
+    }
     assert not any(t.is_contiguous() for t in strided.values() if t.dim() > 1)
-    torch.testing.assert_close(bond_head(**strided, backend="cpp"), bond_head(**args, backend="cpp"), rtol=1e-14,
-                               atol=1e-14)
+    torch.testing.assert_close(
+        bond_head(**strided, backend="cpp"), bond_head(**args, backend="cpp"), rtol=1e-14, atol=1e-14
+    )
 
 
 def test_auto_backend_and_eps():
@@ -197,9 +210,16 @@ def model_arguments(model, coords, node_feats, atom_mask, edge_feats):
     as GEMMs, BondRefine's normalised coordinates, and the split columns of its first linear."""
     dynamics = model.dynamics
     head1, head2 = model.edge_out_proj[0], model.edge_out_proj[2]
-    args = dict(edge_feats=edge_feats, bond_norm_weight=dynamics.bond_norm.weight,
-                bond_norm_bias=dynamics.bond_norm.bias, head_weight1=head1.weight, head_bias1=head1.bias,
-                head_weight2=head2.weight, head_bias2=head2.bias, bond_norm_eps=dynamics.bond_norm.eps)
+    args = dict(
+        edge_feats=edge_feats,
+        bond_norm_weight=dynamics.bond_norm.weight,
+        bond_norm_bias=dynamics.bond_norm.bias,
+        head_weight1=head1.weight,
+        head_bias1=head1.bias,
+        head_weight2=head2.weight,
+        head_bias2=head2.bias,
+        bond_norm_eps=dynamics.bond_norm.eps,
+    )
     if dynamics.bond_refine:
         refine = dynamics.refine_layer
         first, second = refine.message_mlp[0], refine.message_mlp[2]
@@ -207,10 +227,19 @@ def model_arguments(model, coords, node_feats, atom_mask, edge_feats):
         W_i, W_j, w_dist, w_dot, W_e = first.weight.split([M, M, 1, 1, first.in_features - 2 * M - 2], dim=1)
         m = refine.node_proj(refine.node_norm(node_feats))
         x = refine.coord_norm(coords.unsqueeze(1), atom_mask.unsqueeze(1)).squeeze(1)
-        args.update(node_terms_i=F.linear(m, W_i, first.bias), node_terms_j=F.linear(m, W_j), coords=x,
-                    edge_norm_weight=refine.edge_norm.weight, edge_norm_bias=refine.edge_norm.bias, edge_weight=W_e,
-                    dist_weight=w_dist.squeeze(1), dot_weight=w_dot.squeeze(1), refine_weight=second.weight,
-                    refine_bias=second.bias, edge_norm_eps=refine.edge_norm.eps)
+        args.update(
+            node_terms_i=F.linear(m, W_i, first.bias),
+            node_terms_j=F.linear(m, W_j),
+            coords=x,
+            edge_norm_weight=refine.edge_norm.weight,
+            edge_norm_bias=refine.edge_norm.bias,
+            edge_weight=W_e,
+            dist_weight=w_dist.squeeze(1),
+            dot_weight=w_dot.squeeze(1),
+            refine_weight=second.weight,
+            refine_bias=second.bias,
+            edge_norm_eps=refine.edge_norm.eps,
+        )
     return args
 
 
@@ -221,8 +250,9 @@ def test_reference_is_the_model_tail(bond_refine):
     with torch.no_grad():  # random LayerNorm and CoordNorm parameters, not the identity they start as
         for parameter in model.parameters():
             if parameter.dim() == 1 or parameter.shape == (1, 1, 1, 1):
-                parameter.copy_(parameter + 0.2 * torch.randn(parameter.shape, generator=generator,
-                                                              dtype=torch.float64))
+                parameter.copy_(
+                    parameter + 0.2 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+                )
     B, N, config = 3, 9, model.config
     atom_mask = (torch.arange(N)[None, :] < torch.tensor([9, 6, 1])[:, None]).double()
     coords = torch.randn(B, N, 3, generator=generator, dtype=torch.float64) * atom_mask[..., None]
@@ -231,7 +261,9 @@ def test_reference_is_the_model_tail(bond_refine):
 
     with torch.no_grad():
         dynamics = model.dynamics
-        edges = dynamics.refine_layer(coords, node_feats, atom_mask, edge_feats) if bond_refine else edge_feats
+        edges = (
+            dynamics.refine_layer(coords, node_feats, atom_mask, edge_feats) if bond_refine else edge_feats
+        )
         pred_edges = dynamics.bond_norm(edges)
         expected = model.edge_out_proj(pred_edges + pred_edges.transpose(1, 2))
         args = model_arguments(model, coords, node_feats, atom_mask, edge_feats)
@@ -277,7 +309,9 @@ def test_gradcheck(refine):
 
 def test_gradients_match_reference():
     args, _ = random_inputs("odd", 2, 6, seed_of("gradients"))
-    weight = torch.randn(2, 6, 6, 3, generator=torch.Generator().manual_seed(seed_of("upstream")), dtype=torch.float64)
+    weight = torch.randn(
+        2, 6, 6, 3, generator=torch.Generator().manual_seed(seed_of("upstream")), dtype=torch.float64
+    )
 
     def gradients(function):
         inputs = {name: t.clone().requires_grad_() for name, t in args.items()}
@@ -287,19 +321,31 @@ def test_gradients_match_reference():
     cpp = gradients(lambda **inputs: bond_head(**inputs, backend="cpp"))
     reference = gradients(bond_head_reference)
     for name, g_cpp, g_ref in zip(args, cpp, reference):
-        torch.testing.assert_close(g_cpp, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            g_cpp, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_compile_and_export_see_one_op():
     args, _ = random_inputs("tiny", 2, 7, seed_of("compile"))
     expected = bond_head(**args, backend="cpp")  # eager first: loads the extension outside the trace
-    compiled = torch.compile(lambda kwargs: bond_head(**kwargs, backend="cpp"), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda kwargs: bond_head(**kwargs, backend="cpp"), fullgraph=True, backend="aot_eager"
+    )
     torch.testing.assert_close(compiled(args), expected, rtol=0, atol=0)
 
     class Head(torch.nn.Module):
         def forward(self, edge_feats, node_terms_i, node_terms_j, coords):
-            return bond_head(**{**args, "edge_feats": edge_feats, "node_terms_i": node_terms_i,
-                                "node_terms_j": node_terms_j, "coords": coords}, backend="cpp")
+            return bond_head(
+                **{
+                    **args,
+                    "edge_feats": edge_feats,
+                    "node_terms_i": node_terms_i,
+                    "node_terms_j": node_terms_j,
+                    "coords": coords,
+                },
+                backend="cpp",
+            )
 
     inputs = tuple(args[name] for name in ("edge_feats", "node_terms_i", "node_terms_j", "coords"))
     program = torch.export.export(Head(), inputs)
@@ -323,13 +369,37 @@ def test_flops():
 @pytest.mark.parametrize(
     "name, replacement, error, message",
     [
-        ("head_weight1", lambda t: t[:, :-1], ValueError,
-         r"head_weight1 must have shape \[·, 16\], got shape \[16, 15\]"),
-        ("edge_feats", lambda t: t[:, :, :4], ValueError, r"edge_feats must have shape \[2, 5, 5, 16\], got shape "
-                                                          r"\[2, 5, 4, 16\]"),
-        ("coords", lambda t: t[..., :2], ValueError, r"coords must have shape \[2, 5, 3\], got shape \[2, 5, 2\]"),
-        ("dist_weight", lambda t: t.float(), TypeError, r"dist_weight has dtype torch.float32, expected torch.float64"),
-        ("refine_bias", lambda t: None, ValueError, r"given together or not at all .*missing \['refine_bias'\]"),
+        (
+            "head_weight1",
+            lambda t: t[:, :-1],
+            ValueError,
+            r"head_weight1 must have shape \[·, 16\], got shape \[16, 15\]",
+        ),
+        (
+            "edge_feats",
+            lambda t: t[:, :, :4],
+            ValueError,
+            r"edge_feats must have shape \[2, 5, 5, 16\], got shape "
+            r"\[2, 5, 4, 16\]",
+        ),
+        (
+            "coords",
+            lambda t: t[..., :2],
+            ValueError,
+            r"coords must have shape \[2, 5, 3\], got shape \[2, 5, 2\]",
+        ),
+        (
+            "dist_weight",
+            lambda t: t.float(),
+            TypeError,
+            r"dist_weight has dtype torch.float32, expected torch.float64",
+        ),
+        (
+            "refine_bias",
+            lambda t: None,
+            ValueError,
+            r"given together or not at all .*missing \['refine_bias'\]",
+        ),
         ("edge_feats", lambda t: t[:0], ValueError, r"empty batch"),
     ],
 )
@@ -352,7 +422,11 @@ def test_bad_dtypes_and_backends():
     "name, replacement, message",
     [
         ("head_weight2", lambda t: t[:, :3], r"head_weight2 must have shape \[\*, 16\], got \[5, 3\]"),
-        ("edge_feats", lambda t: t[:, :4], r"edge_feats must have shape \[2, 4, 4, 16\], got \[2, 4, 5, 16\]"),
+        (
+            "edge_feats",
+            lambda t: t[:, :4],
+            r"edge_feats must have shape \[2, 4, 4, 16\], got \[2, 4, 5, 16\]",
+        ),
         ("node_terms_j", lambda t: t.float(), r"node_terms_j must have dtype Double, got Float"),
         ("edge_weight", lambda t: None, r"given together or not at all"),
         ("edge_feats", lambda t: t[:0], r"empty batch"),

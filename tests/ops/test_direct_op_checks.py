@@ -12,8 +12,10 @@ from fastflow import _extension
 from .semla_helpers import cast, random_inputs, seed_of
 
 # The modules (fastflow.ops exports the functions under the same names).
-forecast_op, semla_op, tp_op = (importlib.import_module(f"fastflow.ops.{name}")
-                                for name in ("cache_forecast", "semla_attention", "tensor_product"))
+forecast_op, semla_op, tp_op = (
+    importlib.import_module(f"fastflow.ops.{name}")
+    for name in ("cache_forecast", "semla_attention", "tensor_product")
+)
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONFIG = (8, 3, 2, 4, 3, 4, 2)  # (F, S, H, d_head, P, E_in, E_out)
@@ -27,6 +29,7 @@ def semla_args(device="cpu"):
 
 def semla_cases():
     """(name, arguments) that every backend must refuse."""
+
     def edit(index, make):
         args = semla_args()
         args[index] = make(args[index])

@@ -51,7 +51,9 @@ def test_cpp_matches_the_reference(N, pairs, dtype):
     p_cpp, next_cpp = op.discrete_flow_step(*args, backend="cpp")
     assert p_cpp.dtype == dtype and next_cpp.shape == next_ref.shape and p_cpp.is_contiguous()
     assert (p_cpp - p_ref).abs().max() <= TOLERANCE[dtype]
-    assert torch.equal(next_cpp, next_ref)  # same keyed uniforms; no draw sits within rounding of a boundary here
+    assert torch.equal(
+        next_cpp, next_ref
+    )  # same keyed uniforms; no draw sits within rounding of a boundary here
 
 
 def test_many_draws_agree_and_padding_is_zero():
@@ -74,8 +76,9 @@ def test_a_molecule_draws_the_same_alone_or_in_a_batch():
     logits, current, mask, t, keys, *rest = inputs(5, 9, 5, True, torch.float32, seed=5)
     _, together = op.discrete_flow_step(logits, current, mask, t, keys, *rest, backend="cpp")
     n = int(mask[2].sum())
-    _, alone = op.discrete_flow_step(logits[2:3, :n, :n], current[2:3, :n, :n], mask[2:3, :n], t[2:3], keys[2:3],
-                                     *rest, backend="cpp")
+    _, alone = op.discrete_flow_step(
+        logits[2:3, :n, :n], current[2:3, :n, :n], mask[2:3, :n], t[2:3], keys[2:3], *rest, backend="cpp"
+    )
     assert torch.equal(alone[0], together[2, :n, :n])
 
 

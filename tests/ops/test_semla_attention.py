@@ -67,8 +67,9 @@ def test_cpp_matches_reference_configs(config, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("config", ["tiny", "odd"])
 def test_arbitrary_adjacency_with_empty_rows(config, dtype):
-    args = random_inputs(config, 3, 13, seed_of("random adjacency", config, str(dtype)),
-                         adjacency=random_adjacency)
+    args = random_inputs(
+        config, 3, 13, seed_of("random adjacency", config, str(dtype)), adjacency=random_adjacency
+    )
     assert not args[8].any(dim=-1).all()  # rows without an edge take their softmax over every atom
     assert_matches_reference(args, dtype)
 
@@ -79,15 +80,19 @@ def test_softmax_is_stable_for_large_logits():
     args = random_inputs("tiny", 2, 17, seed_of("large logits"))
     args[4] = args[4] * 300
     assert_matches_reference(args, torch.float64)
-    for out, ref in zip(semla_attention(*cast(args, torch.float32), backend="cpp"), semla_attention_reference(*args)):
+    for out, ref in zip(
+        semla_attention(*cast(args, torch.float32), backend="cpp"), semla_attention_reference(*args)
+    ):
         assert torch.isfinite(out).all()
         assert (out.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 def test_strided_inputs():
     args = random_inputs("tiny", 3, 11, seed_of("strided"))
-    strided = [t.transpose(0, -1).contiguous().transpose(0, -1) if torch.is_tensor(t) and t.dim() > 1 else t
-               for t in args]
+    strided = [
+        t.transpose(0, -1).contiguous().transpose(0, -1) if torch.is_tensor(t) and t.dim() > 1 else t
+        for t in args
+    ]
     assert not any(t.is_contiguous() for t in strided if torch.is_tensor(t) and t.dim() > 1)
     for out, ref in zip(semla_attention(*strided, backend="cpp"), semla_attention(*args, backend="cpp")):
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -128,16 +133,20 @@ def test_gradients_match_reference(config):
     generator = torch.Generator().manual_seed(seed_of("upstream", config))
 
     def gradients(function):
-        inputs = [t.clone().requires_grad_(i in floats) if torch.is_tensor(t) else t for i, t in enumerate(args)]
+        inputs = [
+            t.clone().requires_grad_(i in floats) if torch.is_tensor(t) else t for i, t in enumerate(args)
+        ]
         outputs = function(*inputs)
-        loss = sum((out * torch.randn(out.shape, generator=generator.manual_seed(k), dtype=out.dtype)).sum()
-                   for k, out in enumerate(outputs))
+        loss = sum(
+            (out * torch.randn(out.shape, generator=generator.manual_seed(k), dtype=out.dtype)).sum()
+            for k, out in enumerate(outputs)
+        )
         return torch.autograd.grad(loss, [inputs[i] for i in floats])
 
     cpp = gradients(lambda *inputs: semla_attention(*inputs, backend="cpp"))
     reference = gradients(semla_attention_reference)
     for i, g_cpp, g_ref in zip(floats, cpp, reference):
-        torch.testing.assert_close(g_cpp, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"input {i}: {m}")
+        torch.testing.assert_close(g_cpp, g_ref, rtol=1e-10, atol=1e-10, msg=lambda m, i=i: f"input {i}: {m}")
 
 
 # ---- symmetries ----
@@ -191,7 +200,12 @@ def bad_inputs():
     args = random_inputs("tiny", 2, 5, 0)
     return [
         (3, args[3][:, :3], ValueError, r"gram_weight must have shape \[16, 4\], got shape \[16, 3\]"),
-        (7, args[7][..., :2], ValueError, r"attn_coords must have shape \[2, '?·'?, 5, 3\], got shape \[2, 4, 5, 2\]"),
+        (
+            7,
+            args[7][..., :2],
+            ValueError,
+            r"attn_coords must have shape \[2, '?·'?, 5, 3\], got shape \[2, 4, 5, 2\]",
+        ),
         (6, args[6].float(), TypeError, r"values has dtype torch.float32, expected torch.float64"),
         (8, args[8].float(), TypeError, r"adjacency must be a bool tensor, got torch.float32"),
         (10, None, ValueError, r"given together or not at all"),

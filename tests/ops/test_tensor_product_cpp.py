@@ -35,8 +35,10 @@ def cpp_kernels():
         pytest.skip(f"fastflow._C is not loaded: {_extension.extension_status()['reason']}")
     for name in ("tensor_product", "tensor_product_backward", "tp_conv", "tp_conv_backward"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastflow::{name}", "CPU"):
-            pytest.fail(f"the loaded fastflow._C has no CPU kernel for fastflow::{name}: rebuild it "
-                        "(pip install --no-build-isolation -e .)")
+            pytest.fail(
+                f"the loaded fastflow._C has no CPU kernel for fastflow::{name}: rebuild it "
+                "(pip install --no-build-isolation -e .)"
+            )
 
 
 def ops():
@@ -49,12 +51,20 @@ def seed_of(*key) -> int:
 
 # ---- descriptors ----
 
+
 def irreps_string(blocks) -> str:
     return "+".join(f"{mul}x{l}{'e' if p == 1 else 'o'}" for mul, l, p in blocks)
 
 
-def random_descriptor(mode: str, seed: int, muls=MULS, lmax: int = 3, n_blocks: int = 3, max_paths: int = 8,
-                      mul2_one: bool = False) -> TPDescriptor:
+def random_descriptor(
+    mode: str,
+    seed: int,
+    muls=MULS,
+    lmax: int = 3,
+    n_blocks: int = 3,
+    max_paths: int = 8,
+    mul2_one: bool = False,
+) -> TPDescriptor:
     """Random irreps (l <= lmax, both parities) and up to max_paths paths of `mode`, several of them sharing an
     output block, all weighted (see with_weightless_paths)."""
     rng = random.Random(seed)
@@ -67,10 +77,13 @@ def random_descriptor(mode: str, seed: int, muls=MULS, lmax: int = 3, n_blocks: 
         in2 = [block(rng.choice(in1)[0]) for _ in range(n_blocks)]
     else:
         in2 = [block(1 if mul2_one else None) for _ in range(n_blocks)]
-    candidates = [(i1, i2, l_out, p1 * p2)
-                  for i1, (m1, l1, p1) in enumerate(in1) for i2, (m2, l2, p2) in enumerate(in2)
-                  if mode not in ("uuw", "uuu") or m1 == m2
-                  for l_out in range(abs(l1 - l2), min(l1 + l2, lmax) + 1)]
+    candidates = [
+        (i1, i2, l_out, p1 * p2)
+        for i1, (m1, l1, p1) in enumerate(in1)
+        for i2, (m2, l2, p2) in enumerate(in2)
+        if mode not in ("uuw", "uuu") or m1 == m2
+        for l_out in range(abs(l1 - l2), min(l1 + l2, lmax) + 1)
+    ]
     rng.shuffle(candidates)
     out, instructions = [], []
     for i1, i2, l_out, p_out in candidates[:max_paths]:
@@ -93,13 +106,17 @@ def descriptor_tensors(desc: TPDescriptor, dtype, weighted: str = "all", seed: i
     paths = paths.clone()
     if weighted != "all":
         generator = torch.Generator().manual_seed(seed)
-        clear = torch.ones(len(paths), dtype=torch.bool) if weighted == "none" else \
-            torch.rand(len(paths), generator=generator) < 0.5
+        clear = (
+            torch.ones(len(paths), dtype=torch.bool)
+            if weighted == "none"
+            else torch.rand(len(paths), generator=generator) < 0.5
+        )
         paths[clear, 11] = 0
     return paths, cg_index.clone(), cg_value.clone(), cg_offsets.clone()
 
 
 # ---- comparisons ----
+
 
 def abs_descriptor(descriptor):
     paths, cg_index, cg_value, cg_offsets = descriptor
@@ -131,7 +148,8 @@ def assert_bounded(got, exact, scale, tol, what):
     worst = (error - bound).argmax() if error.numel() else None
     assert torch.all(error <= bound), (
         f"{what}: error {error.flatten()[worst].item():.3g} > {bound.flatten()[worst].item():.3g} "
-        f"(max relative error {error.max().item() / max(exact.abs().max().item(), 1e-300):.3g})")
+        f"(max relative error {error.max().item() / max(exact.abs().max().item(), 1e-300):.3g})"
+    )
 
 
 def random_inputs(gen, dtype, *shapes):
@@ -139,6 +157,7 @@ def random_inputs(gen, dtype, *shapes):
 
 
 # ---- tensor_product ----
+
 
 @pytest.mark.parametrize("weighted", ["all", "some", "none"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_sample", "shared"])
@@ -157,17 +176,20 @@ def test_tensor_product_matches_reference(mode, dtype, shared, weighted):
     out = ops().tensor_product(x1, x2, w, *descriptor, desc.dim_out)
     grads = ops().tensor_product_backward(g, x1, x2, w, *descriptor)
     (exact, exact_grads), (scale, scale_grads) = reference_with_grads(
-        tensor_product_reference, (x1, x2, w), (), (desc.dim_out,), descriptor, g)
+        tensor_product_reference, (x1, x2, w), (), (desc.dim_out,), descriptor, g
+    )
 
     assert out.dtype == dtype and out.is_contiguous()
     assert_bounded(out, exact, scale, TOL_FORWARD[dtype], "out")
-    for name, got, x, ex, sc in zip(("grad_x1", "grad_x2", "grad_weights"), grads, (x1, x2, w), exact_grads,
-                                    scale_grads):
+    for name, got, x, ex, sc in zip(
+        ("grad_x1", "grad_x2", "grad_weights"), grads, (x1, x2, w), exact_grads, scale_grads
+    ):
         assert got.dtype == dtype and got.shape == x.shape, name
         assert_bounded(got, ex, sc, TOL_GRAD[dtype], name)
 
 
 # ---- tp_conv ----
+
 
 def random_graph(gen, n_src, n_nodes, E):
     """Unsorted random edges, the last two destination nodes isolated, and the first edges repeated."""
@@ -188,7 +210,8 @@ def check_conv(desc, descriptor, dtype, shared, n_src, n_nodes, E, seed):
     out = ops().tp_conv(x, edge_attrs, w, src, dst, n_nodes, *descriptor, desc.dim_out)
     grads = ops().tp_conv_backward(g, x, edge_attrs, w, src, dst, *descriptor)
     (exact, exact_grads), (scale, scale_grads) = reference_with_grads(
-        tp_conv_reference, (x, edge_attrs, w), (src, dst, n_nodes), (desc.dim_out,), descriptor, g)
+        tp_conv_reference, (x, edge_attrs, w), (src, dst, n_nodes), (desc.dim_out,), descriptor, g
+    )
 
     assert out.shape == (n_nodes, desc.dim_out) and out.dtype == dtype
     assert_bounded(out, exact, scale, TOL_FORWARD[dtype], "out")
@@ -196,8 +219,13 @@ def check_conv(desc, descriptor, dtype, shared, n_src, n_nodes, E, seed):
         isolated = torch.ones(n_nodes, dtype=torch.bool)
         isolated[dst] = False
         assert torch.all(out[isolated] == 0)
-    for name, got, t, ex, sc in zip(("grad_node_feats", "grad_edge_attrs", "grad_weights"), grads,
-                                    (x, edge_attrs, w), exact_grads, scale_grads):
+    for name, got, t, ex, sc in zip(
+        ("grad_node_feats", "grad_edge_attrs", "grad_weights"),
+        grads,
+        (x, edge_attrs, w),
+        exact_grads,
+        scale_grads,
+    ):
         assert got.dtype == dtype and got.shape == t.shape, name
         assert_bounded(got, ex, sc, TOL_GRAD[dtype], name)
     return out, grads
@@ -209,8 +237,16 @@ def check_conv(desc, descriptor, dtype, shared, n_src, n_nodes, E, seed):
 def test_tp_conv_matches_reference(mode, dtype, shared):
     seed = seed_of("conv", mode, str(dtype), shared)
     desc = random_descriptor(mode, seed)
-    check_conv(desc, descriptor_tensors(desc, dtype, "some", seed), dtype, shared, n_src=9, n_nodes=12, E=40,
-               seed=seed)
+    check_conv(
+        desc,
+        descriptor_tensors(desc, dtype, "some", seed),
+        dtype,
+        shared,
+        n_src=9,
+        n_nodes=12,
+        E=40,
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -221,10 +257,26 @@ def test_tp_conv_uvu_edge_sh_every_vector_width(mul, dtype):
     seed = seed_of("sh", mul, str(dtype))
     desc = random_descriptor("uvu", seed, muls=(mul,), mul2_one=True, max_paths=12)
     for weighted in ("all", "some"):
-        check_conv(desc, descriptor_tensors(desc, dtype, weighted, seed), dtype, False, n_src=7, n_nodes=9, E=30,
-                   seed=seed)
-    check_conv(desc, descriptor_tensors(desc, dtype, "all", seed), dtype, True, n_src=7, n_nodes=9, E=30,
-               seed=seed + 1)
+        check_conv(
+            desc,
+            descriptor_tensors(desc, dtype, weighted, seed),
+            dtype,
+            False,
+            n_src=7,
+            n_nodes=9,
+            E=30,
+            seed=seed,
+        )
+    check_conv(
+        desc,
+        descriptor_tensors(desc, dtype, "all", seed),
+        dtype,
+        True,
+        n_src=7,
+        n_nodes=9,
+        E=30,
+        seed=seed + 1,
+    )
 
 
 @pytest.mark.parametrize("isa", ["sse2", "avx2"])
@@ -236,13 +288,29 @@ def test_narrower_instruction_sets(isa, monkeypatch):
     for mul, dtype in ((17, torch.float32), (33, torch.float32), (7, torch.float64), (48, torch.float64)):
         seed = seed_of("isa", isa, mul, str(dtype))
         desc = random_descriptor("uvu", seed, muls=(mul,), mul2_one=True, max_paths=12)
-        check_conv(desc, descriptor_tensors(desc, dtype, "some", seed), dtype, False, n_src=7, n_nodes=9, E=30,
-                   seed=seed)
+        check_conv(
+            desc,
+            descriptor_tensors(desc, dtype, "some", seed),
+            dtype,
+            False,
+            n_src=7,
+            n_nodes=9,
+            E=30,
+            seed=seed,
+        )
     for mode in ("uvw", "uuu"):
         seed = seed_of("isa", isa, mode)
         desc = random_descriptor(mode, seed)
-        check_conv(desc, descriptor_tensors(desc, torch.float32, "some", seed), torch.float32, True, n_src=7,
-                   n_nodes=9, E=30, seed=seed)
+        check_conv(
+            desc,
+            descriptor_tensors(desc, torch.float32, "some", seed),
+            torch.float32,
+            True,
+            n_src=7,
+            n_nodes=9,
+            E=30,
+            seed=seed,
+        )
 
 
 def nequip_e3nn(node_irreps, edge_irreps="1x0e+1x1o+1x2e", lmax=2):
@@ -257,8 +325,9 @@ def nequip_e3nn(node_irreps, edge_irreps="1x0e+1x1o+1x2e", lmax=2):
                 if ir_out.l <= lmax:
                     instructions.append((i1, i2, len(out), "uvu", True))
                     out.append((mul, ir_out))
-    return o3.TensorProduct(node, edge, o3.Irreps(out), instructions, shared_weights=False,
-                            internal_weights=False)
+    return o3.TensorProduct(
+        node, edge, o3.Irreps(out), instructions, shared_weights=False, internal_weights=False
+    )
 
 
 @pytest.mark.parametrize("node_irreps", ["8x0e+8x1o", "5x0e+17x1o+3x2e+2x3o"])
@@ -276,11 +345,13 @@ def test_tp_conv_matches_e3nn(node_irreps):
     N, E = 10, 45
     src, dst = random_graph(gen, N, N, E)
     E = len(src)
-    x, sh, w, g = random_inputs(gen, torch.float64, (N, desc.dim_in1), (E, desc.dim_in2), (E, module.weight_numel),
-                                (N, desc.dim_out))
+    x, sh, w, g = random_inputs(
+        gen, torch.float64, (N, desc.dim_in1), (E, desc.dim_in2), (E, module.weight_numel), (N, desc.dim_out)
+    )
     inputs = [t.clone().requires_grad_() for t in (x, sh, w)]
     expected = torch.zeros(N, desc.dim_out, dtype=torch.float64).index_add(
-        0, dst, module(inputs[0][src], inputs[1], inputs[2]))
+        0, dst, module(inputs[0][src], inputs[1], inputs[2])
+    )
     expected_grads = torch.autograd.grad(expected, inputs, g)
 
     out = ops().tp_conv(x, sh, w, src, dst, N, *descriptor, desc.dim_out)
@@ -291,6 +362,7 @@ def test_tp_conv_matches_e3nn(node_irreps):
 
 
 # ---- graphs and shapes at the edges ----
+
 
 def small_case(dtype=torch.float32, mode="uvu", seed=3):
     desc = random_descriptor(mode, seed, muls=(3, 7))
@@ -322,8 +394,12 @@ def test_tensor_product_without_samples_or_paths():
     grads = ops().tensor_product_backward(torch.zeros(0, desc.dim_out), x1, x2, w, *descriptor)
     assert [g.shape for g in grads] == [x1.shape, x2.shape, w.shape]
     # no paths at all: zeros of the requested width
-    no_paths = (torch.zeros(0, 12, dtype=torch.int64), torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0),
-                torch.zeros(1, dtype=torch.int64))
+    no_paths = (
+        torch.zeros(0, 12, dtype=torch.int64),
+        torch.zeros(0, 3, dtype=torch.int64),
+        torch.zeros(0),
+        torch.zeros(1, dtype=torch.int64),
+    )
     x1, x2, w = torch.randn(3, 5), torch.randn(3, 2), torch.randn(3, 4)
     out = ops().tensor_product(x1, x2, w, *no_paths, 6)
     assert out.shape == (3, 6) and torch.all(out == 0)
@@ -334,12 +410,14 @@ def test_tensor_product_without_samples_or_paths():
 def test_tp_conv_duplicate_edges_add_up():
     desc, descriptor = small_case(torch.float64)
     gen = torch.Generator().manual_seed(5)
-    x, edge_attrs, w = random_inputs(gen, torch.float64, (3, desc.dim_in1), (1, desc.dim_in2),
-                                     (1, desc.weight_numel))
+    x, edge_attrs, w = random_inputs(
+        gen, torch.float64, (3, desc.dim_in1), (1, desc.dim_in2), (1, desc.weight_numel)
+    )
     src, dst = torch.tensor([2]), torch.tensor([1])
     once = ops().tp_conv(x, edge_attrs, w, src, dst, 4, *descriptor, desc.dim_out)
-    thrice = ops().tp_conv(x, edge_attrs.repeat(3, 1), w.repeat(3, 1), src.repeat(3), dst.repeat(3), 4,
-                           *descriptor, desc.dim_out)
+    thrice = ops().tp_conv(
+        x, edge_attrs.repeat(3, 1), w.repeat(3, 1), src.repeat(3), dst.repeat(3), 4, *descriptor, desc.dim_out
+    )
     torch.testing.assert_close(thrice, 3 * once, rtol=1e-13, atol=1e-13)
     assert torch.all(once[[0, 2, 3]] == 0) and torch.any(once[1] != 0)
 
@@ -349,14 +427,17 @@ def test_tp_conv_edge_order_does_not_matter():
     gen = torch.Generator().manual_seed(6)
     src, dst = random_graph(gen, 6, 8, 50)
     E = len(src)
-    x, edge_attrs, w, g = random_inputs(gen, torch.float64, (6, desc.dim_in1), (E, desc.dim_in2),
-                                        (E, desc.weight_numel), (8, desc.dim_out))
+    x, edge_attrs, w, g = random_inputs(
+        gen, torch.float64, (6, desc.dim_in1), (E, desc.dim_in2), (E, desc.weight_numel), (8, desc.dim_out)
+    )
     perm = torch.randperm(E, generator=gen)
     out = ops().tp_conv(x, edge_attrs, w, src, dst, 8, *descriptor, desc.dim_out)
     out_perm = ops().tp_conv(x, edge_attrs[perm], w[perm], src[perm], dst[perm], 8, *descriptor, desc.dim_out)
     torch.testing.assert_close(out_perm, out, rtol=1e-12, atol=1e-12)
     gx, ge, gw = ops().tp_conv_backward(g, x, edge_attrs, w, src, dst, *descriptor)
-    gx_p, ge_p, gw_p = ops().tp_conv_backward(g, x, edge_attrs[perm], w[perm], src[perm], dst[perm], *descriptor)
+    gx_p, ge_p, gw_p = ops().tp_conv_backward(
+        g, x, edge_attrs[perm], w[perm], src[perm], dst[perm], *descriptor
+    )
     torch.testing.assert_close(gx_p, gx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ge_p, ge[perm], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gw_p, gw[perm], rtol=1e-12, atol=1e-12)
@@ -367,17 +448,29 @@ def test_non_contiguous_inputs():
     gen = torch.Generator().manual_seed(7)
     src, dst = random_graph(gen, 5, 6, 20)
     E = len(src)
-    x, edge_attrs, w, g = random_inputs(gen, torch.float64, (desc.dim_in1, 5), (E, 2 * desc.dim_in2),
-                                        (desc.weight_numel, E), (6, desc.dim_out))
+    x, edge_attrs, w, g = random_inputs(
+        gen,
+        torch.float64,
+        (desc.dim_in1, 5),
+        (E, 2 * desc.dim_in2),
+        (desc.weight_numel, E),
+        (6, desc.dim_out),
+    )
     x, edge_attrs, w = x.t(), edge_attrs[:, ::2], w.t()  # strided views
     assert not (x.is_contiguous() or edge_attrs.is_contiguous() or w.is_contiguous())
     out = ops().tp_conv(x, edge_attrs, w, src, dst, 6, *descriptor, desc.dim_out)
     torch.testing.assert_close(
-        out, ops().tp_conv(x.contiguous(), edge_attrs.contiguous(), w.contiguous(), src, dst, 6, *descriptor,
-                           desc.dim_out), rtol=0, atol=0)
+        out,
+        ops().tp_conv(
+            x.contiguous(), edge_attrs.contiguous(), w.contiguous(), src, dst, 6, *descriptor, desc.dim_out
+        ),
+        rtol=0,
+        atol=0,
+    )
     grads = ops().tp_conv_backward(g.t().contiguous().t(), x, edge_attrs, w, src, dst, *descriptor)
-    expected = ops().tp_conv_backward(g, x.contiguous(), edge_attrs.contiguous(), w.contiguous(), src, dst,
-                                      *descriptor)
+    expected = ops().tp_conv_backward(
+        g, x.contiguous(), edge_attrs.contiguous(), w.contiguous(), src, dst, *descriptor
+    )
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -388,20 +481,28 @@ def test_tp_conv_bipartite_and_wider_output():
     gen = torch.Generator().manual_seed(8)
     src, dst = random_graph(gen, 11, 4, 25)
     E = len(src)
-    x, edge_attrs, w, g = random_inputs(gen, torch.float64, (11, desc.dim_in1 + 3), (E, desc.dim_in2),
-                                        (E, desc.weight_numel + 2), (4, desc.dim_out + 5))
+    x, edge_attrs, w, g = random_inputs(
+        gen,
+        torch.float64,
+        (11, desc.dim_in1 + 3),
+        (E, desc.dim_in2),
+        (E, desc.weight_numel + 2),
+        (4, desc.dim_out + 5),
+    )
     out = ops().tp_conv(x, edge_attrs, w, src, dst, 4, *descriptor, desc.dim_out + 5)
-    (exact, exact_grads), _ = reference_with_grads(tp_conv_reference, (x, edge_attrs, w), (src, dst, 4),
-                                                   (desc.dim_out + 5,), descriptor, g)
+    (exact, exact_grads), _ = reference_with_grads(
+        tp_conv_reference, (x, edge_attrs, w), (src, dst, 4), (desc.dim_out + 5,), descriptor, g
+    )
     torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
-    assert torch.all(out[:, desc.dim_out:] == 0)
+    assert torch.all(out[:, desc.dim_out :] == 0)
     grads = ops().tp_conv_backward(g, x, edge_attrs, w, src, dst, *descriptor)
     for got, want in zip(grads, exact_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.all(grads[0][:, desc.dim_in1:] == 0) and torch.all(grads[2][:, desc.weight_numel:] == 0)
+    assert torch.all(grads[0][:, desc.dim_in1 :] == 0) and torch.all(grads[2][:, desc.weight_numel :] == 0)
 
 
 # ---- determinism ----
+
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_edge", "shared"])
 def test_bitwise_deterministic_for_any_thread_count(shared):
@@ -410,14 +511,17 @@ def test_bitwise_deterministic_for_any_thread_count(shared):
     gen = torch.Generator().manual_seed(9)
     src, dst = random_graph(gen, 300, 300, 3000)
     E = len(src)
-    x, edge_attrs, g = random_inputs(gen, torch.float32, (300, desc.dim_in1), (E, desc.dim_in2),
-                                     (300, desc.dim_out))
+    x, edge_attrs, g = random_inputs(
+        gen, torch.float32, (300, desc.dim_in1), (E, desc.dim_in2), (300, desc.dim_out)
+    )
     (w,) = random_inputs(gen, torch.float32, (desc.weight_numel,) if shared else (E, desc.weight_numel))
     args = (x, edge_attrs, w, src, dst)
 
     def run():
-        return (ops().tp_conv(*args, 300, *descriptor, desc.dim_out),
-                *ops().tp_conv_backward(g, *args, *descriptor))
+        return (
+            ops().tp_conv(*args, 300, *descriptor, desc.dim_out),
+            *ops().tp_conv_backward(g, *args, *descriptor),
+        )
 
     threads = torch.get_num_threads()
     try:
@@ -431,14 +535,17 @@ def test_bitwise_deterministic_for_any_thread_count(shared):
         assert torch.equal(a, b) and torch.equal(a, c)
     # and right: many chunks, so the shared-weight gradient is a sum of partial sums
     (exact, exact_grads), (scale, scale_grads) = reference_with_grads(
-        tp_conv_reference, (x, edge_attrs, w), (src, dst, 300), (desc.dim_out,), descriptor, g)
+        tp_conv_reference, (x, edge_attrs, w), (src, dst, 300), (desc.dim_out,), descriptor, g
+    )
     assert_bounded(first[0], exact, scale, TOL_FORWARD[torch.float32], "out")
-    for name, got, ex, sc in zip(("grad_node_feats", "grad_edge_attrs", "grad_weights"), first[1:], exact_grads,
-                                 scale_grads):
+    for name, got, ex, sc in zip(
+        ("grad_node_feats", "grad_edge_attrs", "grad_weights"), first[1:], exact_grads, scale_grads
+    ):
         assert_bounded(got, ex, sc, TOL_GRAD[torch.float32], name)
 
 
 # ---- the public functions (fastflow.ops.tensor_product) with backend="cpp" ----
+
 
 @pytest.mark.parametrize("conv", [False, True], ids=["tensor_product", "tp_conv"])
 def test_public_functions_with_cpp_backend(conv):
@@ -465,8 +572,11 @@ def test_public_functions_with_cpp_backend(conv):
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, g)
     ref_inputs = [t.clone().requires_grad_() for t in (x, x2, w)]
-    ref = (tp_conv_reference(*ref_inputs, src, dst, 7, *descriptor, desc.dim_out) if conv else
-           tensor_product_reference(*ref_inputs, *descriptor, desc.dim_out))
+    ref = (
+        tp_conv_reference(*ref_inputs, src, dst, 7, *descriptor, desc.dim_out)
+        if conv
+        else tensor_product_reference(*ref_inputs, *descriptor, desc.dim_out)
+    )
     ref_grads = torch.autograd.grad(ref, ref_inputs, g, allow_unused=True)
     for got, want, t in zip(grads, ref_grads, ref_inputs):
         torch.testing.assert_close(got, torch.zeros_like(t) if want is None else want, rtol=1e-12, atol=1e-12)
@@ -474,19 +584,30 @@ def test_public_functions_with_cpp_backend(conv):
 
 # ---- argument errors ----
 
+
 def conv_args():
     """Valid tp_conv arguments (a dict), fp32."""
     desc, (paths, cg_index, cg_value, cg_offsets) = small_case()
-    return {"node_feats": torch.randn(4, desc.dim_in1), "edge_attrs": torch.randn(6, desc.dim_in2),
-            "weights": torch.randn(6, desc.weight_numel), "edge_src": torch.tensor([0, 1, 2, 3, 0, 1]),
-            "edge_dst": torch.tensor([1, 1, 0, 2, 4, 0]), "n_nodes": 5, "paths": paths, "cg_index": cg_index,
-            "cg_value": cg_value, "cg_offsets": cg_offsets, "dim_out": desc.dim_out}
+    return {
+        "node_feats": torch.randn(4, desc.dim_in1),
+        "edge_attrs": torch.randn(6, desc.dim_in2),
+        "weights": torch.randn(6, desc.weight_numel),
+        "edge_src": torch.tensor([0, 1, 2, 3, 0, 1]),
+        "edge_dst": torch.tensor([1, 1, 0, 2, 4, 0]),
+        "n_nodes": 5,
+        "paths": paths,
+        "cg_index": cg_index,
+        "cg_value": cg_value,
+        "cg_offsets": cg_offsets,
+        "dim_out": desc.dim_out,
+    }
 
 
 def edit_path(column, value, path=0):
     def edit(a):
         a["paths"] = a["paths"].clone()
         a["paths"][path, column] = value
+
     return edit
 
 
@@ -494,20 +615,33 @@ def edit(**changes):
     def apply(a):
         for key, value in changes.items():
             a[key] = value(a) if callable(value) else value
+
     return apply
 
 
 CONV_ERRORS = [
-    ("int node_feats", edit(node_feats=lambda a: a["node_feats"].long()), r"node_feats must be float32 or float64"),
+    (
+        "int node_feats",
+        edit(node_feats=lambda a: a["node_feats"].long()),
+        r"node_feats must be float32 or float64",
+    ),
     ("1-d node_feats", edit(node_feats=lambda a: a["node_feats"][0]), r"node_feats must be 2-D"),
-    ("fp64 edge_attrs", edit(edge_attrs=lambda a: a["edge_attrs"].double()), r"edge_attrs must have dtype Float"),
+    (
+        "fp64 edge_attrs",
+        edit(edge_attrs=lambda a: a["edge_attrs"].double()),
+        r"edge_attrs must have dtype Float",
+    ),
     ("weights rows", edit(weights=lambda a: a["weights"][:5]), r"weights must have shape"),
     ("3-d weights", edit(weights=lambda a: a["weights"][None]), r"weights must have shape"),
     ("fp64 weights", edit(weights=lambda a: a["weights"].double()), r"weights must have dtype Float"),
     ("edge_src length", edit(edge_src=lambda a: a["edge_src"][:5]), r"edge_src must have shape \[6\]"),
     ("int32 edge_src", edit(edge_src=lambda a: a["edge_src"].int()), r"edge_src must have dtype Long"),
     ("edge_src range", edit(edge_src=torch.tensor([0, 1, 2, 4, 0, 1])), r"edge_src\[3\] = 4 is out of range"),
-    ("negative edge_dst", edit(edge_dst=torch.tensor([1, -1, 0, 2, 4, 0])), r"edge_dst\[1\] = -1 is out of range"),
+    (
+        "negative edge_dst",
+        edit(edge_dst=torch.tensor([1, -1, 0, 2, 4, 0])),
+        r"edge_dst\[1\] = -1 is out of range",
+    ),
     ("edge_dst range", edit(edge_dst=torch.tensor([1, 1, 0, 2, 5, 0])), r"edge_dst\[4\] = 5 is out of range"),
     ("negative n_nodes", edit(n_nodes=-1), r"n_nodes must be >= 0"),
     ("dim_out too small", edit(dim_out=lambda a: a["dim_out"] - 1), r"paths\[\d+\] writes output columns"),
@@ -526,9 +660,13 @@ CONV_ERRORS = [
     ("cg_value length", edit(cg_value=lambda a: a["cg_value"][1:]), r"cg_value must have shape"),
     ("cg_offsets length", edit(cg_offsets=lambda a: a["cg_offsets"][1:]), r"cg_offsets must have shape"),
     ("cg_offsets end", edit(cg_offsets=lambda a: a["cg_offsets"] - 1), r"cg_offsets must start at 0 and end"),
-    ("cg_offsets order", edit(cg_offsets=lambda a: torch.cat([a["cg_offsets"][:1], a["cg_offsets"][-1:],
-                                                               a["cg_offsets"][2:]])),
-     r"cg_offsets must be non-decreasing"),
+    (
+        "cg_offsets order",
+        edit(
+            cg_offsets=lambda a: torch.cat([a["cg_offsets"][:1], a["cg_offsets"][-1:], a["cg_offsets"][2:]])
+        ),
+        r"cg_offsets must be non-decreasing",
+    ),
 ]
 
 
@@ -556,7 +694,11 @@ def test_backward_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match=r"paths\[\d+\] writes output columns"):
         ops().tp_conv_backward(g[:, :-1], *conv, *descriptor)
 
-    x1, x2, w = torch.randn(3, a["node_feats"].size(1)), torch.randn(3, a["edge_attrs"].size(1)), a["weights"][:3]
+    x1, x2, w = (
+        torch.randn(3, a["node_feats"].size(1)),
+        torch.randn(3, a["edge_attrs"].size(1)),
+        a["weights"][:3],
+    )
     gt = torch.randn(3, a["dim_out"])
     ops().tensor_product_backward(gt, x1, x2, w, *descriptor)
     with pytest.raises(RuntimeError, match=r"x2 must have shape \[3, \*\]"):

@@ -58,8 +58,14 @@ def make_tp(mode, shared=True, weighted="all", lmax=2):
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # e3nn builds its CG buffers in the default dtype
     try:
-        return o3.TensorProduct(irreps1, irreps2, o3.Irreps(out_blocks), instructions, shared_weights=shared,
-                                internal_weights=False)
+        return o3.TensorProduct(
+            irreps1,
+            irreps2,
+            o3.Irreps(out_blocks),
+            instructions,
+            shared_weights=shared,
+            internal_weights=False,
+        )
     finally:
         torch.set_default_dtype(default_dtype)
 
@@ -98,9 +104,16 @@ def run_tensor_product(tp, Z, dtype, device, seed, strip_weights=False):
         weights = weights.new_zeros(0)
     ref = tensor_product_reference(x1, x2, weights, *desc, tp.irreps_out.dim)
     paths, cg_index, cg_value, cg_offsets = desc
-    out = kernels().tensor_product(x1.to(device, dtype), x2.to(device, dtype), weights.to(device, dtype),
-                                   paths.to(device), cg_index.to(device), cg_value.to(device, dtype),
-                                   cg_offsets.to(device), tp.irreps_out.dim)
+    out = kernels().tensor_product(
+        x1.to(device, dtype),
+        x2.to(device, dtype),
+        weights.to(device, dtype),
+        paths.to(device),
+        cg_index.to(device),
+        cg_value.to(device, dtype),
+        cg_offsets.to(device),
+        tp.irreps_out.dim,
+    )
     return check(out, ref, dtype)
 
 
@@ -113,9 +126,19 @@ def run_tp_conv(tp, edge_src, edge_dst, n_nodes, dtype, device, seed, determinis
     desc = descriptor(tp)
     ref = tp_conv_reference(node_feats, edge_attrs, weights, src, dst, n_nodes, *desc, tp.irreps_out.dim)
     paths, cg_index, cg_value, cg_offsets = desc
-    args = (node_feats.to(device, dtype), edge_attrs.to(device, dtype), weights.to(device, dtype),
-            src.to(device), dst.to(device), n_nodes, paths.to(device), cg_index.to(device),
-            cg_value.to(device, dtype), cg_offsets.to(device), tp.irreps_out.dim)
+    args = (
+        node_feats.to(device, dtype),
+        edge_attrs.to(device, dtype),
+        weights.to(device, dtype),
+        src.to(device),
+        dst.to(device),
+        n_nodes,
+        paths.to(device),
+        cg_index.to(device),
+        cg_value.to(device, dtype),
+        cg_offsets.to(device),
+        tp.irreps_out.dim,
+    )
     out = kernels().tp_conv(*args, deterministic=deterministic)
     if E == 0:
         assert out.shape == ref.shape and out.dtype == dtype and not out.any()
@@ -132,8 +155,12 @@ N_NODES = 5
 
 def test_reference_on_descriptors_matches_e3nn():
     # The reference on these descriptors is e3nn's own product: the tests below check e3nn's semantics.
-    for mode, shared, weighted in [("uvw", True, "all"), ("uvu", False, "some"), ("uuw", False, "all"),
-                                   ("uuu", True, "some")]:
+    for mode, shared, weighted in [
+        ("uvw", True, "all"),
+        ("uvu", False, "some"),
+        ("uuw", False, "all"),
+        ("uuu", True, "some"),
+    ]:
         tp = make_tp(mode, shared, weighted)
         g = torch.Generator().manual_seed(seed_of("e3nn", mode))
         x1, x2 = randn(g, 3, tp.irreps_in1.dim), randn(g, 3, tp.irreps_in2.dim)
@@ -174,12 +201,21 @@ def test_tensor_product_one_sample(triton_device):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("mode,shared", [("uvu", False), ("uvw", True), ("uuw", False), ("uvv", True),
-                                         ("uuu", False)])
+@pytest.mark.parametrize(
+    "mode,shared", [("uvu", False), ("uvw", True), ("uuw", False), ("uvv", True), ("uuu", False)]
+)
 def test_tp_conv_float32(triton_device, mode, shared, deterministic):
     tp = make_tp(mode, shared, lmax=1 if mode in ("uvw", "uuw") else 2)
-    run_tp_conv(tp, EDGE_SRC, EDGE_DST, N_NODES, torch.float32, triton_device, seed_of("conv", mode, shared),
-                deterministic)
+    run_tp_conv(
+        tp,
+        EDGE_SRC,
+        EDGE_DST,
+        N_NODES,
+        torch.float32,
+        triton_device,
+        seed_of("conv", mode, shared),
+        deterministic,
+    )
 
 
 def test_tp_conv_float64_and_deterministic_repeats(triton_device):
@@ -208,8 +244,16 @@ def test_several_programs(triton_device, monkeypatch):
     tp = make_tp("uvw", shared=False, lmax=1)
     run_tensor_product(tp, 5, torch.float32, triton_device, seed_of("programs"))
     for deterministic in (False, True):
-        run_tp_conv(tp, EDGE_SRC, EDGE_DST, N_NODES, torch.float32, triton_device,
-                    seed_of("programs", "conv"), deterministic)
+        run_tp_conv(
+            tp,
+            EDGE_SRC,
+            EDGE_DST,
+            N_NODES,
+            torch.float32,
+            triton_device,
+            seed_of("programs", "conv"),
+            deterministic,
+        )
 
 
 def test_errors(triton_device):
@@ -224,8 +268,9 @@ def test_errors(triton_device):
     with pytest.raises(NotImplementedError, match="mode"):
         module.tensor_product(x1, x2, weights, bad_paths, cg_index, cg_value.float(), cg_offsets, dim_out)
     with pytest.raises(TypeError, match="float32 or float64"):
-        module.tensor_product(x1.half(), x2.half(), weights.half(), paths, cg_index, cg_value.half(),
-                              cg_offsets, dim_out)
+        module.tensor_product(
+            x1.half(), x2.half(), weights.half(), paths, cg_index, cg_value.half(), cg_offsets, dim_out
+        )
 
 
 def test_through_the_op(triton_device):
@@ -242,7 +287,18 @@ def test_through_the_op(triton_device):
     ref = tp_conv_reference(node_feats, edge_attrs, weights, src, dst, N_NODES, *desc, tp.irreps_out.dim)
     paths, cg_index, cg_value, cg_offsets = (t.to(triton_device) for t in desc)
     dtype = torch.float32
-    out = tp_conv(node_feats.to(triton_device, dtype), edge_attrs.to(triton_device, dtype),
-                  weights.to(triton_device, dtype), src.to(triton_device), dst.to(triton_device), N_NODES,
-                  paths, cg_index, cg_value.to(dtype), cg_offsets, tp.irreps_out.dim, backend="triton")
+    out = tp_conv(
+        node_feats.to(triton_device, dtype),
+        edge_attrs.to(triton_device, dtype),
+        weights.to(triton_device, dtype),
+        src.to(triton_device),
+        dst.to(triton_device),
+        N_NODES,
+        paths,
+        cg_index,
+        cg_value.to(dtype),
+        cg_offsets,
+        tp.irreps_out.dim,
+        backend="triton",
+    )
     check(out, ref, dtype)

@@ -24,11 +24,27 @@ class StubModel(nn.Module):
         """x̂₁ ``[n_atoms, 3]`` predicted for every molecule (zero-CoM not needed by the sampler)."""
         return torch.arange(3 * n_atoms, dtype=dtype).view(n_atoms, 3).sin()
 
-    def forward(self, coords, inv_feats, edge_feats=None, cond_coords=None, cond_atomics=None,
-                cond_bonds=None, atom_mask=None):
-        self.calls.append(dict(coords=coords, inv_feats=inv_feats, edge_feats=edge_feats,
-                               cond_coords=cond_coords, cond_atomics=cond_atomics, cond_bonds=cond_bonds,
-                               atom_mask=atom_mask))
+    def forward(
+        self,
+        coords,
+        inv_feats,
+        edge_feats=None,
+        cond_coords=None,
+        cond_atomics=None,
+        cond_bonds=None,
+        atom_mask=None,
+    ):
+        self.calls.append(
+            dict(
+                coords=coords,
+                inv_feats=inv_feats,
+                edge_feats=edge_feats,
+                cond_coords=cond_coords,
+                cond_atomics=cond_atomics,
+                cond_bonds=cond_bonds,
+                atom_mask=atom_mask,
+            )
+        )
         B, N, _ = coords.shape
         mask = atom_mask.to(coords.dtype).unsqueeze(-1)
         pred_coords = self.target(N, coords.dtype).expand(B, N, 3) * mask

@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from fastflow.sampling import (FlowState, discrete_flow_probs, euler_coords, integrate_step, rng,
-                               sample_categorical)
+from fastflow.sampling import (
+    FlowState,
+    discrete_flow_probs,
+    euler_coords,
+    integrate_step,
+    rng,
+    sample_categorical,
+)
 from fastflow.sampling.prior import sample_prior
 
 
@@ -11,14 +17,25 @@ def direct_step_probs(c, p, t, dt, eta):
     K = len(p)
     t = min(max(t, 1e-5), 1 - 1e-5)
     eta = eta if t + dt < 1 else 0.0
-    out = [min(1.0, dt * p[k] * (1 + 2 * eta * (K - 1) * t) / (1 - t) + dt * eta * p[c]) if k != c else 0.0
-           for k in range(K)]
+    out = [
+        min(1.0, dt * p[k] * (1 + 2 * eta * (K - 1) * t) / (1 - t) + dt * eta * p[c]) if k != c else 0.0
+        for k in range(K)
+    ]
     out[c] = max(0.0, 1.0 - sum(out))
     return out
 
 
-@pytest.mark.parametrize("t, dt, eta", [(0.0, 0.05, 1.0), (0.3, 0.1, 1.0), (0.7, 0.2, 0.5), (0.95, 0.06, 1.0),
-                                        (0.99, 0.01, 1.0), (0.5, 0.3, 2.0)])
+@pytest.mark.parametrize(
+    "t, dt, eta",
+    [
+        (0.0, 0.05, 1.0),
+        (0.3, 0.1, 1.0),
+        (0.7, 0.2, 0.5),
+        (0.95, 0.06, 1.0),
+        (0.99, 0.01, 1.0),
+        (0.5, 0.3, 2.0),
+    ],
+)
 def test_step_probs_match_formula(t, dt, eta):
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(2, 4, 5, generator=g, dtype=torch.float64), -1)
@@ -74,8 +91,9 @@ def test_integrate_step_keeps_padding_zero_and_advances_time():
     state = FlowState(coords, atomics, bonds, mask, torch.zeros(2), 0, 4, torch.arange(2))
     grid = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
     type_logits, bond_logits = torch.randn(2, 6, 18), torch.randn(2, 6, 6, 5)
-    new, type_probs, bond_probs = integrate_step(state, torch.randn(2, 6, 3), type_logits, bond_logits, grid, 1.0,
-                                                 keys)
+    new, type_probs, bond_probs = integrate_step(
+        state, torch.randn(2, 6, 3), type_logits, bond_logits, grid, 1.0, keys
+    )
     pair_mask = mask.unsqueeze(-1) & mask.unsqueeze(-2)
     assert new.step == 1 and torch.equal(new.t, torch.full((2,), 0.25))
     assert (new.coords[~mask] == 0).all() and torch.equal(new.atomics.sum(-1), mask.float())

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from fastflow.models import Semla, SemlaConfig
-from fastflow.sampling import (QM9_SIZE_COUNTS, FlowState, draw_sizes, model_step, plan_batches, sample,
-                               time_grid)
+from fastflow.sampling import (
+    QM9_SIZE_COUNTS,
+    FlowState,
+    draw_sizes,
+    model_step,
+    plan_batches,
+    sample,
+    time_grid,
+)
 
 from .stubs import StubModel
 
@@ -28,8 +35,9 @@ def _same(a, b):
 def test_result_shapes_and_stats(semla):
     result = sample(semla, 5, steps=3, sizes=SIZES, batch_size=2)
     assert len(result) == 5 and len(result.graphs) == len(result.molecules) == 5
-    for n, c, tp, bp, cp, g in zip(SIZES, result.coords, result.type_probs, result.bond_probs,
-                                   result.charge_probs, result.graphs):
+    for n, c, tp, bp, cp, g in zip(
+        SIZES, result.coords, result.type_probs, result.bond_probs, result.charge_probs, result.graphs
+    ):
         assert c.shape == (n, 3) and tp.shape == (n, 18) and bp.shape == (n, n, 5) and cp.shape == (n, 7)
         assert torch.allclose(tp.sum(-1), torch.ones(n)) and g.n_atoms == n
     stats = result.stats
@@ -123,8 +131,9 @@ def test_self_conditioning_inputs(self_cond):
 
 def _state_from_call(call):
     t, atomics = call["inv_feats"][..., 0, 0], call["inv_feats"][..., 1:]
-    return FlowState(call["coords"], atomics, call["edge_feats"], call["atom_mask"], t, 0, 1,
-                     torch.arange(len(t)))
+    return FlowState(
+        call["coords"], atomics, call["edge_feats"], call["atom_mask"], t, 0, 1, torch.arange(len(t))
+    )
 
 
 def test_model_mode_is_restored(semla):
@@ -154,25 +163,28 @@ def test_plan_batches_sorted_balanced_and_complete():
         assert len(batch) * int(sizes[batch].max()) <= 20
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(n_molecules=0), ValueError, "n_molecules"),
-    (dict(sizes=[3, 4]), ValueError, "one atom count per molecule"),
-    (dict(sizes=[3, 0, 4]), ValueError, "at least 1 atom"),
-    (dict(sizes=[3, 32, 4]), ValueError, "max_atoms-1 = 31"),
-    (dict(schedule="cosine"), ValueError, "unknown schedule"),
-    (dict(steps=0), ValueError, "steps must be"),
-    (dict(batch_size=0), ValueError, "batch_size"),
-    (dict(sizes=[3, 4, 5], size_distribution={3: 1}), ValueError, "either sizes or size_distribution"),
-    (dict(device="cuda"), ValueError, "model is on cpu"),
-    (dict(sizes=[3, 4, 5], max_batch_atoms=4), ValueError, "max_batch_atoms"),
-    (dict(seed=2**70), ValueError, "seed must be an integer"),
-    (dict(seed=1.5), ValueError, "seed must be an integer"),
-    (dict(seed=True), ValueError, "seed must be an integer"),
-    (dict(noise_level=float("nan")), ValueError, "noise_level"),
-    (dict(noise_level=-0.5), ValueError, "noise_level"),
-    (dict(coord_scale=-1.0), ValueError, "coord_scale"),
-    (dict(coord_scale=float("inf")), ValueError, "coord_scale"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(n_molecules=0), ValueError, "n_molecules"),
+        (dict(sizes=[3, 4]), ValueError, "one atom count per molecule"),
+        (dict(sizes=[3, 0, 4]), ValueError, "at least 1 atom"),
+        (dict(sizes=[3, 32, 4]), ValueError, "max_atoms-1 = 31"),
+        (dict(schedule="cosine"), ValueError, "unknown schedule"),
+        (dict(steps=0), ValueError, "steps must be"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(sizes=[3, 4, 5], size_distribution={3: 1}), ValueError, "either sizes or size_distribution"),
+        (dict(device="cuda"), ValueError, "model is on cpu"),
+        (dict(sizes=[3, 4, 5], max_batch_atoms=4), ValueError, "max_batch_atoms"),
+        (dict(seed=2**70), ValueError, "seed must be an integer"),
+        (dict(seed=1.5), ValueError, "seed must be an integer"),
+        (dict(seed=True), ValueError, "seed must be an integer"),
+        (dict(noise_level=float("nan")), ValueError, "noise_level"),
+        (dict(noise_level=-0.5), ValueError, "noise_level"),
+        (dict(coord_scale=-1.0), ValueError, "coord_scale"),
+        (dict(coord_scale=float("inf")), ValueError, "coord_scale"),
+    ],
+)
 def test_errors(kwargs, error, message):
     args = dict(n_molecules=3, steps=2) | kwargs
     with pytest.raises(error, match=message):

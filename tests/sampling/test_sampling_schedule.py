@@ -21,13 +21,16 @@ def test_log_is_reversed_one_minus_geomspace(steps):
     assert (np.diff(grid) > 0).all() and (np.diff(np.diff(grid)) < 0).all()  # steps shrink towards t = 1
 
 
-@pytest.mark.parametrize("schedule, steps, message", [
-    ("cosine", 10, "unknown schedule"),
-    ("log", 0, "steps must be"),
-    ("linear", -3, "steps must be"),
-    ("log", 2.5, "steps must be"),
-    ("log", True, "steps must be"),
-])
+@pytest.mark.parametrize(
+    "schedule, steps, message",
+    [
+        ("cosine", 10, "unknown schedule"),
+        ("log", 0, "steps must be"),
+        ("linear", -3, "steps must be"),
+        ("log", 2.5, "steps must be"),
+        ("log", True, "steps must be"),
+    ],
+)
 def test_bad_arguments(schedule, steps, message):
     with pytest.raises(ValueError, match=message):
         time_grid(schedule, steps)

@@ -30,16 +30,25 @@ from fastflow.sampling.sharded import (
 )
 
 N, STEPS, SHARD_SIZE = 10, 8, 3  # 4 shards: 3 + 3 + 3 + 1 molecules
-DISCRETE = ("n", "atom_stability", "mol_stability", "validity", "connected_validity", "uniqueness",
-            "energy_validity", "opt_energy_validity")
+DISCRETE = (
+    "n",
+    "atom_stability",
+    "mol_stability",
+    "validity",
+    "connected_validity",
+    "uniqueness",
+    "energy_validity",
+    "opt_energy_validity",
+)
 needs_packaged = pytest.mark.skipif(not has_pretrained(), reason="no packaged model")
 
 
 def _reference(steps=STEPS):
     """In-process, single-process sample of the request the CLI runs below (packaged model, seed 0)."""
     model = load_pretrained()
-    return sample(model, N, steps=steps, seed=0, batch_size=128, progress=False,
-                  size_distribution=model.size_counts)
+    return sample(
+        model, N, steps=steps, seed=0, batch_size=128, progress=False, size_distribution=model.size_counts
+    )
 
 
 def _same_number(a, b, rel=0.0):
@@ -57,12 +66,18 @@ def _assert_same_molecules(directory: Path, reference):
         assert torch.allclose(got.coords, want.coords, atol=1e-4, rtol=0)  # fp32 rounding, other batching
     records = read_sdf(directory / "molecules.sdf")
     indices = [mol.GetIntProp(INDEX_PROP) for mol in records]
-    assert indices == [i for i, mol in enumerate(reference.molecules) if mol is not None]  # each once, in order
+    assert indices == [
+        i for i, mol in enumerate(reference.molecules) if mol is not None
+    ]  # each once, in order
     for mol in records:
         want = reference.molecules[mol.GetIntProp(INDEX_PROP)]
         assert mol.GetNumAtoms() == want.GetNumAtoms()
-        assert torch.allclose(torch.tensor(mol.GetConformer().GetPositions()),
-                              torch.tensor(want.GetConformer().GetPositions()), atol=2e-4, rtol=0)
+        assert torch.allclose(
+            torch.tensor(mol.GetConformer().GetPositions()),
+            torch.tensor(want.GetConformer().GetPositions()),
+            atol=2e-4,
+            rtol=0,
+        )
 
 
 def _assert_same_metrics(summary: dict, reference_metrics: dict):
@@ -120,10 +135,33 @@ def test_records_of_shards_give_the_metrics_of_the_whole_set():
 
 
 def _torchrun(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-               "-m", "fastflow", "--",  # "--": torchrun's own parser would take --n for an abbreviation
-               "sample", "--n", str(N), "--steps", str(STEPS), "--seed", "0", "--out", str(out),
-               "--shard-size", str(SHARD_SIZE), "--threads", "1", "--kernels", "reference", "--json", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--standalone",
+        "-m",
+        "fastflow",
+        "--",  # "--": torchrun's own parser would take --n for an abbreviation
+        "sample",
+        "--n",
+        str(N),
+        "--steps",
+        str(STEPS),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--threads",
+        "1",
+        "--kernels",
+        "reference",
+        "--json",
+        *extra,
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     environment.pop("WORLD_SIZE", None)
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300, check=False)
@@ -157,8 +195,25 @@ def test_torchrun_killed_rank_resumes_to_the_single_process_result(tmp_path, cap
 @needs_packaged
 def test_one_process_directory_resume_refusal_and_merge(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["sample", "--n", str(N), "--steps", str(STEPS), "--seed", "0", "--threads", "1", "--no-energy",
-            "--cache", "taylor", "--order", "1", "--interval", "2", "--json"]
+    args = [
+        "sample",
+        "--n",
+        str(N),
+        "--steps",
+        str(STEPS),
+        "--seed",
+        "0",
+        "--threads",
+        "1",
+        "--no-energy",
+        "--cache",
+        "taylor",
+        "--order",
+        "1",
+        "--interval",
+        "2",
+        "--json",
+    ]
     assert main([*args, "--out", str(tmp_path / "single.sdf")]) == 0
     single = json.loads(capsys.readouterr().out)
     assert main([*args, "--out", str(out), "--shard-size", str(SHARD_SIZE)]) == 0
@@ -171,7 +226,9 @@ def test_one_process_directory_resume_refusal_and_merge(tmp_path, capsys):
     assert main([*args, "--out", str(out), "--shard-size", str(SHARD_SIZE), "--seed", "1"]) == 2
     error = capsys.readouterr().err
     assert "holds another request" in error and "seed: 0 -> 1" in error and "--overwrite" in error
-    assert main([*args, "--out", str(out), "--shard-size", str(SHARD_SIZE), "--seed", "1", "--overwrite"]) == 0
+    assert (
+        main([*args, "--out", str(out), "--shard-size", str(SHARD_SIZE), "--seed", "1", "--overwrite"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["seed"] == 1
     assert json.loads((out / MANIFEST).read_text())["request"]["seed"] == 1
 
@@ -199,12 +256,29 @@ def test_one_job_per_directory_and_a_killed_holder_leaves_no_stale_lock(tmp_path
     holder dies (SIGKILL: no clean-up), the directory is free again."""
     directory = tmp_path / "shards"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fastflow.sampling.sharded import DirectoryLock; "
-         f"DirectoryLock.acquire({str(directory)!r}); print('locked', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fastflow.sampling.sharded import DirectoryLock; "
+            f"DirectoryLock.acquire({str(directory)!r}); print('locked', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        request = ["sample", "--config", "tiny", "--n", "2", "--steps", "2", "--no-energy", "--out", str(directory)]
+        request = [
+            "sample",
+            "--config",
+            "tiny",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--no-energy",
+            "--out",
+            str(directory),
+        ]
         assert main(request) == 2
         err = capsys.readouterr().err
         assert "in use by another fastflow job" in err and f'"pid": {holder.pid}' in err
@@ -219,8 +293,25 @@ def test_one_job_per_directory_and_a_killed_holder_leaves_no_stale_lock(tmp_path
 
 def test_merge_into_a_directory_is_a_clear_error(tmp_path, capsys):
     directory = tmp_path / "shards"
-    assert main(["sample", "--config", "tiny", "--n", "2", "--steps", "2", "--no-energy", "--shard-size", "1",
-                 "--out", str(directory)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                "tiny",
+                "--n",
+                "2",
+                "--steps",
+                "2",
+                "--no-energy",
+                "--shard-size",
+                "1",
+                "--out",
+                str(directory),
+            ]
+        )
+        == 0
+    )
     (tmp_path / "somewhere").mkdir()
     capsys.readouterr()
     assert main(["merge", str(directory), "--out", str(tmp_path / "somewhere")]) == 2
@@ -235,8 +326,16 @@ def test_a_cache_with_the_default_clock_has_the_identity_it_had_before_the_clock
     from fastflow.sampling.sharded import ShardedRequest
 
     def identity(cache):
-        return ShardedRequest(n=4, steps=3, schedule="log", seed=0, shard_size=2, model_fingerprint="x",
-                              cache=cache, energy=False).identity()["cache"]
+        return ShardedRequest(
+            n=4,
+            steps=3,
+            schedule="log",
+            seed=0,
+            shard_size=2,
+            model_fingerprint="x",
+            cache=cache,
+            energy=False,
+        ).identity()["cache"]
 
     assert "clock" not in identity(CacheConfig(interval=2))
     assert identity(CacheConfig(interval=2, clock="steps"))["clock"] == "steps"

@@ -48,12 +48,23 @@ def default_dtype(dtype):
 
 
 def random_irreps(rng: random.Random, n_blocks: int, muls=MULS, lmax: int = 3) -> o3.Irreps:
-    return o3.Irreps([(rng.choice(muls), (rng.randint(0, lmax), rng.choice((1, -1)))) for _ in range(n_blocks)])
+    return o3.Irreps(
+        [(rng.choice(muls), (rng.randint(0, lmax), rng.choice((1, -1)))) for _ in range(n_blocks)]
+    )
 
 
-def random_tensor_product(mode: str, seed: int, shared: bool = True, irrep_normalization: str = "component",
-                          path_normalization: str = "element", dtype=torch.float32, weighted: str = "all",
-                          lmax: int = 3, n_blocks: int = 3, max_paths: int = 10) -> o3.TensorProduct:
+def random_tensor_product(
+    mode: str,
+    seed: int,
+    shared: bool = True,
+    irrep_normalization: str = "component",
+    path_normalization: str = "element",
+    dtype=torch.float32,
+    weighted: str = "all",
+    lmax: int = 3,
+    n_blocks: int = 3,
+    max_paths: int = 10,
+) -> o3.TensorProduct:
     """An e3nn TensorProduct with random irreps (l <= lmax, both parities, multiplicities from MULS) and up to
     max_paths instructions of `mode` (several sharing an output block). weighted: all | some | none (weightless
     paths only where e3nn allows them)."""
@@ -75,8 +86,13 @@ def random_tensor_product(mode: str, seed: int, shared: bool = True, irrep_norma
     candidates = candidates[:max_paths]
     out_blocks, instructions = [], []
     for n, (a, b, ir_out) in enumerate(candidates):
-        mul_out = {"uvw": rng.choice((1, 3, 7)), "uvu": irreps1[a].mul, "uvv": irreps2[b].mul,
-                   "uuw": rng.choice((1, 3)), "uuu": irreps1[a].mul}[mode]
+        mul_out = {
+            "uvw": rng.choice((1, 3, 7)),
+            "uvu": irreps1[a].mul,
+            "uvv": irreps2[b].mul,
+            "uuw": rng.choice((1, 3)),
+            "uuu": irreps1[a].mul,
+        }[mode]
         has_weight = {"all": True, "none": False, "some": n % 2 == 0}[weighted]
         if mode == "uvw" or (mode == "uuw" and not has_weight and mul_out != 1):
             has_weight = True  # e3nn: uvw always weighted; weightless uuw needs mul_out = 1
@@ -87,9 +103,17 @@ def random_tensor_product(mode: str, seed: int, shared: bool = True, irrep_norma
             c = len(out_blocks) - 1
         instructions.append((a, b, c, mode, has_weight))
     with default_dtype(dtype):
-        return o3.TensorProduct(irreps1, irreps2, o3.Irreps(out_blocks), instructions,
-                                irrep_normalization=irrep_normalization, path_normalization=path_normalization,
-                                shared_weights=shared, internal_weights=False, _optimize_einsums=False)
+        return o3.TensorProduct(
+            irreps1,
+            irreps2,
+            o3.Irreps(out_blocks),
+            instructions,
+            irrep_normalization=irrep_normalization,
+            path_normalization=path_normalization,
+            shared_weights=shared,
+            internal_weights=False,
+            _optimize_einsums=False,
+        )
 
 
 def random_inputs(tp: o3.TensorProduct, Z: int, seed: int, shared: bool, dtype=torch.float32):

@@ -61,13 +61,16 @@ def check_conv(tp, backend, inputs, n_nodes, dtype=torch.float32, seed=0):
     def run(function):
         leaves = [t.clone().requires_grad_() for t in (node_feats, edge_attrs, weights)]
         out = function(*leaves)
-        probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed_of("probe", seed)), dtype=dtype)
+        probe = torch.randn(
+            out.shape, generator=torch.Generator().manual_seed(seed_of("probe", seed)), dtype=dtype
+        )
         grads = torch.autograd.grad((out * probe).sum(), leaves, allow_unused=True, materialize_grads=True)
         return out.detach(), grads
 
     expected, expected_grads = run(lambda a, b, w: e3nn_conv(tp, a, b, w, src, dst, n_nodes))
-    out, grads = run(lambda a, b, w: tp_conv(a, b, w, src, dst, n_nodes, *tensors, descriptor.dim_out,
-                                             backend=backend))
+    out, grads = run(
+        lambda a, b, w: tp_conv(a, b, w, src, dst, n_nodes, *tensors, descriptor.dim_out, backend=backend)
+    )
     tolerance = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-11)}[dtype]
     assert_close(out, expected, tolerance[0], f"{backend} forward")
     for name, got, ref in zip(("node_feats", "edge_attrs", "weights"), grads, expected_grads):
@@ -89,7 +92,9 @@ def test_nequip_convolution_matches_e3nn(irreps_node, backend):
 @pytest.mark.parametrize("mode", ["uvw", "uvu", "uvv", "uuw", "uuu"])
 def test_every_mode_matches_e3nn(mode, shared, backend):
     tp = random_tensor_product(mode, seed_of("conv", mode, shared), shared=shared)
-    inputs = conv_inputs(tp, 6, 15, seed_of("conv inputs", mode, shared), shared=shared, isolated=(0,), duplicates=3)
+    inputs = conv_inputs(
+        tp, 6, 15, seed_of("conv inputs", mode, shared), shared=shared, isolated=(0,), duplicates=3
+    )
     check_conv(tp, backend, inputs, 6, seed=seed_of(mode, shared))
 
 
@@ -115,7 +120,9 @@ def test_empty_edge_set_gives_zeros_and_zero_gradients(backend):
     assert torch.equal(grads[0], torch.zeros_like(node_feats))
     assert grads[1].shape == (0, d.dim_in2) and grads[2].shape == (0, d.weight_numel)
     # no nodes at all
-    out = tp_conv(node_feats[:0], edge_attrs, weights, empty, empty, 0, *d.tensors(), d.dim_out, backend=backend)
+    out = tp_conv(
+        node_feats[:0], edge_attrs, weights, empty, empty, 0, *d.tensors(), d.dim_out, backend=backend
+    )
     assert out.shape == (0, d.dim_out)
 
 
@@ -139,8 +146,17 @@ def test_duplicate_edges_add_up(backend):
     d = TPDescriptor.from_e3nn(tp)
     node_feats, edge_attrs, weights, src, dst = conv_inputs(tp, 5, 8, seed_of("dup"))
     once = tp_conv(node_feats, edge_attrs, weights, src, dst, 5, *d.tensors(), d.dim_out, backend=backend)
-    twice = tp_conv(node_feats, edge_attrs.repeat(2, 1), weights.repeat(2, 1), src.repeat(2), dst.repeat(2), 5,
-                    *d.tensors(), d.dim_out, backend=backend)
+    twice = tp_conv(
+        node_feats,
+        edge_attrs.repeat(2, 1),
+        weights.repeat(2, 1),
+        src.repeat(2),
+        dst.repeat(2),
+        5,
+        *d.tensors(),
+        d.dim_out,
+        backend=backend,
+    )
     assert_close(twice, 2 * once, 1e-6, "duplicates")
 
 
@@ -225,7 +241,9 @@ def test_modules_name_mismatched_irreps():
         conv(x, e, w[:, 1:], src, dst, 5)
     with pytest.raises(RuntimeError, match="edge_weights must be given"):
         conv(x, e, None, src, dst, 5)
-    with pytest.raises(ValueError, match=r"x2 must have 9 features in its last dimension \(irreps 1x0e\+1x1o"):
+    with pytest.raises(
+        ValueError, match=r"x2 must have 9 features in its last dimension \(irreps 1x0e\+1x1o"
+    ):
         fused(x[src], e[:, :4], w)
     with pytest.raises(ValueError, match="without shared weights, weight must have a batch dimension"):
         fused(x[src], e, w[0])
@@ -246,7 +264,7 @@ def energy_model(tp, positions, species_feats, weights, src, dst, backend):
         out = e3nn_conv(tp, species_feats, sh, edge_weights, src, dst, positions.size(0))
     else:
         out = TPConv(tp, backend=backend)(species_feats, sh, edge_weights, src, dst, positions.size(0))
-    scalars = out[:, :tp.irreps_out.count("0e")]
+    scalars = out[:, : tp.irreps_out.count("0e")]
     return (scalars.square().sum(-1) + scalars.sum(-1)).sum()
 
 
@@ -289,7 +307,9 @@ def test_equivariance_under_random_rotations(parity, backend):
     torch.manual_seed(seed_of("rotation", parity))
     with default_dtype(torch.float64):  # e3nn's generators in float64 too
         R = o3.rand_matrix() * parity
-        D1, D2, D_out = (o3.Irreps(irreps).D_from_matrix(R) for irreps in (d.irreps_in1, d.irreps_in2, d.irreps_out))
+        D1, D2, D_out = (
+            o3.Irreps(irreps).D_from_matrix(R) for irreps in (d.irreps_in1, d.irreps_in2, d.irreps_out)
+        )
     T = d.tensors(torch.float64)
     rotated_after = tp_conv(x, e, w, src, dst, 6, *T, d.dim_out, backend=backend) @ D_out.T
     rotated_before = tp_conv(x @ D1.T, e @ D2.T, w, src, dst, 6, *T, d.dim_out, backend=backend)

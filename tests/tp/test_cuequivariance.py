@@ -20,14 +20,25 @@ BACKENDS = ("reference", "cpp")
 
 
 def channel_wise(irreps1="4x0e+3x1o+2x2e", irreps2="0e+1o+2e", **kwargs):
-    return cuet.ChannelWiseTensorProduct(cue.Irreps("O3", irreps1), cue.Irreps("O3", irreps2), layout=cue.mul_ir,
-                                         method="naive", dtype=torch.float64, **kwargs)
+    return cuet.ChannelWiseTensorProduct(
+        cue.Irreps("O3", irreps1),
+        cue.Irreps("O3", irreps2),
+        layout=cue.mul_ir,
+        method="naive",
+        dtype=torch.float64,
+        **kwargs,
+    )
 
 
 def fully_connected():
-    return cuet.FullyConnectedTensorProduct(cue.Irreps("O3", "4x0e+3x1o"), cue.Irreps("O3", "0e+1o+2e"),
-                                            cue.Irreps("O3", "2x0e+3x1o+1x2e+2x1e"), layout=cue.mul_ir,
-                                            method="naive", dtype=torch.float64)
+    return cuet.FullyConnectedTensorProduct(
+        cue.Irreps("O3", "4x0e+3x1o"),
+        cue.Irreps("O3", "0e+1o+2e"),
+        cue.Irreps("O3", "2x0e+3x1o+1x2e+2x1e"),
+        layout=cue.mul_ir,
+        method="naive",
+        dtype=torch.float64,
+    )
 
 
 def inputs(module, Z, seed, shared=True):
@@ -49,8 +60,10 @@ def test_internal_weights_match(make, backend):
     leaves = [x1.requires_grad_(), x2.requires_grad_()]
     expected, got = module(*leaves), fused(*leaves)
     assert_close(got, expected, 1e-12, "forward")
-    for a, b in zip(torch.autograd.grad(got.sum(), [*leaves, fused.weight]),
-                    torch.autograd.grad(expected.sum(), [*leaves, module.weight])):
+    for a, b in zip(
+        torch.autograd.grad(got.sum(), [*leaves, fused.weight]),
+        torch.autograd.grad(expected.sum(), [*leaves, module.weight]),
+    ):
         assert_close(a, b, 1e-11, "gradient")
 
 
@@ -65,32 +78,46 @@ def test_channel_wise_gather_scatter_form_runs_as_tp_conv(backend):
     weights = torch.randn(12, module.weight_numel, generator=g, dtype=torch.float64)
     src, dst = torch.randint(5, (12,), generator=g), torch.randint(6, (12,), generator=g)
     kwargs = {"indices_1": src, "indices_out": dst, "size_out": 6}
-    assert_close(fused(x1, edge_attrs, weights, **kwargs), module(x1, edge_attrs, weights, **kwargs), 1e-12,
-                 "indexed")
-    assert_close(fused(x1[src], edge_attrs, weights), module(x1[src], edge_attrs, weights), 1e-12, "per-sample")
+    assert_close(
+        fused(x1, edge_attrs, weights, **kwargs), module(x1, edge_attrs, weights, **kwargs), 1e-12, "indexed"
+    )
+    assert_close(
+        fused(x1[src], edge_attrs, weights), module(x1[src], edge_attrs, weights), 1e-12, "per-sample"
+    )
 
 
 def test_unmappable_modules_are_refused_and_left_alone():
     with pytest.raises(ValueError, match="needs e3nn's 'uvuv' mode"):
         TPDescriptor.from_module(channel_wise("2x0e+2x1o", "2x0e+1x1o"))
-    ir_mul = cuet.ChannelWiseTensorProduct(cue.Irreps("O3", "2x0e"), cue.Irreps("O3", "0e"), layout=cue.ir_mul,
-                                           method="naive")
+    ir_mul = cuet.ChannelWiseTensorProduct(
+        cue.Irreps("O3", "2x0e"), cue.Irreps("O3", "0e"), layout=cue.ir_mul, method="naive"
+    )
     with pytest.raises(ValueError, match="only the mul_ir layout"):
         TPDescriptor.from_module(ir_mul)
-    model = torch.nn.ModuleDict({"ok": channel_wise(), "uvuv": channel_wise("2x0e+2x1o", "2x0e+1x1o"),
-                                 "ir_mul": ir_mul, "fc": fully_connected()})
+    model = torch.nn.ModuleDict(
+        {
+            "ok": channel_wise(),
+            "uvuv": channel_wise("2x0e+2x1o", "2x0e+1x1o"),
+            "ir_mul": ir_mul,
+            "fc": fully_connected(),
+        }
+    )
     handle = patch_model(model, kernels="auto")
     report = handle.report()["kernels"]
     assert sorted(e["module"] for e in report["swapped"]) == ["fc", "ok"]
     assert {e["module"]: e["reason"].split(":")[0] for e in report["left_alone"]} == {
-        "uvuv": "ChannelWiseTensorProduct", "ir_mul": "ChannelWiseTensorProduct with layout_in1=(irrep,mul)"}
+        "uvuv": "ChannelWiseTensorProduct",
+        "ir_mul": "ChannelWiseTensorProduct with layout_in1=(irrep,mul)",
+    }
     handle.unpatch()
 
 
 def test_cuequivariance_backend_is_refused_without_its_cuda_kernels():
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine may have cuequivariance's kernels")
-    with pytest.raises(RuntimeError, match="backend='cuequivariance' is not available here: .*Use backend='auto'"):
+    with pytest.raises(
+        RuntimeError, match="backend='cuequivariance' is not available here: .*Use backend='auto'"
+    ):
         TensorProduct(nequip_tp(), backend="cuequivariance")
 
 
@@ -102,8 +129,9 @@ def test_descriptor_maps_onto_a_cuequivariance_polynomial(mode):
     else:
         from e3nn import o3
 
-        tp = o3.FullyConnectedTensorProduct("3x0e+2x1o", "1x0e+1x1o", "2x0e+2x1o+1x1e", shared_weights=False,
-                                            _optimize_einsums=False)
+        tp = o3.FullyConnectedTensorProduct(
+            "3x0e+2x1o", "1x0e+1x1o", "2x0e+2x1o+1x1e", shared_weights=False, _optimize_einsums=False
+        )
     fused = TensorProduct(tp, backend="cuequivariance", _cue_method="naive")
     conv, conv_reference = TPConv(tp, backend="cuequivariance", _cue_method="naive"), TPConv(tp, "reference")
     x, e, w, src, dst = conv_inputs(tp, 5, 9, seed_of("cue backend", mode))

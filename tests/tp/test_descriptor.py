@@ -14,23 +14,31 @@ def test_from_e3nn_reads_irreps_instructions_and_sizes():
     d = TPDescriptor.from_e3nn(tp)
     assert (d.irreps_in1, d.irreps_in2, d.irreps_out) == ("3x0e+2x1o", "1x0e+1x1o", "4x0e+2x1o+1x1e")
     assert [(i.i_in1, i.i_in2, i.i_out, i.mode, i.has_weight) for i in d.instructions] == [
-        (i.i_in1, i.i_in2, i.i_out, i.connection_mode, i.has_weight) for i in tp.instructions]
+        (i.i_in1, i.i_in2, i.i_out, i.connection_mode, i.has_weight) for i in tp.instructions
+    ]
     assert [i.path_weight for i in d.instructions] == [i.path_weight for i in tp.instructions]
     assert (d.dim_in1, d.dim_in2, d.dim_out, d.weight_numel) == (9, 4, 13, tp.weight_numel)
     assert d.weight_shapes() == tuple(i.path_shape for i in tp.instructions)
 
 
 def test_hashable_equal_for_equal_products_and_tensors_cached():
-    make = lambda: o3.FullyConnectedTensorProduct("2x0e+1x1o", "1x1o", "1x0e+2x1o", _optimize_einsums=False)
+    def make():
+        return o3.FullyConnectedTensorProduct("2x0e+1x1o", "1x1o", "1x0e+2x1o", _optimize_einsums=False)
+
     a, b = TPDescriptor.from_e3nn(make()), TPDescriptor.from_e3nn(make())
     assert a == b and hash(a) == hash(b) and len({a, b}) == 1
-    assert a.tensors(torch.float32) is b.tensors(torch.float32)  # one cache entry per (descriptor, dtype, device)
+    assert a.tensors(torch.float32) is b.tensors(
+        torch.float32
+    )  # one cache entry per (descriptor, dtype, device)
     assert a.tensors(torch.float64) is not a.tensors(torch.float32)
     paths, cg_index, cg_value, cg_offsets = a.tensors(torch.float64)
-    assert paths.dtype == cg_index.dtype == cg_offsets.dtype == torch.int64 and cg_value.dtype == torch.float64
+    assert (
+        paths.dtype == cg_index.dtype == cg_offsets.dtype == torch.int64 and cg_value.dtype == torch.float64
+    )
     assert paths.shape[1] == 12 and cg_offsets[-1] == len(cg_value) == len(cg_index)
-    other = TPDescriptor.from_e3nn(o3.FullyConnectedTensorProduct("2x0e+1x1o", "1x1o", "1x0e+2x1o",
-                                                                  irrep_normalization="norm"))
+    other = TPDescriptor.from_e3nn(
+        o3.FullyConnectedTensorProduct("2x0e+1x1o", "1x1o", "1x0e+2x1o", irrep_normalization="norm")
+    )
     assert other != a
 
 
@@ -42,7 +50,9 @@ def test_mul_zero_blocks_keep_indices_and_weight_offsets():
     x1, x2, w = torch.randn(3, 6), torch.randn(3, 3), torch.randn(tp.weight_numel)
     from fastflow.ops.tensor_product import tensor_product
 
-    torch.testing.assert_close(tensor_product(x1, x2, w, *d.tensors(), d.dim_out, backend="reference"), tp(x1, x2, w))
+    torch.testing.assert_close(
+        tensor_product(x1, x2, w, *d.tensors(), d.dim_out, backend="reference"), tp(x1, x2, w)
+    )
 
 
 def test_parse_irreps():
@@ -55,7 +65,9 @@ def test_parse_irreps():
 
 def test_unsupported_modes_and_modules_are_refused_by_name():
     full = o3.FullTensorProduct("2x1o", "2x1o")  # mode uvuv
-    with pytest.raises(ValueError, match="connection mode 'uvuv' is not supported; supported modes: uvw, uvu"):
+    with pytest.raises(
+        ValueError, match="connection mode 'uvuv' is not supported; supported modes: uvw, uvu"
+    ):
         TPDescriptor.from_e3nn(full)
     with pytest.raises(TypeError, match="TensorSquare overrides TensorProduct.forward"):
         TPDescriptor.from_e3nn(o3.TensorSquare("2x1o"))

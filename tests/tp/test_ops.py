@@ -124,12 +124,18 @@ def test_triton_binding_matches_the_reference(triton_device):
         if conv:
             out = op.tp_conv(*leaves, *inputs[3:], 4, *T, d.dim_out, backend=backend)
         else:
-            out = op.tensor_product(leaves[0][inputs[3]], leaves[1], leaves[2], *T, d.dim_out, backend=backend)
+            out = op.tensor_product(
+                leaves[0][inputs[3]], leaves[1], leaves[2], *T, d.dim_out, backend=backend
+            )
         probe = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
         return [out, *torch.autograd.grad((out * probe).sum(), leaves)]
 
     for conv in (False, True):
         for got, expected in zip(run("triton", conv), run("reference", conv)):
-            assert_close(got.cpu(), expected.cpu(), 1e-12, f"triton {'tp_conv' if conv else 'tensor_product'}")
-    torch.library.opcheck(op.tp_conv_triton, conv_args(d, tuple(t.requires_grad_() if t.is_floating_point() else t
-                                                                   for t in inputs)))
+            assert_close(
+                got.cpu(), expected.cpu(), 1e-12, f"triton {'tp_conv' if conv else 'tensor_product'}"
+            )
+    torch.library.opcheck(
+        op.tp_conv_triton,
+        conv_args(d, tuple(t.requires_grad_() if t.is_floating_point() else t for t in inputs)),
+    )

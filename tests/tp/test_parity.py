@@ -30,8 +30,12 @@ NORMALISATIONS = [("component", "element"), ("norm", "path"), ("component", "pat
 def forward_and_gradients(function, x1, x2, w, seed):
     inputs = [t.clone().requires_grad_() for t in (x1, x2, w)]
     out = function(*inputs)
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed_of("probe", seed)), dtype=out.dtype)
-    return out.detach(), torch.autograd.grad((out * probe).sum(), inputs, allow_unused=True, materialize_grads=True)
+    probe = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(seed_of("probe", seed)), dtype=out.dtype
+    )
+    return out.detach(), torch.autograd.grad(
+        (out * probe).sum(), inputs, allow_unused=True, materialize_grads=True
+    )
 
 
 def check_against_e3nn(tp, backend, dtype, Z, seed, shared):
@@ -41,7 +45,12 @@ def check_against_e3nn(tp, backend, dtype, Z, seed, shared):
     expected, expected_grads = forward_and_gradients(tp, x1, x2, w, seed)
     tensors = descriptor.tensors(dtype)
     out, grads = forward_and_gradients(
-        lambda a, b, c: tensor_product(a, b, c, *tensors, descriptor.dim_out, backend=backend), x1, x2, w, seed)
+        lambda a, b, c: tensor_product(a, b, c, *tensors, descriptor.dim_out, backend=backend),
+        x1,
+        x2,
+        w,
+        seed,
+    )
     assert out.dtype == dtype
     assert_close(out, expected, FORWARD[dtype], f"{backend} forward")
     for name, got, ref in zip(("x1", "x2", "weights"), grads, expected_grads):
@@ -78,16 +87,26 @@ def test_paths_without_weights(mode, weighted):
 @pytest.mark.parametrize("irrep_normalization", ["component", "norm", "none"])
 @pytest.mark.parametrize("path_normalization", ["element", "path", "none"])
 def test_descriptor_create_reproduces_e3nn_path_weights(irrep_normalization, path_normalization):
-    tp = random_tensor_product("uvw", seed_of("create"), irrep_normalization=irrep_normalization,
-                               path_normalization=path_normalization)
+    tp = random_tensor_product(
+        "uvw",
+        seed_of("create"),
+        irrep_normalization=irrep_normalization,
+        path_normalization=path_normalization,
+    )
     raw = [(i.i_in1, i.i_in2, i.i_out, i.connection_mode, i.has_weight) for i in tp.instructions]
-    created = TPDescriptor.create(tp.irreps_in1, tp.irreps_in2, tp.irreps_out, raw, irrep_normalization,
-                                  path_normalization)
+    created = TPDescriptor.create(
+        tp.irreps_in1, tp.irreps_in2, tp.irreps_out, raw, irrep_normalization, path_normalization
+    )
     read = TPDescriptor.from_e3nn(tp)
-    assert [i.path_weight for i in created.instructions] == pytest.approx([i.path_weight for i in read.instructions],
-                                                                          rel=1e-12)
+    assert [i.path_weight for i in created.instructions] == pytest.approx(
+        [i.path_weight for i in read.instructions], rel=1e-12
+    )
     assert (created.dim_in1, created.dim_in2, created.dim_out, created.weight_numel) == (
-        tp.irreps_in1.dim, tp.irreps_in2.dim, tp.irreps_out.dim, tp.weight_numel)
+        tp.irreps_in1.dim,
+        tp.irreps_in2.dim,
+        tp.irreps_out.dim,
+        tp.weight_numel,
+    )
 
 
 def test_e3nn_specialised_code_paths_agree_with_wigner_3j():
@@ -111,8 +130,9 @@ def test_e3nn_specialised_code_paths_agree_with_wigner_3j():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_e3nn_with_batch_dimensions_and_internal_weights(backend):
     require_backend(backend)
-    tp = o3.FullyConnectedTensorProduct("3x0e+2x1o+1x2e", "1x0e+1x1o", "2x0e+2x1o+1x2e+1x1e",
-                                        _optimize_einsums=False)
+    tp = o3.FullyConnectedTensorProduct(
+        "3x0e+2x1o+1x2e", "1x0e+1x1o", "2x0e+2x1o+1x2e+1x1e", _optimize_einsums=False
+    )
     fused = TensorProduct(tp, backend=backend)
     assert fused.weight is tp.weight and list(fused.state_dict()) == list(tp.state_dict())
     g = torch.Generator().manual_seed(seed_of("batch", backend))
@@ -121,8 +141,12 @@ def test_module_matches_e3nn_with_batch_dimensions_and_internal_weights(backend)
     assert_close(fused(x1, x2), tp(x1, x2), 1e-5, "broadcast")
     assert_close(fused(x1[0, 0], x2[0]), tp(x1[0, 0], x2[0]), 1e-5, "no batch dimension")
     weights = list(tp.weight_views())  # e3nn's list-of-tensors weight form
-    assert_close(fused(x1, x2, [w.detach() * 2 for w in weights]), tp(x1, x2, [w.detach() * 2 for w in weights]),
-                 1e-5, "list weights")
+    assert_close(
+        fused(x1, x2, [w.detach() * 2 for w in weights]),
+        tp(x1, x2, [w.detach() * 2 for w in weights]),
+        1e-5,
+        "list weights",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

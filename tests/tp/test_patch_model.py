@@ -90,8 +90,12 @@ def test_patched_model_matches_and_unpatch_restores(kernels):
     handle = patch_model(model, kernels=kernels)
     report = handle.report()["kernels"]
     swapped = {entry["module"]: entry["from"] for entry in report["swapped"]}
-    assert swapped == {"layers.0.self_interaction": "FullyConnectedTensorProduct", "layers.0.tp": "TensorProduct",
-                       "layers.1.self_interaction": "FullyConnectedTensorProduct", "layers.1.tp": "TensorProduct"}
+    assert swapped == {
+        "layers.0.self_interaction": "FullyConnectedTensorProduct",
+        "layers.0.tp": "TensorProduct",
+        "layers.1.self_interaction": "FullyConnectedTensorProduct",
+        "layers.1.tp": "TensorProduct",
+    }
     assert all(entry["to"] == "TensorProduct" for entry in report["swapped"])
     assert [(e["module"], e["class"]) for e in report["left_alone"]] == [("square", "FullTensorProduct")]
     assert "uvuv" in report["left_alone"][0]["reason"]
@@ -124,8 +128,12 @@ def test_reference_kernels_swap_nothing_and_cuequivariance_is_refused_here():
 
 
 def test_patching_never_imports_e3nn_or_cuequivariance():
-    code = ("import sys, torch, fastflow; h = fastflow.patch_model(torch.nn.Sequential(torch.nn.Linear(2, 2))); "
-            "assert h.report()['kernels']['swapped'] == []; "
-            "print(sorted(m for m in ('e3nn', 'cuequivariance', 'cuequivariance_torch') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    code = (
+        "import sys, torch, fastflow; h = fastflow.patch_model(torch.nn.Sequential(torch.nn.Linear(2, 2))); "
+        "assert h.report()['kernels']['swapped'] == []; "
+        "print(sorted(m for m in ('e3nn', 'cuequivariance', 'cuequivariance_torch') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"

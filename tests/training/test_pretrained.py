@@ -10,8 +10,10 @@ from fastflow.chem.vocab import ATOM_VOCAB
 from fastflow.models import SemlaConfig
 from fastflow.pretrained import has_pretrained, load_pretrained, pretrained_dir
 
-pytestmark = pytest.mark.skipif(not has_pretrained(), reason="no packaged model exported yet "
-                                "(fastflow train --out RUN --export fastflow/assets/qm9-small)")
+pytestmark = pytest.mark.skipif(
+    not has_pretrained(),
+    reason="no packaged model exported yet (fastflow train --out RUN --export fastflow/assets/qm9-small)",
+)
 
 
 def test_packaged_model_loads_in_eval_mode_with_its_config():
@@ -19,7 +21,8 @@ def test_packaged_model_loads_in_eval_mode_with_its_config():
     assert not model.training
     assert model.config == SemlaConfig.preset("small")
     assert sum(p.numel() for p in model.parameters()) == sum(
-        p.numel() for p in fastflow.Semla(SemlaConfig.preset("small")).parameters())
+        p.numel() for p in fastflow.Semla(SemlaConfig.preset("small")).parameters()
+    )
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert min(model.size_counts) >= 1 and max(model.size_counts) < model.config.max_atoms
     vocab = json.loads((pretrained_dir() / "vocab.json").read_text())

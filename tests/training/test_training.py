@@ -9,13 +9,21 @@ from fastflow.cli import main
 from fastflow.data import qm9_split
 from fastflow.models import SemlaConfig
 from fastflow.models.checkpoint import CheckpointError, load_pretrained_dir
-from fastflow.training.export import export_pretrained
 from fastflow.training import Objective, TrainConfig, Trainer, equivariant_ot, interpolate, random_rotations
+from fastflow.training.export import export_pretrained
 from fastflow.training.trainer import CHECKPOINT, LOG
 from tests.data.helpers import fixture_data, write_fixture_cache
 
-FAST = {"preset": "tiny", "batch_cost": 160, "warmup_steps": 5, "lr": 1e-3, "val_minutes": 0, "log_every": 5,
-        "val_molecules": 8, "val_steps": 5}
+FAST = {
+    "preset": "tiny",
+    "batch_cost": 160,
+    "warmup_steps": 5,
+    "lr": 1e-3,
+    "val_minutes": 0,
+    "log_every": 5,
+    "val_molecules": 8,
+    "val_steps": 5,
+}
 
 
 def train_set():
@@ -36,8 +44,9 @@ def test_equivariant_ot_permutes_and_rotates_the_prior():
     matched = equivariant_ot(prior, data, mask)
     for b, n in enumerate((6, 4)):
         # a permutation and a rotation keep the multiset of distances to the origin
-        assert torch.allclose(matched[b, :n].norm(dim=-1).sort().values, prior[b, :n].norm(dim=-1).sort().values,
-                              atol=1e-5)
+        assert torch.allclose(
+            matched[b, :n].norm(dim=-1).sort().values, prior[b, :n].norm(dim=-1).sort().values, atol=1e-5
+        )
         assert (matched[b, :n] - data[b, :n]).square().sum() <= (prior[b, :n] - data[b, :n]).square().sum()
     assert (matched[1, 4:] == 0).all()
 
@@ -54,8 +63,11 @@ def test_interpolant_shapes_masks_and_time():
     assert (noisy["atomics"].sum(-1) == mask).all()
     # the rotated target keeps every molecule's internal distances
     n = int(mask[0].sum())
-    assert torch.allclose(torch.cdist(noisy["target_coords"][0, :n], noisy["target_coords"][0, :n]),
-                          torch.cdist(batch["coords"][0, :n], batch["coords"][0, :n]), atol=1e-5)
+    assert torch.allclose(
+        torch.cdist(noisy["target_coords"][0, :n], noisy["target_coords"][0, :n]),
+        torch.cdist(batch["coords"][0, :n], batch["coords"][0, :n]),
+        atol=1e-5,
+    )
 
 
 def test_short_training_lowers_the_loss(tmp_path):
@@ -122,8 +134,13 @@ def test_export_writes_a_loadable_model_folder(tmp_path):
     trainer = Trainer(TrainConfig(**FAST), train_set(), tmp_path / "run")
     trainer.run(max_steps=3, progress=False)
     folder = export_pretrained(tmp_path / "run" / CHECKPOINT, tmp_path / "model")
-    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "size_counts.json",
-                                                  "vocab.json", "training.json"}
+    assert {p.name for p in folder.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "size_counts.json",
+        "vocab.json",
+        "training.json",
+    }
     model = load_pretrained_dir(folder)
     assert model.config == SemlaConfig.preset("tiny") and not model.training
     for a, b in zip(model.state_dict().values(), trainer.ema.state_dict().values()):
@@ -133,21 +150,73 @@ def test_export_writes_a_loadable_model_folder(tmp_path):
 def test_cli_train_resume_export_and_eval(tmp_path, capsys):
     cache, run = write_fixture_cache(tmp_path), tmp_path / "run"
     common = ["--cache-dir", str(cache), "--out", str(run), "--no-progress"]
-    assert main(["train", "--config", "tiny", "--steps", "3", "--val-minutes", "0", "--batch-cost", "200",
-                 *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--steps",
+                "3",
+                "--val-minutes",
+                "0",
+                "--batch-cost",
+                "200",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--steps", "3", *common]) == 2  # a checkpoint exists: refuses to overwrite it
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--resume", "--steps", "4", "--lr-decay-peak", "1e-4", *common]) == 2
     assert "--lr-decay-peak needs --lr-decay" in capsys.readouterr().err
-    assert main(["train", "--resume", "--steps", "5", "--export-to", str(tmp_path / "latest"),
-                 "--lr-decay", "3", "4", "--lr-decay-peak", "1e-4", *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                "--steps",
+                "5",
+                "--export-to",
+                str(tmp_path / "latest"),
+                "--lr-decay",
+                "3",
+                "4",
+                "--lr-decay-peak",
+                "1e-4",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 5
     resumed = Trainer.resume(train_set(), run).config  # the warm restart is saved with the run
     assert (resumed.decay_start, resumed.decay_steps, resumed.decay_peak_lr) == (3, 4, 1e-4)
     assert json.loads((tmp_path / "latest" / "training.json").read_text())["step"] == 5
     assert main(["train", "--export", str(tmp_path / "model"), "--out", str(run)]) == 0
-    assert main(["eval", "--n", "4", "--steps", "2", "--no-energy", "--json", "--cache-dir", str(cache),
-                 "--checkpoint", str(run / CHECKPOINT)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--n",
+                "4",
+                "--steps",
+                "2",
+                "--no-energy",
+                "--json",
+                "--cache-dir",
+                str(cache),
+                "--checkpoint",
+                str(run / CHECKPOINT),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 4 and summary["nfe"] == 8 and "novelty" in summary
-    assert summary["data_validity"] == 1.0 and summary["data_mol_stability"] == 1.0 and summary["data_novelty"] == 1.0
+    assert (
+        summary["data_validity"] == 1.0
+        and summary["data_mol_stability"] == 1.0
+        and summary["data_novelty"] == 1.0
+    )
