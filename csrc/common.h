@@ -99,4 +99,12 @@ FASTFLOW_INLINE T sum_of_squares(const T* x, int64_t n) {
   return acc[0];
 }
 
+// float → bfloat16 bits, round to nearest even (finite inputs): plain integer arithmetic that vectorises, unlike
+// c10::BFloat16's constructor with its NaN branch.
+FASTFLOW_INLINE uint16_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 }  // namespace fastflow

@@ -32,7 +32,7 @@ TORCH_LIBRARY(fastflow, m) {
       "semla_attention(Tensor node_terms_i, Tensor node_terms_j, Tensor gram_coords, Tensor gram_weight, "
       "Tensor out_weight, Tensor out_bias, Tensor values, Tensor attn_coords, Tensor adjacency, "
       "Tensor? edge_feats, Tensor? edge_norm_weight, Tensor? edge_norm_bias, Tensor? edge_weight, "
-      "float edge_norm_eps, float coord_eps) -> (Tensor, Tensor, Tensor)");
+      "float edge_norm_eps, float coord_eps, str precision=\"fp32\") -> (Tensor, Tensor, Tensor)");
 
   // A Semla generator's pair tail: BondRefine, bond LayerNorm, symmetrisation, edge head (see the Python module)
   m.set_python_module("fastflow.ops.bond_head");

@@ -16,8 +16,17 @@
 // AVX2 + FMA, baseline) and picked at load time (GCC target_clones), because the extension itself is built
 // for the baseline ISA. float32 uses a polynomial exp and a Newton rsqrt that vectorise (relative error
 // ~1e-7); float64 uses std::exp and std::sqrt. At the SemlaFlow sizes the two GEMMs take ~70% of the time.
+//
+// precision "bf16" (float32 only): the GEMM of step 3 takes bfloat16 operands with float32 accumulation and
+// output — silu(hidden) is rounded to bf16 as silu writes it, W2 is converted once per call — through oneDNN's
+// brgemm micro-kernel (at::native::cpublas::brgemm: AMX tiles on CPUs that have them, W2 packed into the VNNI
+// layout once per call; elsewhere the same call runs oneDNN's bf16 GEMM, AVX512-BF16 where the CPU has it).
+// Everything else stays float32: the Gram and edge term of step 2, the logits z, the softmax and the
+// coordinate sums. At F = 128 and 512-pair tiles brgemm with packed W2 ran ~2x ATen's bf16 mm (whose bf16
+// output would also round the logits).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <torch/library.h>
 
@@ -28,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace fastflow {
@@ -113,6 +123,21 @@ FASTFLOW_INLINE void silu_and_bias_impl(const Problem<T>& pr, int64_t pairs, T* 
   const int64_t Z = pr.Z;
   for (int64_t pair = 0; pair < pairs; ++pair) {
     T* zp = z + pair * Z;
+#pragma omp simd
+    for (int64_t q = 0; q < Z; ++q) zp[q] = pr.bias[q];
+  }
+}
+
+// Step 2's silu and step 3's bias for the bf16 GEMM: A = bf16(silu(hidden)), z rows = b2.
+FASTFLOW_INLINE void silu_to_bf16_and_bias_impl(const Problem<float>& pr, int64_t pairs, const float* hidden,
+                                                uint16_t* A, float* z) {
+  const int64_t n = pairs * pr.F;
+  const float lo = pr.exp_lo, hi = pr.exp_hi;
+#pragma omp simd
+  for (int64_t q = 0; q < n; ++q) A[q] = bf16_bits(hidden[q] / (1.0f + exp_fast(-hidden[q], lo, hi)));
+  const int64_t Z = pr.Z;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    float* zp = z + pair * Z;
 #pragma omp simd
     for (int64_t q = 0; q < Z; ++q) zp[q] = pr.bias[q];
   }
@@ -263,6 +288,10 @@ FASTFLOW_CLONES void silu_and_bias(const Problem<float>& pr, int64_t pairs, floa
 FASTFLOW_CLONES void silu_and_bias(const Problem<double>& pr, int64_t pairs, double* hidden, double* z) {
   silu_and_bias_impl(pr, pairs, hidden, z);
 }
+FASTFLOW_CLONES void silu_to_bf16_and_bias(const Problem<float>& pr, int64_t pairs, const float* hidden,
+                                           uint16_t* A, float* z) {
+  silu_to_bf16_and_bias_impl(pr, pairs, hidden, A, z);
+}
 FASTFLOW_CLONES void attend(const Problem<float>& pr, int64_t r0, int64_t r1, float* z, RowScratch<float>& s) {
   attend_impl(pr, r0, r1, z, s);
 }
@@ -270,8 +299,47 @@ FASTFLOW_CLONES void attend(const Problem<double>& pr, int64_t r0, int64_t r1, d
   attend_impl(pr, r0, r1, z, s);
 }
 
+// W2^T, the B operand of step 3's bf16 GEMM: [F, Z] bfloat16. Where brgemm runs on AMX it is packed into the
+// VNNI layout in column blocks of kVnniBlock (oneDNN's packed B takes a leading dimension of 16, 32, 48 or 64;
+// needs an even F and Z % 16 == 0): block c0 holds columns [c0, c0 + w) at offset F * c0.
+constexpr int64_t kVnniBlock = 64;
+
+struct OutWeightBf16 {
+  at::Tensor data;
+  bool vnni;
+};
+
+OutWeightBf16 out_weight_bf16(const at::Tensor& out_weight) {
+  const int64_t Z = out_weight.size(0), F = out_weight.size(1);
+  at::Tensor plain = out_weight.t().to(at::kBFloat16).contiguous();
+  if (!at::native::cpublas::could_pack(at::kBFloat16) || F % 2 != 0 || Z % 16 != 0) return {plain, false};
+  at::Tensor packed = at::empty_like(plain);
+  const auto* src = plain.const_data_ptr<at::BFloat16>();
+  auto* dst = packed.mutable_data_ptr<at::BFloat16>();
+  for (int64_t c0 = 0; c0 < Z; c0 += kVnniBlock) {
+    const int64_t w = std::min(kVnniBlock, Z - c0);
+    at::native::cpublas::pack(F, w, Z, w, at::kBFloat16, at::kBFloat16, src + c0, dst + F * c0);
+  }
+  return {packed, true};
+}
+
+// z[pairs, Z] += A[pairs, F] · W2^T in bf16 with float32 accumulation.
+void out_gemm_bf16(int64_t pairs, int64_t F, int64_t Z, const at::BFloat16* A, const OutWeightBf16& w2, float* z) {
+  const auto* b = w2.data.const_data_ptr<at::BFloat16>();
+  if (!w2.vnni) {
+    at::native::cpublas::brgemm(pairs, Z, F, F, Z, Z, /*add_C=*/true, A, b, z, /*is_vnni=*/false);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < Z; c0 += kVnniBlock) {
+    const int64_t w = std::min(kVnniBlock, Z - c0);
+    at::native::cpublas::brgemm(pairs, w, F, F, w, Z, /*add_C=*/true, A, b + F * c0, z + c0, /*is_vnni=*/true);
+  }
+}
+
+// w2_bf16: null, or (float32 only) step 3 in bf16.
 template <typename T>
-void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const at::Tensor& w_out_t) {
+void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const at::Tensor& w_out_t,
+                           const OutWeightBf16* w2_bf16) {
   const int64_t N = pr.N, rows = pr.B * pr.N;
   // Ti rows per tile, Ti * N ≈ kTilePairs, spread evenly over the rows.
   const int64_t target = std::max<int64_t>(1, std::min<int64_t>(rows, (kTilePairs + N / 2) / N));
@@ -284,6 +352,7 @@ void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const
     at::Tensor K = at::empty({max_pairs, pr.Kd}, options);
     at::Tensor hidden = at::empty({max_pairs, pr.F}, options);
     at::Tensor z = at::empty({max_pairs, pr.Z}, options);
+    at::Tensor A = w2_bf16 ? at::empty({max_pairs, pr.F}, at::kBFloat16) : at::Tensor();
     RowScratch<T> scratch(pr);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile * tile_rows, r1 = std::min(rows, r0 + tile_rows);
@@ -294,10 +363,21 @@ void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const
       at::Tensor z_t = pairs == max_pairs ? z : z.narrow(0, 0, pairs);
       pair_inputs(pr, r0, r1, K.mutable_data_ptr<T>(), hidden.mutable_data_ptr<T>());
       if (pr.Kd > 0) at::cpu::addmm_(hidden_t, K_t, w_in_t);
+      if constexpr (std::is_same_v<T, float>) {
+        if (w2_bf16) {
+          auto* A_bf16 = A.mutable_data_ptr<at::BFloat16>();
+          silu_to_bf16_and_bias(pr, pairs, hidden.const_data_ptr<float>(), reinterpret_cast<uint16_t*>(A_bf16),
+                                z.mutable_data_ptr<float>());
+          out_gemm_bf16(pairs, pr.F, pr.Z, A_bf16, *w2_bf16, z.mutable_data_ptr<float>());
+          attend(pr, r0, r1, z.mutable_data_ptr<T>(), scratch);
+          continue;
+        }
+      }
       silu_and_bias(pr, pairs, hidden.mutable_data_ptr<T>(), z.mutable_data_ptr<T>());
       at::cpu::addmm_(z_t, hidden_t, w_out_t);
       attend(pr, r0, r1, z.mutable_data_ptr<T>(), scratch);
     }
+    if (w2_bf16 && w2_bf16->vnni) at::native::cpublas::brgemm_release();  // the thread's AMX tile state
   });
 }
 
@@ -341,8 +421,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
     const at::Tensor& values, const at::Tensor& attn_coords, const at::Tensor& adjacency,
     const std::optional<at::Tensor>& edge_feats, const std::optional<at::Tensor>& edge_norm_weight,
     const std::optional<at::Tensor>& edge_norm_bias, const std::optional<at::Tensor>& edge_weight,
-    double edge_norm_eps, double coord_eps) {
+    double edge_norm_eps, double coord_eps, c10::string_view precision) {
   const auto dtype = node_terms_i.scalar_type();
+  TORCH_CHECK(precision == "fp32" || precision == "bf16",
+              "semla_attention (cpu kernel): precision must be 'fp32' or 'bf16', got '", precision, "'");
+  const bool bf16 = precision == "bf16";
+  TORCH_CHECK(!bf16 || dtype == at::kFloat, "semla_attention: precision 'bf16' needs float32 inputs, got ", dtype);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "semla_attention: node_terms_i must be float32 or float64, got ", dtype);
   TORCH_CHECK(node_terms_i.dim() == 3, "semla_attention: node_terms_i must have shape [B, N, F], got ",
@@ -393,6 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
     w_in = at::cat({gram_weight, *edge_weight}, 1);
   }
   const at::Tensor w_in_t = w_in.t(), w_out_t = out_weight.t();  // transposed views; the GEMM reads either
+  const OutWeightBf16 w2_bf16 = bf16 ? out_weight_bf16(out_weight) : OutWeightBf16{};
 
   at::Tensor node_agg = at::empty({B, N, H * D}, a.options());
   at::Tensor coord_agg = at::empty({B, N, P, 3}, a.options());
@@ -417,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
     pr.node_out = node_agg.mutable_data_ptr<scalar_t>();
     pr.coord_out = coord_agg.mutable_data_ptr<scalar_t>();
     pr.edge_out = edge_out.mutable_data_ptr<scalar_t>();
-    semla_attention_tiles<scalar_t>(pr, w_in_t, w_out_t);
+    semla_attention_tiles<scalar_t>(pr, w_in_t, w_out_t, bf16 ? &w2_bf16 : nullptr);
   });
   return {node_agg, coord_agg, edge_out};
 }

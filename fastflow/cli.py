@@ -120,6 +120,14 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         help="fused Semla kernels: auto (C++ on CPU, Triton on CUDA), cpp, triton, or reference "
         "(the unfused PyTorch model) (default auto)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "tf32", "auto"),
+        default="fp32",
+        help="matrix products of the fused kernels: fp32, bf16 (bfloat16 operands, fp32 accumulation, "
+        "coordinates fp32; needs AMX or AVX512-BF16 on CPU), tf32 (CUDA), or auto (bf16 where the "
+        "hardware has it) (default fp32)",
+    )
     group = parser.add_argument_group("predictive feature cache")
     group.add_argument(
         "--cache",
@@ -153,10 +161,11 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def patch_from_args(model, args):
-    """patch_model with the --kernels and --cache options; the handle reports the backend and cache stats."""
+    """patch_model with the --kernels, --precision and --cache options; the handle reports the backend, the
+    precision and the cache stats."""
     from fastflow.patch import patch_model
 
-    return patch_model(model, kernels=args.kernels, cache=cache_config(args))
+    return patch_model(model, kernels=args.kernels, cache=cache_config(args), precision=args.precision)
 
 
 def cache_config(args):
@@ -254,6 +263,7 @@ def run_sample(args) -> int:
         "cache": args.cache if cache is None else repr(cache),
         "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
         "kernels": handle.report()["kernels"]["backend"],
+        "precision": handle.precision,
         "seconds": result.stats["sampling_seconds"],
         "molecules_per_second": result.stats["molecules_per_second"],
         "seed": args.seed,
@@ -657,6 +667,7 @@ def run_eval(args) -> int:
             "cache": args.cache if cache is None else repr(cache),
             "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
             "kernels": handle.report()["kernels"]["backend"],
+            "precision": handle.precision,
             "threads": torch.get_num_threads(),
         }
         summary.update({f"data_{key}": value for key, value in rows.get("data", {}).items()})
@@ -836,6 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         check_device(getattr(args, "device", None))
         if getattr(args, "threads", None) is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        if getattr(args, "precision", "fp32") != "fp32":  # refused before the model loads
+            from fastflow.ops.backends import resolve_precision
+
+            resolve_precision(args.precision, getattr(args, "device", None) or "cpu")
         return args.handler(args)
     except (ValueError, OSError, BackendUnavailable, MissingDataPackage) as error:
         print(f"fastflow {args.command}: error: {error}", file=sys.stderr)

@@ -21,7 +21,8 @@ from fastflow.cache import CacheConfig, CacheHook
 from fastflow.models.semla import Semla
 from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer, fused_semla_forward
 from fastflow.nn.tensor_product import TensorProduct, cuequivariance_unavailable_reason
-from fastflow.ops.backends import TP_BACKENDS, BackendUnavailable, resolve_backend
+from fastflow.ops.backends import TP_BACKENDS, BackendUnavailable, resolve_backend, resolve_precision
+from fastflow.runtime import cpu_isa
 
 _ATTRIBUTE = "_fastflow_patch"
 
@@ -29,7 +30,7 @@ _ATTRIBUTE = "_fastflow_patch"
 class PatchHandle:
     """What ``patch_model`` did to one model instance; ``unpatch()`` undoes it."""
 
-    def __init__(self, model: nn.Module, kernels: str, cache: CacheConfig | None):
+    def __init__(self, model: nn.Module, kernels: str, cache: CacheConfig | None, precision: str = "fp32"):
         self.model, self.kernels, self.cache = model, kernels, cache
         # "reference" swaps nothing; otherwise the backend the fused ops run (raises if an explicit one is missing,
         # warns once if "auto" has no fast backend on this device). "cuequivariance": tensor products on
@@ -47,12 +48,19 @@ class PatchHandle:
             if kernels == "reference"
             else resolve_backend("auto" if kernels == "cuequivariance" else kernels, device)
         )
+        if kernels == "reference" and precision not in ("fp32", "auto"):
+            raise ValueError(
+                f"precision={precision!r} applies to fused modules; kernels='reference' swaps none (use "
+                "kernels='auto')"
+            )
+        self.requested_precision = precision
+        self.precision = "fp32" if kernels == "reference" else resolve_precision(precision, device)
         # Tensor products resolve per call ("auto" falls back to the reference, with a warning, where fastflow._C or
         # the Triton module lacks them); an explicit backend must have them.
         self.tp_backend = kernels if kernels in ("cpp", "triton", "cuequivariance") else "auto"
         self.swaps, self.left_alone, self.fused_forward = [], [], None
         if kernels != "reference":
-            self.swaps, self.left_alone = _plan_swaps(model, self.backend, self.tp_backend)
+            self.swaps, self.left_alone = _plan_swaps(model, self.backend, self.tp_backend, self.precision)
             self.fused_forward = _plan_forward(model, self.backend, self.left_alone)
         self._hook = None if cache is None else CacheHook(model, cache, backend=self.backend)
         self._saved_forward = None
@@ -126,6 +134,11 @@ class PatchHandle:
                 ),
                 "left_alone": self.left_alone,
             },
+            "precision": {
+                "requested": self.requested_precision,
+                "used": self.precision,
+                "why": _precision_reason(self.requested_precision, self.precision, _device(self.model)),
+            },
         }
         if self.cache is not None:
             hook = self._hook
@@ -151,10 +164,23 @@ class PatchHandle:
         return report
 
     def __repr__(self) -> str:
-        return f"PatchHandle(kernels={self.kernels!r}, cache={self.cache!r}, active={self.active})"
+        return (
+            f"PatchHandle(kernels={self.kernels!r}, cache={self.cache!r}, precision={self.precision!r}, "
+            f"active={self.active})"
+        )
 
 
-def patch_model(model: nn.Module, kernels: str = "auto", cache: CacheConfig | None = None) -> PatchHandle:
+def _precision_reason(requested: str, used: str, device: torch.device) -> str:
+    where = f"cpu ISA {'/'.join(cpu_isa()) or 'baseline'}" if device.type == "cpu" else device.type
+    if used == "fp32":
+        return f"{requested} → fp32 ({where})" if requested == "auto" else "float32 products (the default)"
+    scope = "bf16 operands, fp32 accumulation on the invariant path; coordinates fp32"
+    return f"{requested} → {used} ({where}): {scope}" if requested == "auto" else f"{used}: {scope}"
+
+
+def patch_model(
+    model: nn.Module, kernels: str = "auto", cache: CacheConfig | None = None, precision: str = "fp32"
+) -> PatchHandle:
     """Speed up ``model`` in place and return the handle that undoes it.
 
     kernels: "auto" (fused modules on the fastest backend for the model's device: C++ on CPU, Triton on CUDA;
@@ -162,6 +188,11 @@ def patch_model(model: nn.Module, kernels: str = "auto", cache: CacheConfig | No
         or an error), "reference" (no swaps; the cache's op runs in PyTorch), or "cuequivariance" (tensor
         products on cuequivariance's CUDA kernels, the rest as "auto"; an error where those are not installed).
     cache: None, or a :class:`~fastflow.cache.CacheConfig`.
+    precision: the matrix products of the fused Semla modules: "fp32" (default), "bf16" (bfloat16 operands with
+        float32 accumulation on the invariant path; coordinates, Gram terms, softmax statistics and the residual
+        stream stay float32 — see :mod:`fastflow.nn.precision`), "tf32" (CUDA only), or "auto" (bf16 where the
+        CPU has AMX-BF16 or AVX512-BF16 or the GPU has bf16 tensor cores, else fp32). An explicit bf16 or tf32
+        the hardware lacks raises. ``handle.report()["precision"]`` says what was chosen and why.
 
     Swapped: Semla layers, feed-forwards and bond refinement (by class name and structure); e3nn's
     ``o3.TensorProduct`` and its subclasses called as ``forward(x1, x2, weight)`` (``FullyConnectedTensorProduct``,
@@ -185,13 +216,13 @@ def patch_model(model: nn.Module, kernels: str = "auto", cache: CacheConfig | No
         )
     existing = model.__dict__.get(_ATTRIBUTE)
     if existing is not None:
-        if (existing.kernels, existing.cache) == (kernels, cache):
+        if (existing.kernels, existing.cache, existing.requested_precision) == (kernels, cache, precision):
             return existing
         raise RuntimeError(
             f"model is already patched ({existing!r}); call handle.unpatch() before patching it "
             "with other options"
         )
-    handle = PatchHandle(model, kernels, cache)
+    handle = PatchHandle(model, kernels, cache, precision)
     handle._install()
     return handle
 
@@ -209,7 +240,6 @@ _FUSABLE = {
     "NodeFeedForward": "feed_forward",
     "BondRefine": "bond_refine",
 }
-_FUSED = {"layer": FusedSemlaLayer, "feed_forward": FusedNodeFeedForward, "bond_refine": FusedBondRefine}
 
 
 def _tensor_product_classes() -> tuple[type, ...]:
@@ -229,7 +259,9 @@ def _tensor_product_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
-def _plan_swaps(model: nn.Module, backend: str, tp_backend: str = "auto") -> tuple[list[_Swap], list[dict]]:
+def _plan_swaps(
+    model: nn.Module, backend: str, tp_backend: str = "auto", precision: str = "fp32"
+) -> tuple[list[_Swap], list[dict]]:
     """The fused stand-ins for every recognised Semla module and tensor product (outermost first), and the modules
     left alone."""
     swaps, left_alone, inside = [], [], []
@@ -264,7 +296,12 @@ def _plan_swaps(model: nn.Module, backend: str, tp_backend: str = "auto") -> tup
             continue
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
-        fused = FusedSemlaLayer(module, backend=backend) if kind == "layer" else _FUSED[kind](module)
+        if kind == "layer":
+            fused = FusedSemlaLayer(module, backend=backend, precision=precision)
+        elif kind == "feed_forward":
+            fused = FusedNodeFeedForward(module, precision=precision)
+        else:
+            fused = FusedBondRefine(module)
         swaps.append(_Swap(path, parent, name, module, fused))
         inside.append(path)
     return swaps, left_alone

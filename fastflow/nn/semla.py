@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastflow.models.semla import length, zero_com
+from fastflow.nn.precision import MatmulPrecision
 from fastflow.ops.bond_head import bond_head
 from fastflow.ops.semla_attention import semla_attention
 
@@ -63,15 +64,16 @@ def _adopt(fused: nn.Module, original: nn.Module, names: tuple[str, ...]) -> Non
 class FusedNodeFeedForward(nn.Module):
     """``NodeFeedForward`` (returns the updates ΔX, Δh) from the original's parameters."""
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, precision: str = "fp32"):
         super().__init__()
         _adopt(self, original, FEED_FORWARD_CHILDREN)
+        self.matmul = MatmulPrecision(precision)
 
     def forward(self, coord_sets, node_feats, node_mask):
         node_feats = self.node_norm(node_feats)
         coord_sets = coord_norm(self.coord_norm, coord_sets, node_mask)
         lengths = length(coord_sets).movedim(1, -1)  # [B, N, S]
-        node_update = self.invariant_mlp.node_ff(torch.cat((node_feats, lengths), dim=-1))
+        node_update = self.matmul(torch.cat((node_feats, lengths), dim=-1), self.invariant_mlp.node_ff)
         equi = self.equivariant_mlp
         a = equi.node_proj(node_feats)  # [B, N, P]
         u = torch.einsum("bsnk,s->bnk", coord_sets, equi.coord_proj.weight.sum(dim=0))  # Σ_q Y_q: [B, N, 3]
@@ -82,11 +84,12 @@ class FusedNodeFeedForward(nn.Module):
 class FusedSemlaLayer(nn.Module):
     """``EquiMessagePassingLayer`` with its pair work in one ``fastflow::semla_attention`` call."""
 
-    def __init__(self, original: nn.Module, backend: str = "auto"):
+    def __init__(self, original: nn.Module, backend: str = "auto", precision: str = "fp32"):
         super().__init__()
         _adopt(self, original, LAYER_CHILDREN)
-        self.node_ff = FusedNodeFeedForward(original.node_ff)
+        self.node_ff = FusedNodeFeedForward(original.node_ff, precision)
         self.backend = backend
+        self.matmul = MatmulPrecision(precision)
         self.d_edge_in = original.d_edge_in
         self.d_edge_out = original.d_edge_out
         self.n_attn_heads = original.n_attn_heads
@@ -106,11 +109,15 @@ class FusedSemlaLayer(nn.Module):
         messages, node_attn, coord_attn = self.message_ff, self.node_attn, self.coord_attn
         M, S = self.d_message, coords.size(1)
         first, second = messages.message_mlp[0], messages.message_mlp[2]
-        m = messages.node_proj(messages.node_norm(node_feats))
-        node_terms_i = F.linear(m, first.weight[:, :M], first.bias)
-        node_terms_j = F.linear(m, first.weight[:, M : 2 * M])
+        matmul = self.matmul
+        m = matmul(messages.node_norm(node_feats), messages.node_proj)
+        first_weight = matmul.weight(first.weight)  # the [m_i | m_j] column blocks feed two per-atom GEMMs
+        node_terms_i = matmul.linear(m, first_weight[:, :M], matmul.weight(first.bias))
+        node_terms_j = matmul.linear(m, first_weight[:, M : 2 * M])
         gram_coords = coord_norm(messages.coord_norm, coords, node_mask)
-        values = node_attn.in_proj(node_attn.feat_norm(node_feats)).unflatten(-1, (self.n_attn_heads, -1))
+        values = matmul(node_attn.feat_norm(node_feats), node_attn.in_proj).unflatten(
+            -1, (self.n_attn_heads, -1)
+        )
         attn_coords = coord_attn.coord_proj(
             coord_norm(coord_attn.coord_norm, coords, node_mask).transpose(1, -1)
         )
@@ -135,9 +142,10 @@ class FusedSemlaLayer(nn.Module):
             *edge_args,
             edge_norm_eps=messages.edge_norm.eps if edge_feats is not None else 1e-5,
             coord_eps=coord_attn.eps,
+            precision=matmul.precision,
             backend=self.backend,
         )
-        node_feats = node_feats + node_attn.out_proj(node_agg)
+        node_feats = node_feats + matmul(node_agg, node_attn.out_proj)
         coords = coords + coord_attn.attn_proj(coord_agg.transpose(-1, -2)).permute(0, 3, 1, 2)
 
         if self.d_edge_out is None:
@@ -145,7 +153,7 @@ class FusedSemlaLayer(nn.Module):
         return coords, node_feats, edge_out if edge_feats is None else edge_feats + edge_out
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        return f"backend={self.backend!r}, precision={self.matmul.precision!r}"
 
 
 class FusedBondRefine(nn.Module):

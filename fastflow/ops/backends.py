@@ -1,4 +1,4 @@
-"""Which implementation of a fastflow op runs: `reference`, `cpp`, `triton`, or `auto`.
+"""Which implementation of a fastflow op runs (`reference`, `cpp`, `triton`, or `auto`), and in which precision.
 
 - reference: plain PyTorch, any device; the numerical ground truth.
 - cpp: C++ kernels of fastflow._C (csrc/), CPU tensors.
@@ -6,6 +6,12 @@
 - auto: cpp on CPU, triton on CUDA; if that fast path is missing, the reference, with one warning per reason.
 
 An explicit request that cannot be honoured raises; nothing falls back silently.
+
+Precisions of the matrix products inside fused ops and patched modules (fp32 inputs and outputs throughout):
+- fp32: float32 products on vector units (the default).
+- bf16: bfloat16 operands, float32 accumulation: AMX or AVX512-BF16 on CPUs, tensor cores on GPUs.
+- tf32: TF32 tensor-core products (GPU only).
+- auto: bf16 where the hardware has bf16 matrix or dot-product instructions, else fp32.
 """
 
 import importlib.util
@@ -20,6 +26,7 @@ BACKENDS = ("auto", "cpp", "triton", "reference")
 # Tensor products may also run on cuEquivariance's CUDA kernels (fastflow.nn.TensorProduct, patch_model).
 TP_BACKENDS = (*BACKENDS, "cuequivariance")
 FLOAT_DTYPES = (torch.float32, torch.float64)  # what every fastflow kernel computes in
+PRECISIONS = ("fp32", "bf16", "tf32")  # an op's `precision` argument; patch_model also takes "auto"
 
 
 class BackendUnavailable(RuntimeError):
@@ -116,6 +123,43 @@ def _run_binders() -> None:
 
 
 _extension.on_load(_run_binders)
+
+
+def check_precision(op: str, precision: str, dtype: torch.dtype) -> None:
+    """An op's `precision` argument against its inputs' dtype: bf16 and tf32 are float32 modes."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "fp32" and dtype != torch.float32:
+        raise ValueError(f"{op}: precision {precision!r} needs float32 inputs, got {dtype}")
+
+
+def resolve_precision(name: str, device: torch.device | str) -> str:
+    """patch_model's `precision` → the one fused modules use on `device`. An explicit bf16 where the hardware has
+    no bf16 instructions, or tf32 off a GPU, raises BackendUnavailable (it would run, emulated and slow)."""
+    from fastflow.runtime import cpu_isa  # the machine's ISA, read once
+
+    device = torch.device(device)
+    if name not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be one of {('auto', *PRECISIONS)}, got {name!r}")
+    if device.type == "cuda":
+        has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        has_tf32 = torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    else:
+        has_bf16 = bool({"amx_bf16", "avx512_bf16"} & set(cpu_isa()))
+        has_tf32 = False
+    if name == "auto":
+        return "bf16" if has_bf16 else "fp32"
+    if name == "bf16" and not has_bf16:
+        raise BackendUnavailable(
+            f"precision 'bf16' needs bf16 matrix instructions (AMX-BF16 or AVX512-BF16 on a CPU, Ampere or newer "
+            f"GPU); this {device.type} has none: use precision='fp32' (or 'auto')"
+        )
+    if name == "tf32" and not has_tf32:
+        raise BackendUnavailable(
+            f"precision 'tf32' is a tensor-core format of CUDA GPUs (compute capability >= 8.0), not available "
+            f"on {device.type}: use 'bf16' or 'fp32'"
+        )
+    return name
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -21,6 +21,11 @@ The fused kernels evaluate this flash-attention style: per row i they compute z_
 max, Σexp and Σexp² per head and per set, and accumulate values and unit vectors; no [B, N, N, ·] tensor is
 written except e'. The reference below materialises every pair tensor and reads like the math.
 
+precision="bf16" (float32 inputs): the product z = W2 · silu(·) takes bfloat16 operands with float32
+accumulation; the reference rounds silu(hidden) and W2 to bfloat16 and multiplies in float32, so it defines
+the same numbers (the fused kernels match it to float32 summation order). Everything else stays float32.
+precision="tf32" (Triton only): the products of both linears in TF32.
+
 Inference op: the fused kernels have no backward. Autograd through this op recomputes the reference and
 differentiates it (memory of the reference path, exact gradients), so a patched model can still be trained.
 
@@ -35,7 +40,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastflow.ops.backends import FLOAT_DTYPES, bind_cpp_ops, recompute_vjp, register_cpp_op, resolve_backend
+from fastflow.ops.backends import (
+    FLOAT_DTYPES,
+    bind_cpp_ops,
+    check_precision,
+    recompute_vjp,
+    register_cpp_op,
+    resolve_backend,
+)
 
 # Tensor arguments in schema order; the optional edge-input block is all given or all None.
 ARGUMENTS = (
@@ -71,6 +83,7 @@ def semla_attention(
     edge_weight=None,
     edge_norm_eps: float = 1e-5,
     coord_eps: float = 1e-6,
+    precision: str = "fp32",
     backend: str | None = None,
 ):
     """Fused Semla attention (see the module docstring for the math).
@@ -84,6 +97,7 @@ def semla_attention(
         edge_feats ``[B, N, N, E_in]``, edge_norm_weight / edge_norm_bias ``[E_in]`` (LayerNorm), edge_weight
             We ``[F, E_in]``: all given (first layer) or all None.
         edge_norm_eps: LayerNorm epsilon; coord_eps: added to the length of a difference vector.
+        precision: "fp32", "bf16" or "tf32" (Triton only) for the matrix products (see the module docstring).
         backend: "auto" (default), "cpp", "triton" or "reference".
     Return:
         node_agg ``[B, N, H * d_head]``, coord_agg ``[B, N, P, 3]``, edge_out ``[B, N, N, E_out]`` (E_out may be 0).
@@ -104,12 +118,16 @@ def semla_attention(
         edge_weight,
     )
     check_inputs(*inputs)
+    check_precision("semla_attention", precision, node_terms_i.dtype)
     chosen = resolve_backend(backend, node_terms_i.device)
+    if precision == "tf32" and chosen != "triton":
+        raise ValueError(f"semla_attention: precision 'tf32' runs on the triton backend only, not {chosen!r}")
+    eps = (float(edge_norm_eps), float(coord_eps), precision)
     if chosen == "cpp":
-        return _cpp_op()(*inputs, float(edge_norm_eps), float(coord_eps))
+        return _cpp_op()(*inputs, *eps)
     if chosen == "triton":
-        return semla_attention_triton(*inputs, float(edge_norm_eps), float(coord_eps))
-    return semla_attention_reference(*inputs, edge_norm_eps=edge_norm_eps, coord_eps=coord_eps)
+        return semla_attention_triton(*inputs, *eps)
+    return semla_attention_reference(*inputs, *eps)
 
 
 def semla_attention_reference(
@@ -128,8 +146,10 @@ def semla_attention_reference(
     edge_weight=None,
     edge_norm_eps: float = 1e-5,
     coord_eps: float = 1e-6,
+    precision: str = "fp32",
 ):
-    """The definition, in plain PyTorch: every [B, N, N, ·] pair tensor is materialised."""
+    """The definition, in plain PyTorch: every [B, N, N, ·] pair tensor is materialised. precision "bf16" rounds
+    the operands of z's product to bfloat16 (tf32 is not modelled: it is the fp32 definition)."""
     H, P = values.size(2), attn_coords.size(1)
     gram = torch.einsum("bsik,bsjk->bijs", gram_coords, gram_coords)  # G_ij,s
     hidden = node_terms_i.unsqueeze(2) + node_terms_j.unsqueeze(1) + gram @ gram_weight.T
@@ -138,7 +158,10 @@ def semla_attention_reference(
             edge_feats, edge_feats.shape[-1:], edge_norm_weight, edge_norm_bias, edge_norm_eps
         )
         hidden = hidden + normed @ edge_weight.T
-    z = F.silu(hidden) @ out_weight.T + out_bias
+    activated = F.silu(hidden)
+    if precision == "bf16":
+        activated, out_weight = (t.bfloat16().to(t.dtype) for t in (activated, out_weight))
+    z = activated @ out_weight.T + out_bias
     node_logits, coord_logits, edge_out = z.split([H, P, z.size(-1) - H - P], dim=-1)
 
     # Softmax over the edges of each row; a row without edges takes it over every j.
@@ -276,6 +299,7 @@ def _semla_attention_fake(
     edge_weight,
     edge_norm_eps,
     coord_eps,
+    precision="fp32",
 ):
     # Output shapes, so torch.compile and torch.export can trace the op; the checks also run here because a
     # meta or fake input sends even the C++ op to this function instead of its kernel.
@@ -294,6 +318,7 @@ def _semla_attention_fake(
         edge_norm_bias,
         edge_weight,
     )
+    check_precision("semla_attention", precision, node_terms_i.dtype)
     B, N, _ = node_terms_i.shape
     H, d_head, P = values.size(2), values.size(3), attn_coords.size(1)
     E_out = out_weight.size(0) - H - P
@@ -343,6 +368,7 @@ def semla_attention_triton(
     edge_weight: torch.Tensor | None,
     edge_norm_eps: float,
     coord_eps: float,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastflow.triton_kernels import (
         semla_attention as kernel,  # lazy: importing fastflow never needs triton
@@ -364,6 +390,7 @@ def semla_attention_triton(
         edge_norm_bias,
         edge_weight,
     )
+    check_precision("semla_attention", precision, node_terms_i.dtype)
     return kernel.semla_attention(
         node_terms_i,
         node_terms_j,
@@ -380,6 +407,7 @@ def semla_attention_triton(
         edge_weight,
         edge_norm_eps,
         coord_eps,
+        precision=precision,
     )
 
 
