@@ -747,6 +747,13 @@ def add_bench_parser(commands) -> None:
 
     gpu_static_benchmark.add_arguments(gpu_static)
     gpu_static.set_defaults(handler=run_bench_gpu_static)
+    precision = which.add_parser(
+        "precision", help="bf16 matrix engines vs fp32: op, forward, and the sampling quality gate"
+    )
+    from fastflow.benchmarks import precision as precision_benchmark
+
+    precision_benchmark.add_arguments(precision)
+    precision.set_defaults(handler=precision_benchmark.run)
 
 
 def run_bench_kernels(args) -> int:

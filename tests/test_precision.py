@@ -170,3 +170,26 @@ def test_cli_refuses_tf32_on_cpu(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tf32" in err[0]
     assert not out.exists()
+
+
+@needs_bf16
+@needs_cpp
+def test_bench_precision_smoke(tmp_path):
+    """`fastflow bench precision` end to end on the tiny preset and a 4-molecule, 3-step gate."""
+    import json
+
+    from fastflow.cli import main
+
+    out = tmp_path / "precision.json"
+    argv = ["bench", "precision", "--presets", "tiny", "--repeats", "1", "--n", "4", "--steps", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["machine"]["gemm_gflops"]["bf16"] > 0
+    assert [(row["B"], row["N"]) for row in results["forward"]] == [(32, 18), (8, 44)]  # 2 x 100 > max_atoms
+    for row in results["op"]:
+        assert 0 < row["max_rel_error"] < 3e-2 and row["bf16_ms"] > 0
+    for row in results["forward"]:
+        assert 0 < max(row["bf16 errors"].values()) < 1e-1
+    gate = {(row["precision"], row["cache"]): row for row in results["sampling"]}
+    assert set(gate) == {(p, c) for p in ("fp32", "bf16") for c in ("none", "taylor-2, D=2")}
+    assert all(0 <= row["same_graph_as_fp32"] <= 1 for row in gate.values() if row["precision"] == "bf16")

@@ -35,7 +35,8 @@ class MatmulPrecision:
         """``param`` in the GEMM operand dtype (bfloat16 for "bf16", else itself)."""
         if param is None or self.precision != "bf16":
             return param
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and param.requires_grad):
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if tracing or (torch.is_grad_enabled() and param.requires_grad):
             return param.to(torch.bfloat16)
         key = id(param)
         cached = self._copies.get(key)

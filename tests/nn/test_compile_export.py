@@ -40,6 +40,18 @@ SCRIPT = textwrap.dedent("""
             print("nan accepted")
         except RuntimeError as error:
             print("nan refused", "coords contains NaN" in str(error))
+
+    # bf16 (where the CPU has it): the weights are cast in the graph, and eager keeps its own cast copies.
+    if fastflow.ops.backends.resolve_precision("auto", "cpu") == "bf16":
+        model16 = Semla(SemlaConfig.preset("tiny")).eval()
+        fastflow.patch_model(model16, kernels="cpp", precision="bf16")
+        with torch.no_grad():
+            eager16 = model16(**inputs)
+            compiled16 = torch.compile(model16, fullgraph=True)(**inputs)
+            exported16 = torch.export.export(model16, (), inputs).module()(**inputs)
+            print("bf16-compile", worst(compiled16, eager16))
+            print("bf16-export", worst(exported16, eager16))
+            print("bf16-eager-after", worst(model16(**inputs), eager16))
 """)
 
 
@@ -53,3 +65,9 @@ def test_patched_model_compiles_fullgraph_and_exports():
     assert float(lines["compile"]) < 1e-4  # inductor reorders the unfused reductions (LayerNorm, sums)
     assert float(lines["export"]) < 1e-5
     assert lines["nan"] == "refused True"
+    from fastflow.ops.backends import resolve_precision
+
+    assert ("bf16-compile" in lines) == (resolve_precision("auto", "cpu") == "bf16")
+    if "bf16-compile" in lines:  # bf16 rounding of differently ordered fp32 sums: a few bf16 ulps
+        assert float(lines["bf16-compile"]) < 5e-2 and float(lines["bf16-export"]) < 5e-2
+        assert float(lines["bf16-eager-after"]) == 0.0
