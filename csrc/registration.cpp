@@ -32,6 +32,7 @@ TORCH_LIBRARY(fastflow, m) {
       "semla_attention(Tensor node_terms_i, Tensor node_terms_j, Tensor gram_coords, Tensor gram_weight, "
       "Tensor out_weight, Tensor out_bias, Tensor values, Tensor attn_coords, Tensor adjacency, "
       "Tensor? edge_feats, Tensor? edge_norm_weight, Tensor? edge_norm_bias, Tensor? edge_weight, "
+      "Tensor? embed_weight1, Tensor? embed_bias1, Tensor? embed_weight2, Tensor? embed_bias2, "
       "float edge_norm_eps, float coord_eps, str precision=\"fp32\") -> (Tensor, Tensor, Tensor)");
 
   // A Semla generator's pair tail: BondRefine, bond LayerNorm, symmetrisation, edge head (see the Python module)

@@ -9,6 +9,10 @@
 //   3. z = b2 + hidden · W2^T; e'_ij = z_ij[H + P:]                      one GEMM, pairs × (H + P + E_out)
 //   4. per row i: softmax over the edges j of the H + P logit columns (max, then exp in place, Σexp, Σexp²),
 //      o_i = sqrt(Σα²) Σ α_j v_j and u_i = sqrt(Σβ²) Σ β_j d_ij / (|d_ij| + eps).
+// With the edge-embedding block (first layer), e_ij itself is made per tile from the raw edge input x_ij
+// (bond one-hots, self-conditioning bond probabilities: a few channels) by the generator's embedding MLP,
+//   0. e = W_b · silu(W_a x + b_a) + b_b                                  two GEMMs, pairs × E_in
+// so the [B, N, N, E_in] embedding is never materialised either.
 // No [B, N, N, ·] tensor but e' is written. The GEMMs are ATen's CPU addmm kernel called directly
 // (at::cpu::addmm_: MKL sgemm/dgemm, no dispatcher); inside at::parallel_for they run on the calling thread,
 // which is what we want. The hand loops of steps 1, 2, 4 run over contiguous channels (Gram sets, features,
@@ -59,7 +63,9 @@ struct Problem {
   const T* vt;     // values as [B, N, D, H]
   const T* Yt;     // attn_coords as [B, N, 3, P]
   const bool* adj; // [B, N, N]
-  const T* edge;   // [B, N, N, E_in] or null
+  const T* edge;   // [B, N, N, E_in], or null (no edge input, or an embedded one)
+  const T* edge_x; // [B, N, N, X]: the raw edge input of the embedding, or null
+  int64_t X = 0;
   const T* ln_w;   // [E_in]
   const T* ln_b;   // [E_in]
   T ln_eps, coord_eps;
@@ -79,9 +85,10 @@ struct RowScratch {
         node_acc(pr.H * pr.D), coord_acc(3 * pr.P), edges(pr.N) {}
 };
 
-// Step 1 and the first half of step 2 for the rows [r0, r1): K = [G | LN(e)], hidden = a_i + c_j.
+// Step 1 and the first half of step 2 for the rows [r0, r1): K = [G | LN(e)], hidden = a_i + c_j. `edge` holds e
+// of the pairs (r0, 0), (r0, 1), ... in order (the input's rows, or the tile's embedding).
 template <typename T>
-FASTFLOW_INLINE void pair_inputs_impl(const Problem<T>& pr, int64_t r0, int64_t r1, T* K, T* hidden) {
+FASTFLOW_INLINE void pair_inputs_impl(const Problem<T>& pr, int64_t r0, int64_t r1, const T* edge, T* K, T* hidden) {
   const int64_t N = pr.N, F = pr.F, S = pr.S, E = pr.E_in, Kd = pr.Kd;
   const T* __restrict ln_w = pr.ln_w;
   const T* __restrict ln_b = pr.ln_b;
@@ -96,7 +103,7 @@ FASTFLOW_INLINE void pair_inputs_impl(const Problem<T>& pr, int64_t r0, int64_t 
 #pragma omp simd
       for (int64_t s = 0; s < S; ++s) k[s] = xi[s] * xj[s] + xi[S + s] * xj[S + s] + xi[2 * S + s] * xj[2 * S + s];
       if (E > 0) {  // LayerNorm of e_ij (biased variance, as F.layer_norm), two passes
-        const T* e = pr.edge + (r * N + j) * E;
+        const T* e = edge + ((r - r0) * N + j) * E;
         T* ln = k + S;
         const T mean = sum_of(e, E) / static_cast<T>(E);
 #pragma omp simd
@@ -111,6 +118,14 @@ FASTFLOW_INLINE void pair_inputs_impl(const Problem<T>& pr, int64_t r0, int64_t 
       for (int64_t f = 0; f < F; ++f) h[f] = a_i[f] + c_j[f];
     }
   }
+}
+
+// Step 0's silu, in place.
+template <typename T>
+FASTFLOW_INLINE void silu_inplace_impl(const Problem<T>& pr, T* x, int64_t n) {
+  const float lo = pr.exp_lo, hi = pr.exp_hi;
+#pragma omp simd
+  for (int64_t q = 0; q < n; ++q) x[q] = x[q] / (T(1) + exp_fast(-x[q], lo, hi));
 }
 
 // Second half of step 2 and the bias of step 3: hidden = silu(hidden) in place, z rows = b2.
@@ -276,12 +291,16 @@ FASTFLOW_INLINE void attend_impl(const Problem<T>& pr, int64_t r0, int64_t r1, T
 
 // The hand loops, compiled per ISA (templates are not cloned reliably by GCC: these plain overloads are, and
 // the always_inline templates above are compiled into each clone).
-FASTFLOW_CLONES void pair_inputs(const Problem<float>& pr, int64_t r0, int64_t r1, float* K, float* hidden) {
-  pair_inputs_impl(pr, r0, r1, K, hidden);
+FASTFLOW_CLONES void pair_inputs(const Problem<float>& pr, int64_t r0, int64_t r1, const float* edge, float* K,
+                                  float* hidden) {
+  pair_inputs_impl(pr, r0, r1, edge, K, hidden);
 }
-FASTFLOW_CLONES void pair_inputs(const Problem<double>& pr, int64_t r0, int64_t r1, double* K, double* hidden) {
-  pair_inputs_impl(pr, r0, r1, K, hidden);
+FASTFLOW_CLONES void pair_inputs(const Problem<double>& pr, int64_t r0, int64_t r1, const double* edge, double* K,
+                                 double* hidden) {
+  pair_inputs_impl(pr, r0, r1, edge, K, hidden);
 }
+FASTFLOW_CLONES void silu_inplace(const Problem<float>& pr, float* x, int64_t n) { silu_inplace_impl(pr, x, n); }
+FASTFLOW_CLONES void silu_inplace(const Problem<double>& pr, double* x, int64_t n) { silu_inplace_impl(pr, x, n); }
 FASTFLOW_CLONES void silu_and_bias(const Problem<float>& pr, int64_t pairs, float* hidden, float* z) {
   silu_and_bias_impl(pr, pairs, hidden, z);
 }
@@ -336,10 +355,15 @@ void out_gemm_bf16(int64_t pairs, int64_t F, int64_t Z, const at::BFloat16* A, c
   }
 }
 
-// w2_bf16: null, or (float32 only) step 3 in bf16.
+// Step 0's operands: the raw edge input as [B * N * N, X] rows and the embedding MLP's linears.
+struct EdgeEmbedding {
+  at::Tensor x, w_a_t, b_a, w_b_t, b_b;  // w_a_t [X, E_h], w_b_t [E_h, E_in] (transposed views)
+};
+
+// w2_bf16: null, or (float32 only) step 3 in bf16. embedding: null, or step 0 (then pr.edge is null).
 template <typename T>
 void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const at::Tensor& w_out_t,
-                           const OutWeightBf16* w2_bf16) {
+                           const OutWeightBf16* w2_bf16, const EdgeEmbedding* embedding) {
   const int64_t N = pr.N, rows = pr.B * pr.N;
   // Ti rows per tile, Ti * N ≈ kTilePairs, spread evenly over the rows.
   const int64_t target = std::max<int64_t>(1, std::min<int64_t>(rows, (kTilePairs + N / 2) / N));
@@ -353,6 +377,11 @@ void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const
     at::Tensor hidden = at::empty({max_pairs, pr.F}, options);
     at::Tensor z = at::empty({max_pairs, pr.Z}, options);
     at::Tensor A = w2_bf16 ? at::empty({max_pairs, pr.F}, at::kBFloat16) : at::Tensor();
+    at::Tensor embed_hidden, embedded;
+    if (embedding) {
+      embed_hidden = at::empty({max_pairs, embedding->w_a_t.size(1)}, options);
+      embedded = at::empty({max_pairs, pr.E_in}, options);
+    }
     RowScratch<T> scratch(pr);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile * tile_rows, r1 = std::min(rows, r0 + tile_rows);
@@ -361,7 +390,16 @@ void semla_attention_tiles(const Problem<T>& pr, const at::Tensor& w_in_t, const
       at::Tensor K_t = pairs == max_pairs ? K : K.narrow(0, 0, pairs);
       at::Tensor hidden_t = pairs == max_pairs ? hidden : hidden.narrow(0, 0, pairs);
       at::Tensor z_t = pairs == max_pairs ? z : z.narrow(0, 0, pairs);
-      pair_inputs(pr, r0, r1, K.mutable_data_ptr<T>(), hidden.mutable_data_ptr<T>());
+      const T* edge = pr.E_in > 0 ? pr.edge + r0 * N * pr.E_in : nullptr;
+      if (embedding) {  // step 0: the tile's e from its rows of x, which are consecutive
+        at::Tensor h_t = pairs == max_pairs ? embed_hidden : embed_hidden.narrow(0, 0, pairs);
+        at::Tensor e_t = pairs == max_pairs ? embedded : embedded.narrow(0, 0, pairs);
+        at::cpu::addmm_out(h_t, embedding->b_a, embedding->x.narrow(0, r0 * N, pairs), embedding->w_a_t);
+        silu_inplace(pr, h_t.mutable_data_ptr<T>(), h_t.numel());
+        at::cpu::addmm_out(e_t, embedding->b_b, h_t, embedding->w_b_t);
+        edge = e_t.const_data_ptr<T>();
+      }
+      pair_inputs(pr, r0, r1, edge, K.mutable_data_ptr<T>(), hidden.mutable_data_ptr<T>());
       if (pr.Kd > 0) at::cpu::addmm_(hidden_t, K_t, w_in_t);
       if constexpr (std::is_same_v<T, float>) {
         if (w2_bf16) {
@@ -421,6 +459,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
     const at::Tensor& values, const at::Tensor& attn_coords, const at::Tensor& adjacency,
     const std::optional<at::Tensor>& edge_feats, const std::optional<at::Tensor>& edge_norm_weight,
     const std::optional<at::Tensor>& edge_norm_bias, const std::optional<at::Tensor>& edge_weight,
+    const std::optional<at::Tensor>& embed_weight1, const std::optional<at::Tensor>& embed_bias1,
+    const std::optional<at::Tensor>& embed_weight2, const std::optional<at::Tensor>& embed_bias2,
     double edge_norm_eps, double coord_eps, c10::string_view precision) {
   const auto dtype = node_terms_i.scalar_type();
   TORCH_CHECK(precision == "fp32" || precision == "bf16",
@@ -451,10 +491,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
                     edge_weight.has_value();
   TORCH_CHECK(given == 0 || given == 4, "semla_attention: edge_feats, edge_norm_weight, edge_norm_bias and "
               "edge_weight are given together or not at all");
+  const int embedded = embed_weight1.has_value() + embed_bias1.has_value() + embed_weight2.has_value() +
+                       embed_bias2.has_value();
+  TORCH_CHECK(embedded == 0 || embedded == 4, "semla_attention: the edge embedding's weights and biases are "
+              "given together or not at all");
+  TORCH_CHECK(embedded == 0 || given == 4, "semla_attention: an edge embedding needs the edge-input block");
   int64_t E_in = 0;
   if (given == 4) {
     check_tensor("edge_feats", *edge_feats, dtype, {B, N, N, -1});
     E_in = edge_feats->size(3);
+    if (embedded) {  // edge_feats is the raw input x of e = W_b silu(W_a x + b_a) + b_b
+      check_tensor("embed_weight1", *embed_weight1, dtype, {-1, E_in});
+      const int64_t E_h = embed_weight1->size(0);
+      check_tensor("embed_bias1", *embed_bias1, dtype, {E_h});
+      check_tensor("embed_weight2", *embed_weight2, dtype, {-1, E_h});
+      E_in = embed_weight2->size(0);
+      check_tensor("embed_bias2", *embed_bias2, dtype, {E_in});
+    }
     check_tensor("edge_norm_weight", *edge_norm_weight, dtype, {E_in});
     check_tensor("edge_norm_bias", *edge_norm_bias, dtype, {E_in});
     check_tensor("edge_weight", *edge_weight, dtype, {F, E_in});
@@ -470,8 +523,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
   const at::Tensor bias = out_bias.contiguous(), adj = adjacency.contiguous();
   at::Tensor edge, ln_w, ln_b;
   at::Tensor w_in = gram_weight;  // [F, S + E_in]: K · w_in^T is the Gram and edge term of hidden
+  EdgeEmbedding embedding;
   if (E_in > 0) {
     edge = edge_feats->contiguous();
+    if (embedded) {
+      embedding = {edge.view({B * N * N, edge.size(3)}), embed_weight1->t(), embed_bias1->contiguous(),
+                   embed_weight2->t(), embed_bias2->contiguous()};
+    }
     ln_w = edge_norm_weight->contiguous();
     ln_b = edge_norm_bias->contiguous();
     w_in = at::cat({gram_weight, *edge_weight}, 1);
@@ -494,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
     pr.vt = vt.const_data_ptr<scalar_t>();
     pr.Yt = Yt.const_data_ptr<scalar_t>();
     pr.adj = adj.const_data_ptr<bool>();
-    pr.edge = E_in > 0 ? edge.const_data_ptr<scalar_t>() : nullptr;
+    pr.edge = E_in > 0 && !embedded ? edge.const_data_ptr<scalar_t>() : nullptr;
     pr.ln_w = E_in > 0 ? ln_w.const_data_ptr<scalar_t>() : nullptr;
     pr.ln_b = E_in > 0 ? ln_b.const_data_ptr<scalar_t>() : nullptr;
     pr.ln_eps = static_cast<scalar_t>(edge_norm_eps);
@@ -502,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> semla_attention_cpu(
     pr.node_out = node_agg.mutable_data_ptr<scalar_t>();
     pr.coord_out = coord_agg.mutable_data_ptr<scalar_t>();
     pr.edge_out = edge_out.mutable_data_ptr<scalar_t>();
-    semla_attention_tiles<scalar_t>(pr, w_in_t, w_out_t, bf16 ? &w2_bf16 : nullptr);
+    semla_attention_tiles<scalar_t>(pr, w_in_t, w_out_t, bf16 ? &w2_bf16 : nullptr, embedded ? &embedding : nullptr);
   });
   return {node_agg, coord_agg, edge_out};
 }

@@ -61,7 +61,8 @@ class PatchHandle:
         self.swaps, self.left_alone, self.fused_forward = [], [], None
         if kernels != "reference":
             self.swaps, self.left_alone = _plan_swaps(model, self.backend, self.tp_backend, self.precision)
-            self.fused_forward = _plan_forward(model, self.backend, self.left_alone)
+            self.fused_forward = _plan_forward(model, self.backend, self.swaps, self.left_alone)
+        self.embeds_edges = any(getattr(swap.fused, "embeds_edges", False) for swap in self.swaps)
         self._hook = None if cache is None else CacheHook(model, cache, backend=self.backend)
         self._saved_forward = None
         self.active = False
@@ -126,7 +127,12 @@ class PatchHandle:
                         {
                             "module": "(forward)",
                             "from": f"{type(self.model).__name__}.forward",
-                            "to": "fused_semla_forward (pair tail as fastflow::bond_head)",
+                            "to": "fused_semla_forward (pair tail as fastflow::bond_head"
+                            + (
+                                "; edge_in_proj inside the first semla_attention)"
+                                if self.embeds_edges
+                                else ")"
+                            ),
                         }
                     ]
                     if self.fused_forward
@@ -307,9 +313,10 @@ def _plan_swaps(
     return swaps, left_alone
 
 
-def _plan_forward(model: nn.Module, backend: str, left_alone: list[dict]):
+def _plan_forward(model: nn.Module, backend: str, swaps: list[_Swap], left_alone: list[dict]):
     """The fused generator forward for fastflow's ``Semla`` (its pair tail as one ``fastflow::bond_head``), or None;
-    a generator that cannot take it is listed in ``left_alone`` with the reason."""
+    a generator that cannot take it is listed in ``left_alone`` with the reason. With it, the first layer's fused
+    stand-in embeds the raw edge input itself (``edge_in_proj`` inside ``fastflow::semla_attention``)."""
     if type(model).__name__ not in ("Semla", "SemlaGenerator"):
         return None
     reason = None
@@ -326,6 +333,24 @@ def _plan_forward(model: nn.Module, backend: str, left_alone: list[dict]):
     if reason is not None:
         left_alone.append({"module": "(forward)", "class": type(model).__name__, "reason": reason})
         return None
+    first = next((swap.fused for swap in swaps if swap.original is model.dynamics.layers[0]), None)
+    embedding = model.edge_in_proj
+    if not isinstance(first, FusedSemlaLayer):
+        left_alone.append(
+            {"module": "edge_in_proj", "class": "Sequential", "reason": "the first layer is not fused"}
+        )
+    elif not (
+        isinstance(embedding, nn.Sequential) and len(embedding) == 3 and isinstance(embedding[1], nn.SiLU)
+    ):
+        left_alone.append(
+            {
+                "module": "edge_in_proj",
+                "class": type(embedding).__name__,
+                "reason": "not Linear → SiLU → Linear",
+            }
+        )
+    else:
+        first.embed_edges_with(embedding)
     return types.MethodType(fused_semla_forward, model)
 
 

@@ -23,7 +23,7 @@ from fastflow.patch import patch_model
 from fastflow.runtime import cpu_isa
 
 from .models.conftest import perturbed_model, random_inputs
-from .ops.semla_helpers import cast, molecule_adjacency, seed_of
+from .ops.semla_helpers import NO_EMBEDDING, cast, molecule_adjacency, seed_of
 from .ops.semla_helpers import random_inputs as op_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -72,7 +72,7 @@ def test_precision_argument_is_checked():
     with pytest.raises(ValueError, match="precision must be one of"):
         semla_attention(*cast(args, torch.float32), precision="fp16", backend="reference")
     with pytest.raises(RuntimeError, match="precision must be 'fp32' or 'bf16'"):
-        torch.ops.fastflow.semla_attention(*cast(args, torch.float32), 1e-5, 1e-6, "fp8")
+        torch.ops.fastflow.semla_attention(*cast(args, torch.float32), *NO_EMBEDDING, 1e-5, 1e-6, "fp8")
 
 
 # ---- choosing a precision ----

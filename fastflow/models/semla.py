@@ -526,21 +526,33 @@ class Semla(nn.Module):
         return self.outputs(pred_coords, pred_feats, bond_logits, dynamics_inputs["atom_mask"])
 
     def dynamics_inputs(
-        self, coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask
+        self,
+        coords,
+        inv_feats,
+        edge_feats,
+        cond_coords,
+        cond_atomics,
+        cond_bonds,
+        atom_mask,
+        embed_edges=True,
     ) -> dict:
         """The embeddings the dynamics read (checked inputs, ``atom_mask`` as returned by :meth:`check_inputs`):
-        keyword arguments of ``self.dynamics`` (and of its ``trunk``)."""
+        keyword arguments of ``self.dynamics`` (and of its ``trunk``). ``embed_edges=False`` leaves the edge input
+        raw ([bonds | self-conditioning bonds], not through ``edge_in_proj``), for a first layer that embeds it
+        itself (``fastflow.nn.semla.FusedSemlaLayer``)."""
         n_atoms = atom_mask.sum(dim=-1).long()
         size_emb = self.size_emb(n_atoms).unsqueeze(1).expand(-1, coords.size(1), -1)
         atom_in = [inv_feats, size_emb] + ([cond_atomics] if self.self_cond else [])
         atom_feats = self.feat_proj(torch.cat(atom_in, dim=-1))
-        edge_in = [edge_feats.to(atom_feats.dtype)] + ([cond_bonds] if self.self_cond else [])
+        edge_in = torch.cat(
+            [edge_feats.to(atom_feats.dtype)] + ([cond_bonds] if self.self_cond else []), dim=-1
+        )
         return {
             "coords": coords,
             "inv_feats": atom_feats,
             "adj_matrix": adjacency_from_mask(atom_mask),
             "atom_mask": atom_mask.to(coords.dtype),
-            "edge_feats": self.edge_in_proj(torch.cat(edge_in, dim=-1)),
+            "edge_feats": self.edge_in_proj(edge_in) if embed_edges else edge_in,
             "cond_coords": cond_coords if self.self_cond else None,
         }
 

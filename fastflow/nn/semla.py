@@ -95,6 +95,19 @@ class FusedSemlaLayer(nn.Module):
         self.n_attn_heads = original.n_attn_heads
         self.d_coord_message = original.d_coord_message
         self.d_message = original.message_ff.node_proj.out_features
+        self._edge_embedding = ()  # (the generator's edge_in_proj,) once embed_edges_with() is called
+
+    def embed_edges_with(self, embedding: nn.Sequential) -> None:
+        """Take the raw edge input and embed it inside the op with ``embedding`` (Linear → SiLU → Linear): the
+        [B, N, N, E] embedding is never materialised. Held outside the module tree: its parameters belong to the
+        generator, and the state_dict must not list them twice."""
+        if self.d_edge_in is None or self.d_edge_out is not None:
+            raise ValueError("only an edge-reading layer that writes no edges can embed its edge input")
+        self._edge_embedding = (embedding,)
+
+    @property
+    def embeds_edges(self) -> bool:
+        return bool(self._edge_embedding)
 
     def forward(self, coords, node_feats, adj_matrix, node_mask, edge_feats=None):
         if (edge_feats is None) != (self.d_edge_in is None):
@@ -121,13 +134,23 @@ class FusedSemlaLayer(nn.Module):
         attn_coords = coord_attn.coord_proj(
             coord_norm(coord_attn.coord_norm, coords, node_mask).transpose(1, -1)
         )
-        edge_args = (None,) * 4
+        edge_args = (None,) * 8
         if edge_feats is not None:
+            embed = (None,) * 4
+            if self._edge_embedding:
+                linear_a, linear_b = self._edge_embedding[0][0], self._edge_embedding[0][2]
+                if edge_feats.size(-1) != linear_a.in_features:
+                    raise ValueError(
+                        f"this layer embeds its edge input: expected {linear_a.in_features} raw edge channels, "
+                        f"got {edge_feats.size(-1)}"
+                    )
+                embed = (linear_a.weight, linear_a.bias, linear_b.weight, linear_b.bias)
             edge_args = (
                 edge_feats,
                 messages.edge_norm.weight,
                 messages.edge_norm.bias,
                 first.weight[:, 2 * M + S :],
+                *embed,
             )
         node_agg, coord_agg, edge_out = semla_attention(
             node_terms_i,
@@ -203,8 +226,16 @@ def fused_semla_forward(
     atom_mask = self.check_inputs(
         coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask
     )
+    first_layer = self.dynamics.layers[0]
     inputs = self.dynamics_inputs(
-        coords, inv_feats, edge_feats, cond_coords, cond_atomics, cond_bonds, atom_mask
+        coords,
+        inv_feats,
+        edge_feats,
+        cond_coords,
+        cond_atomics,
+        cond_bonds,
+        atom_mask,
+        embed_edges=not getattr(first_layer, "embeds_edges", False),
     )
     out_coords, feats, edges = self.dynamics.trunk(**inputs)
     bond_logits = fused_bond_logits(

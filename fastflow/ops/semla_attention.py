@@ -11,6 +11,10 @@ hidden width, P the coordinate-attention sets, E_in / E_out the edge channels re
     u_i,p   = sqrt(Σ_j β_ij,p²) · Σ_j β_ij,p (Y_p,i − Y_p,j) / (‖Y_p,i − Y_p,j‖ + eps)     [P, 3]
     e'_ij   = z_ij[H + P:]                                             edge features out (last layer only)
 
+First layer, optionally: the edge features are the generator's embedding of its raw edge input x_ij (bond
+one-hots and self-conditioning bond probabilities), e_ij = W_eb · silu(W_ea x_ij + b_ea) + b_eb, made inside the
+op (embed_* arguments) so that the [B, N, N, E_in] embedding is not materialised either.
+
 a_i = W1[:, :M] m_i + b1 and c_j = W1[:, M:2M] m_j are the per-atom halves of the message MLP's first linear
 over [m_i, m_j, G_ij, LN(e_ij)]: splitting it turns a [pairs, 2M + S + E] × [2M + S + E, F] product into two
 per-atom GEMMs plus the small per-pair Gram term. sqrt(Σα²) is the variance-preserving rescale. A row i with no
@@ -49,7 +53,8 @@ from fastflow.ops.backends import (
     resolve_backend,
 )
 
-# Tensor arguments in schema order; the optional edge-input block is all given or all None.
+# Tensor arguments in schema order; the optional edge-input block is all given or all None, and so is the
+# optional edge-embedding block (which needs the edge-input block: edge_feats is then its raw input).
 ARGUMENTS = (
     "node_terms_i",
     "node_terms_j",
@@ -64,6 +69,10 @@ ARGUMENTS = (
     "edge_norm_weight",
     "edge_norm_bias",
     "edge_weight",
+    "embed_weight1",
+    "embed_bias1",
+    "embed_weight2",
+    "embed_bias2",
 )
 
 
@@ -81,6 +90,10 @@ def semla_attention(
     edge_norm_weight=None,
     edge_norm_bias=None,
     edge_weight=None,
+    embed_weight1=None,
+    embed_bias1=None,
+    embed_weight2=None,
+    embed_bias2=None,
     edge_norm_eps: float = 1e-5,
     coord_eps: float = 1e-6,
     precision: str = "fp32",
@@ -96,6 +109,9 @@ def semla_attention(
         adjacency: ``[B, N, N]`` bool, True on edges.
         edge_feats ``[B, N, N, E_in]``, edge_norm_weight / edge_norm_bias ``[E_in]`` (LayerNorm), edge_weight
             We ``[F, E_in]``: all given (first layer) or all None.
+        embed_weight1 W_ea ``[E_h, X]``, embed_bias1 ``[E_h]``, embed_weight2 W_eb ``[E_in, E_h]``, embed_bias2
+            ``[E_in]``: all given or all None; given, edge_feats is the raw edge input x ``[B, N, N, X]`` and the
+            edge features are its embedding.
         edge_norm_eps: LayerNorm epsilon; coord_eps: added to the length of a difference vector.
         precision: "fp32", "bf16" or "tf32" (Triton only) for the matrix products (see the module docstring).
         backend: "auto" (default), "cpp", "triton" or "reference".
@@ -116,6 +132,10 @@ def semla_attention(
         edge_norm_weight,
         edge_norm_bias,
         edge_weight,
+        embed_weight1,
+        embed_bias1,
+        embed_weight2,
+        embed_bias2,
     )
     check_inputs(*inputs)
     check_precision("semla_attention", precision, node_terms_i.dtype)
@@ -144,6 +164,10 @@ def semla_attention_reference(
     edge_norm_weight=None,
     edge_norm_bias=None,
     edge_weight=None,
+    embed_weight1=None,
+    embed_bias1=None,
+    embed_weight2=None,
+    embed_bias2=None,
     edge_norm_eps: float = 1e-5,
     coord_eps: float = 1e-6,
     precision: str = "fp32",
@@ -153,6 +177,10 @@ def semla_attention_reference(
     H, P = values.size(2), attn_coords.size(1)
     gram = torch.einsum("bsik,bsjk->bijs", gram_coords, gram_coords)  # G_ij,s
     hidden = node_terms_i.unsqueeze(2) + node_terms_j.unsqueeze(1) + gram @ gram_weight.T
+    if embed_weight1 is not None:
+        edge_feats = F.linear(
+            F.silu(F.linear(edge_feats, embed_weight1, embed_bias1)), embed_weight2, embed_bias2
+        )
     if edge_feats is not None:
         normed = F.layer_norm(
             edge_feats, edge_feats.shape[-1:], edge_norm_weight, edge_norm_bias, edge_norm_eps
@@ -190,6 +218,10 @@ def check_inputs(
     edge_norm_weight=None,
     edge_norm_bias=None,
     edge_weight=None,
+    embed_weight1=None,
+    embed_bias1=None,
+    embed_weight2=None,
+    embed_bias2=None,
 ):
     """Raise with a message naming the argument, the expectation and what arrived."""
 
@@ -233,16 +265,32 @@ def check_inputs(
             "semla_attention: edge_feats, edge_norm_weight, edge_norm_bias and edge_weight are "
             "given together or not at all"
         )
+    embed_block = (embed_weight1, embed_bias1, embed_weight2, embed_bias2)
+    if any(t is None for t in embed_block) and any(t is not None for t in embed_block):
+        raise ValueError(
+            "semla_attention: embed_weight1, embed_bias1, embed_weight2 and embed_bias2 are given together "
+            "or not at all"
+        )
+    if embed_weight1 is not None and edge_feats is None:
+        raise ValueError("semla_attention: an edge embedding (embed_*) needs the edge-input block")
     floats = [node_terms_i, node_terms_j, gram_coords, gram_weight, out_weight, out_bias, values, attn_coords]
     names = list(ARGUMENTS[:8])
     if edge_feats is not None:
         check("edge_feats", edge_feats, (B, N, N, None))
         E = edge_feats.size(-1)
+        if embed_weight1 is not None:  # edge_feats is the raw input x; E becomes the embedding's width
+            check("embed_weight1", embed_weight1, (None, E))
+            check("embed_bias1", embed_bias1, (embed_weight1.size(0),))
+            check("embed_weight2", embed_weight2, (None, embed_weight1.size(0)))
+            E = embed_weight2.size(0)
+            check("embed_bias2", embed_bias2, (E,))
+            floats += list(embed_block)
+            names += list(ARGUMENTS[13:])
         check("edge_norm_weight", edge_norm_weight, (E,))
         check("edge_norm_bias", edge_norm_bias, (E,))
         check("edge_weight", edge_weight, (F_, E))
         floats += [edge_feats, edge_norm_weight, edge_norm_bias, edge_weight]
-        names += list(ARGUMENTS[9:])
+        names += list(ARGUMENTS[9:13])
     dtype, device = node_terms_i.dtype, node_terms_i.device
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"semla_attention: tensors must be float32 or float64, got {dtype}")
@@ -297,6 +345,10 @@ def _semla_attention_fake(
     edge_norm_weight,
     edge_norm_bias,
     edge_weight,
+    embed_weight1,
+    embed_bias1,
+    embed_weight2,
+    embed_bias2,
     edge_norm_eps,
     coord_eps,
     precision="fp32",
@@ -317,6 +369,10 @@ def _semla_attention_fake(
         edge_norm_weight,
         edge_norm_bias,
         edge_weight,
+        embed_weight1,
+        embed_bias1,
+        embed_weight2,
+        embed_bias2,
     )
     check_precision("semla_attention", precision, node_terms_i.dtype)
     B, N, _ = node_terms_i.shape
@@ -366,6 +422,10 @@ def semla_attention_triton(
     edge_norm_weight: torch.Tensor | None,
     edge_norm_bias: torch.Tensor | None,
     edge_weight: torch.Tensor | None,
+    embed_weight1: torch.Tensor | None,
+    embed_bias1: torch.Tensor | None,
+    embed_weight2: torch.Tensor | None,
+    embed_bias2: torch.Tensor | None,
     edge_norm_eps: float,
     coord_eps: float,
     precision: str = "fp32",
@@ -389,8 +449,16 @@ def semla_attention_triton(
         edge_norm_weight,
         edge_norm_bias,
         edge_weight,
+        embed_weight1,
+        embed_bias1,
+        embed_weight2,
+        embed_bias2,
     )
     check_precision("semla_attention", precision, node_terms_i.dtype)
+    if embed_weight1 is not None:  # the Triton kernel reads embedded edges: made here, in PyTorch
+        edge_feats = F.linear(
+            F.silu(F.linear(edge_feats, embed_weight1, embed_bias1)), embed_weight2, embed_bias2
+        )
     return kernel.semla_attention(
         node_terms_i,
         node_terms_j,

@@ -59,6 +59,22 @@ def random_inputs(config, B, N, seed, adjacency=molecule_adjacency):
     return args
 
 
+NO_EMBEDDING = (
+    None,
+) * 4  # the op's edge-embedding block (embed_weight1, embed_bias1, embed_weight2, embed_bias2)
+
+
+def random_embedding(X, E_h, E, seed):
+    """Float64 edge-embedding arguments (W_a [E_h, X], b_a, W_b [E, E_h], b_b) and a raw edge input maker."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+
+    weights = [randn(E_h, X, scale=X**-0.5), randn(E_h), randn(E, E_h, scale=E_h**-0.5), randn(E, scale=0.5)]
+    return weights, lambda B, N: randn(B, N, N, X)
+
+
 def cast(args, dtype, device="cpu"):
     """The float tensors of `args` in `dtype`, every tensor on `device`; anything else as it is."""
     return [

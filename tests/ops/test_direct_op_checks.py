@@ -24,7 +24,9 @@ BAD = (ValueError, TypeError, IndexError, RuntimeError)  # Python checks, and TO
 
 
 def semla_args(device="cpu"):
-    return cast(random_inputs(CONFIG, 2, 3, seed_of("direct", str(device))), torch.float32, device)
+    return (
+        cast(random_inputs(CONFIG, 2, 3, seed_of("direct", str(device))), torch.float32, device) + [None] * 4
+    )
 
 
 def semla_cases():
@@ -41,6 +43,7 @@ def semla_cases():
     yield "meta values", edit(6, lambda v: v.to("meta"))
     yield "edge block half given", edit(12, lambda w: None)
     yield "out_bias too short", edit(5, lambda b: b[:-1].contiguous())
+    yield "embedding half given", edit(13, lambda w: torch.ones(4, CONFIG[5]))
 
 
 def semla_ops():

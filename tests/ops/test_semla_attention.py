@@ -9,7 +9,14 @@ from fastflow import _extension
 from fastflow.ops.semla_attention import semla_attention, semla_attention_reference
 
 from . import semla_helpers
-from .semla_helpers import cast, max_relative_errors, molecule_adjacency, seed_of
+from .semla_helpers import (
+    NO_EMBEDDING,
+    cast,
+    max_relative_errors,
+    molecule_adjacency,
+    random_embedding,
+    seed_of,
+)
 
 op = importlib.import_module("fastflow.ops.semla_attention")  # the module: the name above is the function
 
@@ -123,7 +130,27 @@ def cpp_op():
 def test_opcheck(case):
     args = random_inputs(case, 2, 5, seed_of("opcheck", case))
     for dtype in (torch.float32, torch.float64):
-        torch.library.opcheck(cpp_op(), (*cast(args, dtype), 1e-5, 1e-6))
+        torch.library.opcheck(cpp_op(), (*cast(args, dtype), *NO_EMBEDDING, 1e-5, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N", [1, 2, 3, 17, 44])
+def test_edge_embedding_inside_the_op(N, dtype):
+    """embed_*: the op embeds the raw edge input itself; same outputs as embedding first and passing edge_feats."""
+    F, S, H, D, P, E, EO = CONFIGS["small"]
+    args = random_inputs("small", 3, N, seed_of("embedding", N), edge_in=True)
+    weights, raw_input = random_embedding(10, 24, E, seed_of("embedding weights", N))
+    embedded_args = args[:9] + [raw_input(3, N)] + args[10:13] + weights
+    expected = semla_attention_reference(*embedded_args)
+    W_a, b_a, W_b, b_b = weights
+    outside = list(args[:13])
+    outside[9] = torch.nn.functional.linear(
+        torch.nn.functional.silu(embedded_args[9] @ W_a.T + b_a), W_b, b_b
+    )
+    for out, ref in zip(semla_attention_reference(*outside), expected):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    max_relative_errors(embedded_args, dtype, "cpp", TOLERANCE)
+    torch.library.opcheck(cpp_op(), (*cast(embedded_args, dtype), 1e-5, 1e-6))
 
 
 @pytest.mark.parametrize("config", ["tiny", "odd"])
@@ -246,4 +273,4 @@ def test_cpp_kernel_checks(index, replacement, message):
     args = random_inputs("tiny", 2, 5, 0)
     args[index] = replacement(args[index])
     with pytest.raises(RuntimeError, match=message):
-        cpp_op()(*args, 1e-5, 1e-6)
+        cpp_op()(*args, *NO_EMBEDDING, 1e-5, 1e-6)

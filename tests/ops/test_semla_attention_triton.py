@@ -73,7 +73,9 @@ def test_large_logits_do_not_overflow(triton_device):
 def test_opcheck(triton_device):
     # Inputs without requires_grad: the backward is the reference's (see fastflow/ops/semla_attention.py), and
     # checking it here would cost ~15 s of interpreter time for no Triton code.
-    args = cast(inputs(3, "tiny", seed_of("opcheck")), torch.float32, triton_device) + [1e-5, 1e-6]
+    args = (
+        cast(inputs(3, "tiny", seed_of("opcheck")), torch.float32, triton_device) + [None] * 4 + [1e-5, 1e-6]
+    )
     torch.library.opcheck(torch.ops.fastflow.semla_attention_triton.default, args)
 
 
