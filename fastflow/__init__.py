@@ -9,6 +9,8 @@ Public API:
     patch_model(model, kernels, cache) install fused modules and the predictive feature cache (CacheConfig)
 """
 
+from importlib.metadata import version
+
 from fastflow.cache import CacheConfig
 from fastflow.metrics import compute_metrics
 from fastflow.models import Semla, SemlaConfig
@@ -17,7 +19,7 @@ from fastflow.patch import PatchHandle, patch_model
 from fastflow.pretrained import load_pretrained
 from fastflow.sampling import SampleResult, sample
 
-__version__ = "0.2.0"
+__version__ = version("fastflow")  # pyproject.toml's
 
 __all__ = [
     "SampleResult",

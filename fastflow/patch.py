@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fastflow.cache import CacheConfig, CacheHook
+from fastflow.models.cache_adapter import SemlaCacheAdapter
 from fastflow.models.semla import Semla
 from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer, fused_semla_forward
 from fastflow.nn.tensor_product import TensorProduct, cuequivariance_unavailable_reason
@@ -63,7 +64,7 @@ class PatchHandle:
             self.swaps, self.left_alone = _plan_swaps(model, self.backend, self.tp_backend, self.precision)
             self.fused_forward = _plan_forward(model, self.backend, self.swaps, self.left_alone)
         self.embeds_edges = any(getattr(swap.fused, "embeds_edges", False) for swap in self.swaps)
-        self._hook = None if cache is None else CacheHook(model, cache, backend=self.backend)
+        self._hook = None if cache is None else CacheHook(model, cache, self.backend, SemlaCacheAdapter())
         self._saved_forward = None
         self.active = False
 

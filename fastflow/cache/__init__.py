@@ -5,6 +5,8 @@
 - :mod:`.policies` — when to evaluate: fixed interval D, or adaptive per molecule against a tolerance;
 - :mod:`.state` — one trajectory's per-molecule history;
 - :mod:`.hook` — where: the whole generator's ``forward`` or one block, installed by ``fastflow.patch_model``.
+- :mod:`.adapter` — what the hook reads from a model family (its time, coordinates, mask); the model brings
+  its adapter, the cache imports no model and no sampler (the step comes as a ``fastflow.step_record``).
 """
 
 from fastflow.cache.config import CacheConfig

@@ -1,22 +1,23 @@
 """The cache hook: wraps one model instance's ``forward`` (and, for block caching, one submodule's).
 
-Each call of the model is one solver step. The hook reads the solver time from the inputs (t = inv_feats[:, 0,
-0], the sampler's call signature), the step and molecule identities from the sampler's
-:func:`~fastflow.sampling.step.current_step` when present, starts a new trajectory when the batch changes or
-time does not move forward, then evaluates or forecasts:
+Each call of the model is one solver step. The hook reads the batch, the solver time and the atom mask from the
+call through the model's adapter (:mod:`fastflow.cache.adapter`), the step and molecule identities from the
+:class:`~fastflow.step_record.StepRecord` a sampler publishes (:func:`~fastflow.step_record.current_step`) when
+present, starts a new trajectory when the batch changes or time does not move forward, then evaluates or
+forecasts:
 
 - whole generator (default): on a forecast step the model does not run at all; under the adaptive policy only
   the molecules above tolerance run, as a sub-batch cropped to their largest size, so a molecule's decisions
   and outputs do not depend on its batch-mates (up to fp32 rounding of the forward). The adaptive error measure
   (``CacheConfig.error``, :mod:`fastflow.cache.policies`) is per molecule over its real atoms, and sees the
-  coordinates only through a rotation-invariant RMS; ``error="sample"`` reads the Å per model unit from
-  ``model.config.coord_std`` (1 without one);
+  coordinates only through a rotation-invariant RMS; ``error="sample"`` takes the Å per model unit from the
+  adapter;
 - block: the model runs and the block's output is forecast; downstream modules recompute. With
-  ``skip_prefix`` the Semla layers before the block are skipped too (they pass their inputs through and the
-  block's forecast replaces their result).
+  ``skip_prefix`` the layers before the block (the adapter's ``prefix_layers``) are skipped too (they pass their
+  inputs through and the block's forecast replaces their result).
 
 The forecaster's clock is the solver time t (``CacheConfig.clock="time"``) or the step index
-(``clock="steps"``, mol-cache's forecasts): the sampler's ``FlowState.step``, or without a sampler the hook's
+(``clock="steps"``, mol-cache's forecasts): the published ``StepRecord.step``, or without a sampler the hook's
 own count of calls since the trajectory started. Evaluations are stored with their clock value, and the
 forecast asks for the current step's.
 """
@@ -30,6 +31,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from fastflow.cache.adapter import ModelAdapter
 from fastflow.cache.config import CacheConfig
 from fastflow.cache.forecasters import Forecaster
 from fastflow.cache.policies import (
@@ -41,7 +43,7 @@ from fastflow.cache.policies import (
 )
 from fastflow.cache.state import TrajectoryState
 from fastflow.ops.cache_forecast import cache_forecast
-from fastflow.sampling.step import current_step
+from fastflow.step_record import StepRecord, current_step
 
 
 class CacheStats:
@@ -101,18 +103,19 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
 
 
 class CacheHook:
-    """Installs the cache on ``model`` (see the module docstring); ``remove()`` restores the instance."""
+    """Installs the cache on ``model``, read through ``adapter`` (see the module docstring); ``remove()`` restores
+    the instance."""
 
-    def __init__(self, model: nn.Module, config: CacheConfig, backend: str):
-        self.model, self.config, self.backend = model, config, backend
+    def __init__(self, model: nn.Module, config: CacheConfig, backend: str, adapter: ModelAdapter):
+        self.model, self.config, self.backend, self.adapter = model, config, backend, adapter
         self.forecaster = Forecaster(config.forecaster, config.order, config.clock)
-        self.coord_scale = float(getattr(getattr(model, "config", None), "coord_std", 1.0))
+        self.coord_scale = adapter.coord_scale(model)
         if config.adaptive:
             self.policy = AdaptiveTolerance(config.tolerance, config.interval, config.warmup, config.cooldown)
         else:
             self.policy = FixedInterval(config.interval, config.warmup, config.cooldown)
         self.block = None if config.block is None else resolve_module(model, config.block)
-        self.prefix = self._prefix() if config.skip_prefix else []
+        self.prefix = adapter.prefix_layers(model, config.block) if config.skip_prefix else []
         self.signature = inspect.signature(model.forward)
         self.trajectory: TrajectoryState | None = None
         self.stats = CacheStats()
@@ -146,33 +149,16 @@ class CacheHook:
         self._saved.append((module, module.__dict__.get("forward")))
         module.forward = _HookedForward(handler, module.forward)
 
-    def _prefix(self) -> list[nn.Module]:
-        from fastflow.models.semla import EquiMessagePassingLayer
-
-        parent_path, _, index = self.config.block.rpartition(".")
-        parent = resolve_module(self.model, parent_path) if parent_path else self.model
-        if (
-            not isinstance(parent, nn.ModuleList)
-            or not index.isdigit()
-            or not all(isinstance(m, EquiMessagePassingLayer) for m in parent[: int(index) + 1])
-        ):
-            raise ValueError(
-                f"skip_prefix needs a block inside an nn.ModuleList of Semla layers "
-                f"(e.g. 'dynamics.layers.5'), got {self.config.block!r}"
-            )
-        return list(parent[: int(index)])
-
     # -- the model call ----------------------------------------------------------------------------------------
 
     def _model_forward(self, original, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
-        coords, inv_feats, mask = self._check_inputs(bound)
-        t = inv_feats[:, 0, 0].to("cpu", torch.float64, copy=True)  # by value: callers may reuse the tensor
-        context = current_step()
-        trajectory = self._trajectory(coords, mask, t, context)
-        step = context.state.step if context is not None else trajectory.calls
-        n_steps = context.state.n_steps if context is not None else None
-        t_next = self._t_next(context, trajectory, t)
+        coords, t, mask = self._read_call(bound)
+        record = current_step()
+        trajectory = self._trajectory(coords, mask, t, record)
+        step = record.step if record is not None else trajectory.calls
+        n_steps = record.n_steps if record is not None else None
+        t_next = self._t_next(record, trajectory, t)
         clock, clock_next = self._clock(step, t, t_next)
         trajectory.calls, trajectory.last_t = trajectory.calls + 1, t
 
@@ -209,57 +195,26 @@ class CacheHook:
             self._store(trajectory, rows, fresh, t, step, pending, clock)
         trajectory.forecasts_in_a_row[~evaluate] += 1
         self.stats.count(trajectory.mol_index, evaluate)
-        if context is not None:
-            context.nfe = len(rows)
+        if record is not None:
+            record.nfe = len(rows)
         return output
 
-    def _check_inputs(self, bound) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _read_call(self, bound) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every call, forecast steps too: the model's own ``check_inputs`` (same signature as its forward) where
-        it has one, then what the hook reads itself. Returns coords, inv_feats and the bool atom mask."""
+        it has one, then the adapter's reading, which checks what the hook uses. Returns coords, the solver time
+        ``[B]`` (float64, host) and the bool atom mask."""
         check = getattr(self.model, "check_inputs", None)
         if callable(check):
             check(*bound.args, **bound.kwargs)
-        coords, inv_feats = list(bound.arguments.values())[:2]
-        if not torch.is_tensor(coords) or coords.dim() != 3 or coords.size(-1) != 3:
-            raise ValueError(f"fastflow cache: coords must be a [B, N, 3] tensor, got {_describe(coords)}")
-        B, N, _ = coords.shape
-        if B == 0 or N == 0:
-            raise ValueError(f"fastflow cache: empty batch (coords has shape {list(coords.shape)})")
-        if (
-            not torch.is_tensor(inv_feats)
-            or inv_feats.dim() != 3
-            or inv_feats.shape[:2] != (B, N)
-            or (inv_feats.size(-1) == 0)
-        ):
-            raise ValueError(
-                f"fastflow cache: inv_feats must be a [{B}, {N}, 1 + features] tensor with the solver "
-                f"time in channel 0, got {_describe(inv_feats)}"
-            )
-        for name, tensor in (("coords", coords), ("inv_feats", inv_feats)):
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                raise ValueError(
-                    f"fastflow cache: {name} must be finite floating point, got {tensor.dtype}"
-                    + (" with NaN or inf values" if tensor.is_floating_point() else "")
-                )
-        mask = bound.arguments.get("atom_mask")
-        if mask is None:
-            return coords, inv_feats, torch.ones(B, N, dtype=torch.bool, device=coords.device)
-        if not torch.is_tensor(mask) or mask.shape != (B, N):
-            raise ValueError(f"fastflow cache: atom_mask must have shape [{B}, {N}], got {_describe(mask)}")
-        mask = mask.bool()
-        if not bool(mask.any(1).all()):
-            raise ValueError("fastflow cache: a molecule of the batch has no real atoms (all-padding row)")
-        return coords, inv_feats, mask
+        return self.adapter.read_call(bound)
 
-    def _trajectory(self, coords, mask, t, context) -> TrajectoryState:
+    def _trajectory(self, coords, mask, t, record: StepRecord | None) -> TrajectoryState:
         signature = (tuple(coords.shape[:2]), coords.dtype, coords.device)
-        mol_index = (
-            context.state.mol_index.to("cpu", copy=True) if context is not None else torch.arange(len(t))
-        )
+        mol_index = record.mol_index.to("cpu", copy=True) if record is not None else torch.arange(len(t))
         trajectory = self.trajectory
         if (
             trajectory is None
-            or (context is not None and context.state.step == 0)
+            or (record is not None and record.step == 0)
             or not trajectory.continues(signature, mask, mol_index, t)
         ):
             trajectory = self.trajectory = TrajectoryState(signature, mask, mol_index, self.forecaster.points)
@@ -267,10 +222,10 @@ class CacheHook:
         return trajectory
 
     @staticmethod
-    def _t_next(context, trajectory, t) -> torch.Tensor:
+    def _t_next(record, trajectory, t) -> torch.Tensor:
         """The end of this step: from the sampler, else assume the step just taken repeats."""
-        if context is not None and context.state.t_next is not None:
-            return context.state.t_next.double().cpu()
+        if record is not None and record.t_next is not None:
+            return record.t_next.double().cpu()
         return t if trajectory.last_t is None else 2 * t - trajectory.last_t
 
     def _clock(self, step, t, t_next) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,10 +341,12 @@ class CacheHook:
         trajectory.forecasts_in_a_row += 1
         return _unflatten([f.to(trajectory.signature[1]) for f in forecast], trajectory.structure)
 
-    def _bypass_forward(self, original, coords, node_feats, *args, **kwargs):
+    def _bypass_forward(self, original, *args, **kwargs):
         if self._call is not None and not self._call[3]:
-            return coords, node_feats  # the block's forecast replaces what these layers would compute
-        return original(coords, node_feats, *args, **kwargs)
+            return self.adapter.bypass(
+                args, kwargs
+            )  # the block's forecast replaces what these layers compute
+        return original(*args, **kwargs)
 
 
 class _HookedForward:

@@ -1,8 +1,9 @@
 """Sampling: priors, time schedules, the Euler + discrete-flow integrator and the sampling loop.
 
 ``sample(model, n_molecules, ...)`` is the entry point. The network is reached only through a step function
-``step_fn(model, state: FlowState, cond: SelfCond | None) -> Prediction`` (default :func:`model_step`), the
-hook that caches and fused paths replace.
+``step_fn(model, state: FlowState, cond: SelfCond | None) -> Prediction`` (default :func:`model_step`, which
+publishes each call's :class:`~fastflow.step_record.StepRecord` to the cache that ``patch_model`` installs
+inside the model).
 """
 
 from fastflow import rng  # the keyed random streams (fastflow.rng), as used by the sampler
@@ -15,11 +16,8 @@ from fastflow.sampling.step import (
     FlowState,
     Prediction,
     SelfCond,
-    StepContext,
     StepFn,
-    current_step,
     model_step,
-    step_context,
 )
 
 __all__ = [
@@ -29,10 +27,7 @@ __all__ = [
     "Prediction",
     "SampleResult",
     "SelfCond",
-    "StepContext",
     "StepFn",
-    "current_step",
-    "step_context",
     "discrete_flow_probs",
     "draw_sizes",
     "euler_coords",

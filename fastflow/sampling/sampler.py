@@ -188,7 +188,7 @@ def sample(
         noise_level: η of the discrete flow (upstream ``cat_sampling_noise_level``).
         scale_ot: multiply prior coordinates by 0.2·log(n + 1) (per molecule, see :mod:`.prior`).
         progress: tqdm bar; default on when stderr is a terminal.
-        step_fn: ``step_fn(model, state, cond) -> Prediction``, the hook for caches (see :mod:`.step`).
+        step_fn: ``step_fn(model, state, cond) -> Prediction``, how a step calls the network (see :mod:`.step`).
         indices: the request indices of the ``n_molecules`` molecules (distinct integers >= 0; default
             ``0 … n_molecules−1``). Molecule j is sampled as molecule ``indices[j]`` of a larger request — its
             size, prior and every draw keyed by that index — so shards of a request sampled apart equal the

@@ -54,6 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -246,14 +247,12 @@ class ShardedRequest:
 
 
 def build_manifest(request: ShardedRequest, model: str, cache_label: str) -> dict:
-    from fastflow import __version__
-
     return {
         "format": FORMAT,
         "request": request.identity(),
         "model": model,
         "cache": cache_label,
-        "fastflow": __version__,
+        "fastflow": version("fastflow"),
         "created": _now(),
         "shards": [dataclasses.asdict(s) for s in plan_shards(request.n, request.shard_size)],
         "runs": [],

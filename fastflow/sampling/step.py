@@ -1,29 +1,28 @@
 """The one place the sampling loop calls the network: ``step_fn(model, state, cond) -> Prediction``.
 
-The default :func:`model_step` runs the model once on the whole batch. Caches and fused paths replace it (pass
-``step_fn=`` to :func:`fastflow.sampling.sample`) without touching the loop: a step function may compute the
-prediction, forecast it, or recompute only some molecules, and says how many molecule evaluations it spent in
-``Prediction.nfe``. Everything a step function may need is in :class:`FlowState` — the solver time, the step
-index and count (to force the last step, which *is* the sample), and the request indices of the molecules (to
-keep per-molecule state across steps and notice a new batch).
+The default :func:`model_step` runs the model once on the whole batch; a custom step function (``step_fn=`` of
+:func:`fastflow.sampling.sample`) may compute the prediction another way and says how many molecule evaluations
+it spent in ``Prediction.nfe``. Everything a step function may need is in :class:`FlowState` — the solver time,
+the step index and count (to force the last step, which *is* the sample), and the request indices of the
+molecules.
 
-A hook installed *inside* the model (``fastflow.patch_model``'s cache wraps ``model.forward``) sees only the
-model's inputs. :func:`model_step` therefore publishes the current :class:`StepContext` while it calls the model:
-the hook reads the state from :func:`current_step` and writes the molecule evaluations it really spent into
-``StepContext.nfe``. Custom loops can do the same with ``with step_context(state) as ctx: model(...)``.
+Caches do not replace the step function: ``fastflow.patch_model`` installs them inside the model, where they
+see only the model's inputs. :func:`model_step` therefore publishes the step as a neutral
+:class:`~fastflow.step_record.StepRecord` around the model call, and reads back the evaluations the cache
+really spent.
 
 Shapes: B molecules, N atoms (padded), V atom tokens, K bond classes, C charge classes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fastflow.step_record import StepRecord, publish_step
 
 
 @dataclass
@@ -74,39 +73,13 @@ class Prediction:
 StepFn = Callable[[nn.Module, FlowState, SelfCond | None], Prediction]
 
 
-@dataclass
-class StepContext:
-    """The solver step a model call belongs to; nfe starts at B and a cache hook lowers it."""
-
-    state: FlowState
-    nfe: int
-
-
-_CURRENT_STEP: ContextVar[StepContext | None] = ContextVar("fastflow_step", default=None)
-
-
-def current_step() -> StepContext | None:
-    """The step whose model call is running (None outside :func:`step_context`)."""
-    return _CURRENT_STEP.get()
-
-
-@contextmanager
-def step_context(state: FlowState) -> Iterator[StepContext]:
-    """Publish ``state`` to hooks inside the model for the duration of one model call."""
-    context = StepContext(state, nfe=state.coords.size(0))
-    token = _CURRENT_STEP.set(context)
-    try:
-        yield context
-    finally:
-        _CURRENT_STEP.reset(token)
-
-
 def model_step(model: nn.Module, state: FlowState, cond: SelfCond | None) -> Prediction:
     """Call a SemlaGenerator-style model once on the whole batch: ``model(coords, cat(t, atomics),
     edge_feats=bonds, cond_coords=, cond_atomics=, cond_bonds=, atom_mask=)``."""
     t = state.t.view(-1, 1, 1).expand(-1, state.coords.size(1), 1)
     inv_feats = torch.cat((t, state.atomics), dim=-1)
-    with step_context(state) as context:
+    record = StepRecord(state.step, state.n_steps, state.t, state.t_next, state.mol_index, nfe=len(state.t))
+    with publish_step(record):
         coords, type_logits, bond_logits, charge_logits = model(
             state.coords,
             inv_feats,
@@ -116,4 +89,4 @@ def model_step(model: nn.Module, state: FlowState, cond: SelfCond | None) -> Pre
             cond_bonds=None if cond is None else cond.bonds,
             atom_mask=state.mask,
         )
-    return Prediction(coords, type_logits, bond_logits, charge_logits, nfe=context.nfe)
+    return Prediction(coords, type_logits, bond_logits, charge_logits, nfe=record.nfe)
