@@ -754,6 +754,14 @@ def add_bench_parser(commands) -> None:
 
     precision_benchmark.add_arguments(precision)
     precision.set_defaults(handler=precision_benchmark.run)
+    roofline = which.add_parser(
+        "roofline",
+        help="predicted (not measured) A100 / H100 time of each GPU kernel from its FLOPs and bytes",
+    )
+    from fastflow.benchmarks import roofline as roofline_benchmark
+
+    roofline_benchmark.add_arguments(roofline)
+    roofline.set_defaults(handler=roofline_benchmark.run)
 
 
 def run_bench_kernels(args) -> int:
