@@ -163,7 +163,8 @@ def bench_op(config: SemlaConfig, backend: str, repeats: int, compile_reference:
 def bench_forward(
     config: SemlaConfig, backend: str, repeats: int, compile_reference: bool, peak_gflops: float
 ):
-    """The whole generator: unpatched vs patched vs compiled unpatched; FLOPs of the patched (split) form."""
+    """The whole generator: unpatched vs patched vs compiled unpatched vs compiled patched; FLOPs of the patched
+    (split) form."""
     reference = Semla(config).eval()
     fused = Semla(config).eval()
     fused.load_state_dict(reference.state_dict())
@@ -179,10 +180,15 @@ def bench_forward(
         variants = {"reference": partial(reference, **inputs), backend: partial(fused, **inputs)}
         if compile_reference and (compiled := compiled_or_none(reference, inputs)) is not None:
             variants["compiled"] = partial(compiled, **inputs)
+        if compile_reference and (compiled_fused := compiled_or_none(fused, inputs)) is not None:
+            variants["compiled_fused"] = partial(compiled_fused, **inputs)  # the patched model, compiled
         with torch.inference_mode():
             error = max_relative_error(variants[backend](), variants["reference"]())
             flops = count_flops(variants[backend])
-        rows.append(timed_row(B, N, variants, backend, flops, error, repeats, peak_gflops))
+        row = timed_row(B, N, variants, backend, flops, error, repeats, peak_gflops)
+        if "compiled_fused_ms" in row:
+            row["compiled_fused_vs_fused"] = row[f"{backend}_ms"] / row["compiled_fused_ms"]
+        rows.append(row)
     return rows
 
 
@@ -335,7 +341,13 @@ def run(
                 )
             if "forward" in parts:
                 results["forward"][preset] = bench_forward(config, backend, repeats, compile_reference, peak)
-                print_table(f"generator forward, '{preset}'", results["forward"][preset], op_columns)
+                forward_columns = [
+                    *op_columns[:5],
+                    "compiled_fused_ms",
+                    "compiled_fused_vs_fused",
+                    *op_columns[5:],
+                ]
+                print_table(f"generator forward, '{preset}'", results["forward"][preset], forward_columns)
             if "memory" in parts:
                 results["memory"][preset] = bench_memory(config, backend)
                 print_table(
