@@ -140,7 +140,14 @@ def timed_row(
     return row
 
 
-def bench_op(config: SemlaConfig, backend: str, repeats: int, compile_reference: bool, peak_gflops: float):
+def bench_op(
+    config: SemlaConfig,
+    backend: str,
+    repeats: int,
+    compile_reference: bool,
+    peak_gflops: float,
+    precision: str = "fp32",
+):
     """One core layer's semla_attention: fused backend vs reference eager vs compiled reference."""
     from fastflow.ops.semla_attention import semla_attention_reference
 
@@ -149,7 +156,7 @@ def bench_op(config: SemlaConfig, backend: str, repeats: int, compile_reference:
         args = layer_op_inputs(config, B, N)
         variants = {
             "reference": partial(semla_attention, **args, backend="reference"),
-            backend: partial(semla_attention, **args, backend=backend),
+            backend: partial(semla_attention, **args, backend=backend, precision=precision),
         }
         if compile_reference and (compiled := compiled_or_none(semla_attention_reference, args)) is not None:
             variants["compiled"] = partial(compiled, **args)
@@ -161,14 +168,19 @@ def bench_op(config: SemlaConfig, backend: str, repeats: int, compile_reference:
 
 
 def bench_forward(
-    config: SemlaConfig, backend: str, repeats: int, compile_reference: bool, peak_gflops: float
+    config: SemlaConfig,
+    backend: str,
+    repeats: int,
+    compile_reference: bool,
+    peak_gflops: float,
+    precision: str = "fp32",
 ):
     """The whole generator: unpatched vs patched vs compiled unpatched vs compiled patched; FLOPs of the patched
     (split) form."""
     reference = Semla(config).eval()
     fused = Semla(config).eval()
     fused.load_state_dict(reference.state_dict())
-    patch_model(fused, kernels=backend)
+    patch_model(fused, kernels=backend, precision=precision)
     rows = []
     for B, N in CASES:
         if N >= config.max_atoms:
@@ -224,7 +236,7 @@ def peak_memory_mib(config: SemlaConfig, B: int, N: int, kernels: str) -> float:
         return peak_allocated_bytes(lambda: model(**inputs)) / 2**20
 
 
-def bench_sampling(n: int, steps: int, backend: str, seed: int = 0) -> list[dict]:
+def bench_sampling(n: int, steps: int, backend: str, seed: int = 0, precision: str = "fp32") -> list[dict]:
     """Molecules/s of the packaged model: reference, fused kernels, cache (Taylor-2, D=2), both."""
     from fastflow.cache import CacheConfig
     from fastflow.pretrained import load_pretrained
@@ -238,7 +250,9 @@ def bench_sampling(n: int, steps: int, backend: str, seed: int = 0) -> list[dict
         (backend, CacheConfig(interval=2)),
     ]:
         model = load_pretrained()
-        handle = patch_model(model, kernels=kernels, cache=cache)
+        handle = patch_model(
+            model, kernels=kernels, cache=cache, precision="fp32" if kernels == "reference" else precision
+        )
         result = sample(
             model, n, steps=steps, seed=seed, size_distribution=model.size_counts, kernels=kernels
         )  # the solver step's fused op too: "reference" is the whole reference path
@@ -299,11 +313,15 @@ def run(
     sampling_steps: int = 100,
     out: Path | None = None,
     parts=("op", "forward", "memory", "sampling"),
+    precision: str = "fp32",
 ):
-    """Run the chosen parts, print the tables, write JSON to ``out`` (when given) and return the results."""
-    from fastflow.ops.backends import resolve_backend
+    """Run the chosen parts, print the tables, write JSON to ``out`` (when given) and return the results.
+    ``precision`` applies to the fused variants of op, forward and sampling (memory is measured in fp32)."""
+    from fastflow.ops.backends import resolve_backend, resolve_precision
 
-    backend = resolve_backend(backend, "cpu" if not torch.cuda.is_available() else "cuda")
+    device = "cpu" if not torch.cuda.is_available() else "cuda"
+    backend = resolve_backend(backend, device)
+    precision = resolve_precision(precision, device)
     if backend == "reference":
         raise RuntimeError(
             "no fused backend is available here; `fastflow bench kernels` compares one to the reference"
@@ -311,13 +329,22 @@ def run(
     machine = machine_metadata()
     peak = machine["gemm_gflops"]["fp32"]
     results = {
-        "metadata": {**machine, "backend": backend, "repeats": repeats, "matmul_gflops": peak},
+        "metadata": {
+            **machine,
+            "backend": backend,
+            "precision": precision,
+            "repeats": repeats,
+            "matmul_gflops": peak,
+        },
         "op": {},
         "forward": {},
         "memory": {},
     }
     print(machine_header(machine))
-    print(f"backend {backend}; gflops columns are fractions of the fp32 matmul rate {peak:.1f} GFLOP/s")
+    print(
+        f"backend {backend}, precision {precision}; gflops columns are fractions of the fp32 matmul rate "
+        f"{peak:.1f} GFLOP/s"
+    )
     op_columns = [
         "molecules",
         "atoms",
@@ -335,12 +362,16 @@ def run(
         for preset in presets:
             config = SemlaConfig.preset(preset)
             if "op" in parts:
-                results["op"][preset] = bench_op(config, backend, repeats * 4, compile_reference, peak)
+                results["op"][preset] = bench_op(
+                    config, backend, repeats * 4, compile_reference, peak, precision
+                )
                 print_table(
                     f"semla_attention, one core layer of '{preset}'", results["op"][preset], op_columns
                 )
             if "forward" in parts:
-                results["forward"][preset] = bench_forward(config, backend, repeats, compile_reference, peak)
+                results["forward"][preset] = bench_forward(
+                    config, backend, repeats, compile_reference, peak, precision
+                )
                 forward_columns = [
                     *op_columns[:5],
                     "compiled_fused_ms",
@@ -356,7 +387,7 @@ def run(
                     ["molecules", "atoms", "reference_peak_mib", f"{backend}_peak_mib", "ratio"],
                 )
     if sampling_molecules and "sampling" in parts:
-        results["sampling"] = bench_sampling(sampling_molecules, sampling_steps, backend)
+        results["sampling"] = bench_sampling(sampling_molecules, sampling_steps, backend, precision=precision)
         print_table(
             f"sampling, packaged model, {sampling_molecules} molecules x {sampling_steps} steps",
             results["sampling"],
