@@ -160,6 +160,34 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def patched_run(args, handle) -> dict:
+    """The run settings a summary reports (:func:`fastflow.metrics.run_summary`): cache, its hit rate, the
+    kernels backend, the precision and the thread count."""
+    return {
+        "cache": args.cache if handle.cache is None else repr(handle.cache),
+        "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
+        "kernels": handle.report()["kernels"]["backend"],
+        "precision": handle.precision,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def print_summary(summary: dict, as_json: bool, note: str = "") -> None:
+    """One JSON object (``JSON_KEYS`` first), or the metrics table and the summary line (+ ``note``)."""
+    from fastflow.metrics import format_metrics_table, summary_json, summary_line, summary_metrics
+
+    if as_json:
+        print(summary_json(summary, JSON_KEYS))
+        return
+    print(format_metrics_table({"generated": summary_metrics(summary)}))
+    print(summary_line(summary) + note)
+
+
+def merged_note(summary: dict) -> str:
+    """What the summary line of a merged shard directory adds."""
+    return f"; seconds summed over {summary['shards']} shards; {summary['written']} molecules in {summary['sdf']}"
+
+
 def patch_from_args(model, args):
     """patch_model with the --kernels, --precision and --cache options; the handle reports the backend, the
     precision and the cache stats."""
@@ -228,9 +256,8 @@ def load_model(args) -> tuple[torch.nn.Module, str]:
 
 def run_sample(args) -> int:
     from fastflow.chem.sdf import write_sdf
-    from fastflow.metrics import compute_metrics, format_metrics_table, summary_json
+    from fastflow.metrics import compute_metrics, run_summary
     from fastflow.sampling import sample
-    from fastflow.sampling.sharded import shard_directory
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -244,7 +271,6 @@ def run_sample(args) -> int:
         model = model.to(args.device)
     print(f"model: {description}", file=sys.stderr)
     handle = patch_from_args(model, args)
-    cache = handle.cache
     result = sample(
         model,
         args.n,
@@ -255,49 +281,49 @@ def run_sample(args) -> int:
         progress=args.progress,
         size_distribution=getattr(model, "size_counts", None),
     )
-    metrics = compute_metrics(result.graphs, result.molecules, energy=not args.no_energy)
-    summary = {
-        **metrics,
-        "steps": args.steps,
-        "nfe": result.stats["nfe"],
-        "cache": args.cache if cache is None else repr(cache),
-        "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
-        "kernels": handle.report()["kernels"]["backend"],
-        "precision": handle.precision,
-        "seconds": result.stats["sampling_seconds"],
-        "molecules_per_second": result.stats["molecules_per_second"],
-        "seed": args.seed,
-        "schedule": args.schedule,
-        "model": description,
-        "threads": torch.get_num_threads(),
-    }
+    summary = run_summary(
+        compute_metrics(result.graphs, result.molecules, energy=not args.no_energy),
+        steps=args.steps,
+        nfe=result.stats["nfe"],
+        seconds=result.stats["sampling_seconds"],
+        seed=args.seed,
+        schedule=args.schedule,
+        model=description,
+        **patched_run(args, handle),
+    )
     if args.out is not None:
         written = write_sdf(args.out, result.molecules)
         summary["sdf"] = str(args.out)
         print(f"wrote {written} of {args.n} molecules to {args.out}", file=sys.stderr)
-    if args.json:
-        print(summary_json(summary, JSON_KEYS))
-    else:
-        print(format_metrics_table({"generated": metrics}))
-        print(
-            f"{args.n} molecules, {args.steps} steps, {result.stats['nfe']} network evaluations, "
-            f"{summary['seconds']:.2f} s ({summary['molecules_per_second']:.1f} molecules/s, "
-            f"{summary['threads']} threads)"
-        )
+    print_summary(summary, args.json)
     return 0
+
+
+def shard_directory(out: Path | None, shard_size: int | None) -> Path | None:
+    """The shard directory ``sample`` writes, or None for the single-process, single-SDF path.
+
+    ``--out`` is a shard directory unless it ends in ``.sdf`` (and is not an existing directory); under torchrun
+    (``WORLD_SIZE`` set) it must be one.
+    """
+    distributed = "WORLD_SIZE" in os.environ
+    if out is None:
+        if distributed or shard_size is not None:
+            raise ValueError("sharded sampling (torchrun, --shard-size) writes a directory: give --out DIR")
+        return None
+    if out.suffix.lower() == ".sdf" and not out.is_dir():
+        if distributed:
+            raise ValueError(f"under torchrun --out must be a shard directory, not an .sdf file ({out})")
+        if shard_size is not None:
+            raise ValueError("--shard-size goes with --out DIR (a path that does not end in .sdf)")
+        return None
+    return out
 
 
 def run_sharded_sample(args, directory: Path) -> int:
     """``fastflow sample --out DIR`` (alone or under torchrun): the CLI's options, :func:`sample_sharded`'s work."""
-    from fastflow.sampling.sharded import (
-        DEFAULT_SHARD_SIZE,
-        Coordinator,
-        OtherRankFailed,
-        ShardedRequest,
-        model_fingerprint,
-        print_summary,
-        sample_sharded,
-    )
+    from fastflow.sampling.coordination import Coordinator, OtherRankFailed
+    from fastflow.sampling.sharded import sample_sharded
+    from fastflow.sampling.shards import DEFAULT_SHARD_SIZE, ShardedRequest, model_fingerprint
 
     coordinator = Coordinator.from_env(args.device)
     try:
@@ -343,7 +369,7 @@ def run_sharded_sample(args, directory: Path) -> int:
         except OtherRankFailed:
             return 2
         if summary is not None:
-            print_summary(summary, args.json, JSON_KEYS)
+            print_summary(summary, args.json, merged_note(summary))
         return 0
     finally:
         coordinator.close()
@@ -622,7 +648,7 @@ def add_eval_parser(commands) -> None:
 
 def run_eval(args) -> int:
     from fastflow.data import MissingDataPackage, dataset_spec
-    from fastflow.metrics import format_metrics_table, summary_json
+    from fastflow.metrics import format_metrics_table, run_summary, summary_line, summary_metrics
     from fastflow.training import load_checkpoint
     from fastflow.training.evaluate import evaluate
     from fastflow.training.export import ema_model
@@ -643,7 +669,6 @@ def run_eval(args) -> int:
         print(f"fastflow eval: no data row and no novelty: {error}", file=sys.stderr)
         data = None
     handle = patch_from_args(model, args)
-    cache = handle.cache
     rows = evaluate(
         model,
         args.n,
@@ -656,29 +681,24 @@ def run_eval(args) -> int:
         dataset=dataset,
         posebusters=args.posebusters,
     )
-    generated = rows["generated"]
+    generated = rows.pop("generated")
+    summary = run_summary(
+        {key: generated[key] for key in generated if key not in ("nfe", "seconds", "molecules_per_second")},
+        steps=args.steps,
+        nfe=generated["nfe"],
+        seconds=generated["seconds"],
+        seed=args.seed,
+        schedule="log",
+        model=description,
+        data=dataset,
+        **patched_run(args, handle),
+    )
     if args.json:
-        summary = {
-            **generated,
-            "steps": args.steps,
-            "seed": args.seed,
-            "model": description,
-            "data": dataset,
-            "cache": args.cache if cache is None else repr(cache),
-            "cache_hit_rate": handle.stats().get("hit_rate", 0.0),
-            "kernels": handle.report()["kernels"]["backend"],
-            "precision": handle.precision,
-            "threads": torch.get_num_threads(),
-        }
-        summary.update({f"data_{key}": value for key, value in rows.get("data", {}).items()})
-        print(summary_json(summary, JSON_KEYS))
+        print_summary(summary | {f"data_{key}": value for key, value in rows.get("data", {}).items()}, True)
     else:
-        table_keys = [key for key in generated if key not in ("nfe", "seconds", "molecules_per_second")]
-        print(format_metrics_table({name: {k: row.get(k) for k in table_keys} for name, row in rows.items()}))
+        print(format_metrics_table({"generated": summary_metrics(summary), **rows}))
         print(
-            f"{args.n} molecules, {args.steps} steps, {generated['nfe']} network evaluations, "
-            f"{generated['seconds']:.2f} s ({generated['molecules_per_second']:.1f} molecules/s, "
-            f"{torch.get_num_threads()} threads)"
+            summary_line(summary)
             + (f"; data row: {args.n} {dataset} test molecules" if data is not None else "")
         )
     return 0
@@ -722,6 +742,12 @@ def add_bench_parser(commands) -> None:
         default=["op", "forward", "memory", "sampling"],
         help="what to measure (default all; memory: peak activation memory of one forward, "
         "CPU allocator via the profiler, one thread)",
+    )
+    kernels.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "tf32", "auto"),
+        default="fp32",
+        help="precision of the fused variants (op, forward, sampling; memory stays fp32) (default fp32)",
     )
     kernels.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     kernels.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -778,6 +804,7 @@ def run_bench_kernels(args) -> int:
         sampling_steps=args.sampling_steps,
         out=args.out,
         parts=tuple(args.parts),
+        precision=args.precision,
     )
     return 0
 
@@ -808,7 +835,9 @@ def add_merge_parser(commands) -> None:
 
 def run_merge(args) -> int:
     """Exit status 0 when merged, 1 when shards are missing (listed on stderr), 2 for other errors."""
-    from fastflow.sampling.sharded import DirectoryLock, MissingShards, merge, print_summary
+    from fastflow.sampling.coordination import DirectoryLock
+    from fastflow.sampling.sharded import merge
+    from fastflow.sampling.shards import MissingShards
 
     lock = DirectoryLock.acquire(args.directory, "merge", create=False)  # not while a job samples into it
     try:
@@ -818,7 +847,7 @@ def run_merge(args) -> int:
         return 1
     finally:
         lock.release()
-    print_summary(summary, args.json, JSON_KEYS)
+    print_summary(summary, args.json, merged_note(summary))
     return 0
 
 

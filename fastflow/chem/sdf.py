@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 from rdkit import Chem
 
 INDEX_PROP = "fastflow_index"
+# SDWriter numbers each property header by the record's position in its file: ">  <name>  (k) ".
+_PROPERTY_HEADER = re.compile(rb"^(>  <[^\n]*>  \()(\d+)(\) ?)$", re.MULTILINE)
+_RECORD_END = re.compile(rb"^\$\$\$\$\r?$", re.MULTILINE)
 
 
 def write_sdf(
@@ -60,3 +65,25 @@ def read_sdf(path: str | os.PathLike, sanitize: bool = True) -> list[Chem.Mol | 
     if Path(path).stat().st_size == 0:  # a run where no molecule could be built; RDKit refuses empty files
         return []
     return list(Chem.SDMolSupplier(str(path), removeHs=False, sanitize=sanitize))
+
+
+def concatenate_sdf(sources: Sequence[str | os.PathLike], path: str | os.PathLike) -> int:
+    """Write the records of ``sources``, in order, to ``path`` (atomically, as :func:`write_sdf`); returns the
+    number of records. Property headers are renumbered to the records' positions in the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    n_written = 0
+    try:
+        with open(tmp, "wb") as out:
+            for source in sources:
+                text = Path(source).read_bytes()
+                out.write(_PROPERTY_HEADER.sub(partial(_renumber, offset=n_written), text))
+                n_written += len(_RECORD_END.findall(text))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n_written
+
+
+def _renumber(match: re.Match, offset: int) -> bytes:
+    return match.group(1) + str(int(match.group(2)) + offset).encode() + match.group(3)

@@ -10,7 +10,16 @@ from fastflow.metrics.molecules import (
     uniqueness,
     validity,
 )
-from fastflow.metrics.report import compute_metrics, energy_metrics, format_metrics_table, summary_json
+from fastflow.metrics.report import (
+    aggregate_metrics,
+    compute_metrics,
+    format_metrics_table,
+    molecule_records,
+    run_summary,
+    summary_json,
+    summary_line,
+    summary_metrics,
+)
 from fastflow.metrics.stability import (
     REVISITED_VALENCES,
     SEMLAFLOW_VALENCES,

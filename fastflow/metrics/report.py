@@ -1,4 +1,5 @@
-"""One call for the whole SemlaFlow metric set, and a plain-text table for the CLI."""
+"""One call for the whole SemlaFlow metric set — per-molecule records, then their aggregate, so that a set's
+metrics equal those of its parts' records put together — and a plain-text table for the CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from rdkit import Chem
 
 from fastflow.chem.graph import MolGraph
 from fastflow.metrics.energy import MAX_ITERS, MMFFResult, mmff_evaluate
-from fastflow.metrics.molecules import novelty, uniqueness, validity
-from fastflow.metrics.stability import stability
+from fastflow.metrics.molecules import CanonicalSmilesSet, canonical_smiles_set, is_valid, molecule_key
+from fastflow.metrics.stability import atom_stabilities
 
 
 def compute_metrics(
@@ -25,7 +26,8 @@ def compute_metrics(
     max_iters: int = MAX_ITERS,
     posebusters: bool = False,
 ) -> dict[str, float]:
-    """SemlaFlow's metrics for a set of generated molecules.
+    """SemlaFlow's metrics for a set of generated molecules: :func:`aggregate_metrics` of
+    :func:`molecule_records`, the path a shard merge takes too.
 
     Arguments:
         graphs: the raw generated graphs (stability is read from them, unsanitised).
@@ -49,20 +51,8 @@ def compute_metrics(
         mols = [g.to_rdkit() for g in graphs]
     elif len(mols) != len(graphs):
         raise ValueError(f"mols must match graphs one to one: {len(mols)} mols for {len(graphs)} graphs")
-
-    atom_stability, mol_stability = stability(graphs, valence_table)
-    metrics = {
-        "n": len(graphs),
-        "atom_stability": atom_stability,
-        "mol_stability": mol_stability,
-        "validity": validity(mols),
-        "connected_validity": validity(mols, connected=True),
-        "uniqueness": uniqueness(mols),
-    }
-    if train_smiles is not None:
-        metrics["novelty"] = novelty(mols, train_smiles)
-    if energy:
-        metrics.update(energy_metrics(mols, max_iters))
+    records = molecule_records(graphs, mols, energy, valence_table, max_iters)
+    metrics = aggregate_metrics(records, train_smiles)
     if posebusters:
         from fastflow.metrics.posebusters import (
             posebusters_metrics,  # lazy: pandas and posebusters are optional
@@ -72,9 +62,61 @@ def compute_metrics(
     return metrics
 
 
-def energy_metrics(mols: Sequence[Chem.Mol | None], max_iters: int = MAX_ITERS) -> dict[str, float]:
-    """MMFF94 metrics; validities count every molecule, averages only those where MMFF succeeded."""
-    return summarise_mmff([mmff_evaluate(m, max_iters) for m in mols])
+def molecule_records(
+    graphs: Sequence[MolGraph],
+    mols: Sequence[Chem.Mol | None],
+    energy: bool = True,
+    valence_table: str = "semlaflow",
+    max_iters: int = MAX_ITERS,
+) -> dict[str, list]:
+    """Per-molecule columns (JSON-ready) of everything the metrics count: n_atoms, stable_atoms, valid,
+    connected, smiles (the uniqueness key of valid molecules, else None) and, with ``energy``, the MMFF
+    results (mmff_atoms, energy, opt_energy, opt_rmsd). Records of parts of a set, concatenated column by
+    column, aggregate to the metrics of the whole set."""
+    records: dict[str, list] = {"n_atoms": [], "stable_atoms": [], "valid": [], "connected": [], "smiles": []}
+    for graph, mol in zip(graphs, mols, strict=True):
+        stable = atom_stabilities(graph, valence_table)
+        valid = is_valid(mol)
+        records["n_atoms"].append(len(stable))
+        records["stable_atoms"].append(sum(stable))
+        records["valid"].append(valid)
+        records["connected"].append(valid and is_valid(mol, connected=True))
+        records["smiles"].append(molecule_key(mol) if valid else None)
+    if energy:
+        results = [mmff_evaluate(mol, max_iters) for mol in mols]
+        records["mmff_atoms"] = [r.n_atoms for r in results]
+        records["energy"] = [r.energy for r in results]
+        records["opt_energy"] = [r.opt_energy for r in results]
+        records["opt_rmsd"] = [r.opt_rmsd for r in results]
+    return records
+
+
+def aggregate_metrics(
+    records: dict[str, list], train_smiles: Iterable[str] | None = None
+) -> dict[str, float]:
+    """The metrics (:func:`compute_metrics`' keys and order) of :func:`molecule_records`; the energy metrics
+    where the records hold MMFF results."""
+    n = len(records["n_atoms"])
+    if n == 0:
+        raise ValueError("no molecules to aggregate")
+    keys = [key for key in records["smiles"] if key is not None]
+    metrics = {
+        "n": n,
+        "atom_stability": sum(records["stable_atoms"]) / sum(records["n_atoms"]),
+        "mol_stability": sum(s == a for s, a in zip(records["stable_atoms"], records["n_atoms"])) / n,
+        "validity": sum(records["valid"]) / n,
+        "connected_validity": sum(records["connected"]) / n,
+        "uniqueness": len(set(keys)) / len(keys) if keys else float("nan"),
+    }
+    if train_smiles is not None:
+        if not isinstance(train_smiles, CanonicalSmilesSet):
+            train_smiles = canonical_smiles_set(train_smiles)
+        # Duplicates count, as upstream's novelty does.
+        metrics["novelty"] = sum(k not in train_smiles for k in keys) / len(keys) if keys else float("nan")
+    if "energy" in records:
+        columns = ("mmff_atoms", "energy", "opt_energy", "opt_rmsd")
+        metrics.update(summarise_mmff([MMFFResult(*row) for row in zip(*(records[c] for c in columns))]))
+    return metrics
 
 
 def summarise_mmff(results: Sequence[MMFFResult]) -> dict[str, float]:
@@ -92,6 +134,58 @@ def summarise_mmff(results: Sequence[MMFFResult]) -> dict[str, float]:
         "strain_per_atom_sem": _standard_error(r.strain / r.n_atoms for r in strained),
         "opt_rmsd": _mean(r.opt_rmsd for r in results if r.opt_rmsd is not None),
     }
+
+
+def run_summary(
+    metrics: dict,
+    *,
+    steps: int,
+    nfe: int,
+    seconds: float,
+    seed: int,
+    schedule: str,
+    model: str,
+    cache: str,
+    cache_hit_rate: float,
+    kernels: str,
+    precision: str,
+    threads,
+    **more,
+) -> dict:
+    """What ``fastflow sample``, ``eval`` and ``merge`` print (``--json``) and save: the metrics, then the run in
+    one order (``more``, e.g. a merge's shards, last). seconds: sampling time (summed over shards);
+    molecules_per_second is n over it."""
+    return {
+        **metrics,
+        "steps": steps,
+        "nfe": nfe,
+        "cache": cache,
+        "cache_hit_rate": cache_hit_rate,
+        "kernels": kernels,
+        "precision": precision,
+        "seconds": seconds,
+        "molecules_per_second": metrics["n"] / seconds if seconds > 0 else float("nan"),
+        "seed": seed,
+        "schedule": schedule,
+        "model": model,
+        "threads": threads,
+        **more,
+    }
+
+
+def summary_metrics(summary: dict) -> dict:
+    """The metrics of a :func:`run_summary`: its keys before the run's, which start at "steps"."""
+    keys = list(summary)
+    return {key: summary[key] for key in keys[: keys.index("steps")]}
+
+
+def summary_line(summary: dict) -> str:
+    """The line under the metrics table: molecules, steps, network evaluations, time and rate."""
+    return (
+        f"{summary['n']} molecules, {summary['steps']} steps, {summary['nfe']} network evaluations, "
+        f"{summary['seconds']:.2f} s ({summary['molecules_per_second']:.1f} molecules/s, "
+        f"{summary['threads']} threads)"
+    )
 
 
 def format_metrics_table(rows: dict[str, dict[str, float]]) -> str:

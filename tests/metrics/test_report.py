@@ -5,7 +5,15 @@ import torch
 from rdkit import Chem
 
 from fastflow.chem import ATOM_INDEX, mol_to_graph
-from fastflow.metrics import compute_metrics, format_metrics_table, mmff_energy
+from fastflow.metrics import (
+    aggregate_metrics,
+    compute_metrics,
+    format_metrics_table,
+    mmff_energy,
+    molecule_records,
+    run_summary,
+    summary_metrics,
+)
 from tests.chem.helpers import cdk2_mols, star
 
 GRAPH_KEYS = {"n", "atom_stability", "mol_stability", "validity", "connected_validity", "uniqueness"}
@@ -81,3 +89,27 @@ def test_format_metrics_table():
     assert lines[2].split() == ["n", "10", "5"]
     assert lines[3].split() == ["validity", "0.9123", "1.0000"]
     assert lines[4].split() == ["novelty", "-", "-"]
+
+
+def test_records_of_parts_give_the_metrics_of_the_whole_set():
+    """A shard merge aggregates the concatenated records of its shards: the numbers of one run over all."""
+    graphs = [mol_to_graph(mol) for mol in cdk2_mols()[:6]]
+    graphs += graphs[:2]  # duplicates: uniqueness and novelty are set-level
+    mols = [graph.to_rdkit() for graph in graphs]
+    mols[3] = None  # a molecule RDKit could not build
+    train = [Chem.MolToSmiles(cdk2_mols()[0])]
+    whole = compute_metrics(graphs, mols, train_smiles=train, energy=True)
+    parts = [molecule_records(graphs[a:b], mols[a:b]) for a, b in ((0, 3), (3, 5), (5, 8))]
+    merged = aggregate_metrics({key: [v for part in parts for v in part[key]] for key in parts[0]}, train)
+    assert 0 < whole["uniqueness"] < 1 and whole["validity"] < 1 and 0 < whole["novelty"] < 1
+    assert list(merged) == list(whole)
+    for key, value in merged.items():  # exactly: the same sums in the same order
+        assert value == whole[key] or (math.isnan(value) and math.isnan(whole[key])), key
+
+
+def test_run_summary_puts_the_metrics_first_and_the_rate_from_n():
+    metrics = {"n": 10, "validity": 0.9}
+    run = dict(seed=0, schedule="log", model="m", cache="none", cache_hit_rate=0.0, kernels="cpp")
+    summary = run_summary(metrics, steps=5, nfe=50, seconds=4.0, precision="fp32", threads=2, **run, shards=3)
+    assert summary_metrics(summary) == metrics
+    assert summary["molecules_per_second"] == 2.5 and list(summary)[-1] == "shards"

@@ -12,22 +12,13 @@ import torch
 
 from fastflow.chem import read_sdf
 from fastflow.chem.sdf import INDEX_PROP
-from fastflow.cli import main
+from fastflow.cli import main, shard_directory
 from fastflow.metrics import compute_metrics
 from fastflow.models import Semla, SemlaConfig
 from fastflow.pretrained import has_pretrained, load_pretrained
 from fastflow.sampling import sample
-from fastflow.sampling.sharded import (
-    MANIFEST,
-    STOP_HOOK,
-    Shard,
-    aggregate_metrics,
-    load_graphs,
-    model_fingerprint,
-    molecule_records,
-    plan_shards,
-    shard_directory,
-)
+from fastflow.sampling.coordination import STOP_HOOK
+from fastflow.sampling.shards import MANIFEST, Shard, load_graphs, model_fingerprint, plan_shards
 
 N, STEPS, SHARD_SIZE = 10, 8, 3  # 4 shards: 3 + 3 + 3 + 1 molecules
 DISCRETE = (
@@ -115,23 +106,6 @@ def test_indices_sample_a_shard_of_the_request():
         sample(model, 2, steps=1, indices=[4, 4])
     other = Semla(SemlaConfig.preset("tiny"))
     assert model_fingerprint(model) == model_fingerprint(model) != model_fingerprint(other)
-
-
-def test_records_of_shards_give_the_metrics_of_the_whole_set():
-    from fastflow.chem import mol_to_graph
-    from tests.chem.helpers import cdk2_mols
-
-    graphs = [mol_to_graph(mol) for mol in cdk2_mols()[:6]]
-    graphs += graphs[:2]  # duplicates: uniqueness is set-level
-    mols = [graph.to_rdkit() for graph in graphs]
-    mols[3] = None  # a molecule RDKit could not build
-    whole = compute_metrics(graphs, mols, energy=True)
-    parts = [molecule_records(graphs[a:b], mols[a:b]) for a, b in ((0, 3), (3, 5), (5, 8))]
-    merged = {key: [value for part in parts for value in part[key]] for key in parts[0]}
-    assert 0 < whole["uniqueness"] < 1 and whole["validity"] < 1
-    assert list(aggregate_metrics(merged)) == list(whole)
-    for key, value in aggregate_metrics(merged).items():  # exactly: the same sums in the same order
-        assert _same_number(value, whole[key]), key
 
 
 def _torchrun(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -259,7 +233,7 @@ def test_one_job_per_directory_and_a_killed_holder_leaves_no_stale_lock(tmp_path
         [
             sys.executable,
             "-c",
-            "import sys, time; from fastflow.sampling.sharded import DirectoryLock; "
+            "import sys, time; from fastflow.sampling.coordination import DirectoryLock; "
             f"DirectoryLock.acquire({str(directory)!r}); print('locked', flush=True); time.sleep(120)",
         ],
         stdout=subprocess.PIPE,
@@ -323,7 +297,7 @@ def test_a_cache_with_the_default_clock_has_the_identity_it_had_before_the_clock
     """Shard directories written before CacheConfig had a clock must still resume: the default clock is left out
     of the request identity; the step clock is part of it."""
     from fastflow.cache import CacheConfig
-    from fastflow.sampling.sharded import ShardedRequest
+    from fastflow.sampling.shards import ShardedRequest
 
     def identity(cache):
         return ShardedRequest(
