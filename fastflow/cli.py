@@ -209,13 +209,28 @@ def cache_config(args):
     if adaptive != (args.tolerance is not None):
         raise ValueError("--tolerance goes with --cache adaptive, and --cache adaptive needs --tolerance")
     interval = args.interval if args.interval is not None else ADAPTIVE_DEFAULT_INTERVAL if adaptive else 2
-    return CacheConfig(
+    config = CacheConfig(
         forecaster="taylor" if adaptive else args.cache,
         order=args.order,
         interval=interval,
         tolerance=args.tolerance,
         clock=clock or "time",
     )
+    if args.order is not None:  # a default order just builds up as far as the run allows
+        reachable = config.reachable_order(args.steps)
+        if reachable is None:
+            raise ValueError(
+                f"--order {args.order} is never used: with --interval {interval} no step of the {args.steps} "
+                "is forecast"
+            )
+        if args.order > reachable:
+            needs = "j" if config.forecaster == "ab" else "m + 1"
+            raise ValueError(
+                f"--order {args.order} is never reached: {args.steps} steps at --interval {interval} leave "
+                f"at most order {reachable} (order m of {config.forecaster} needs {needs} earlier evaluations); "
+                f"use --order {reachable} or lower, more --steps or a smaller --interval"
+            )
+    return config
 
 
 def load_model(args) -> tuple[torch.nn.Module, str]:
@@ -264,8 +279,6 @@ def run_sample(args) -> int:
     directory = shard_directory(args.out, args.shard_size)
     if directory is not None:  # a shard directory, alone or under torchrun
         return run_sharded_sample(args, directory)
-    if args.out is not None:
-        check_output_file(args.out)
     model, description = load_model(args)
     if args.device is not None:
         model = model.to(args.device)
@@ -851,15 +864,58 @@ def run_merge(args) -> int:
     return 0
 
 
-def check_output_file(path: Path) -> None:
-    """Refuse an output file that cannot be written, before any work is done."""
+def check_outputs(args) -> None:
+    """Refuse output paths that cannot be written, before any work: files (``--out`` of sample, merge and
+    bench) and directories (a shard directory, merge's DIR, train's run and export folders, data's cache)."""
+    if args.command == "sample" and args.out is not None:
+        if args.out.suffix.lower() == ".sdf" and not args.out.is_dir():  # see shard_directory
+            check_output_file(args.out, "--out")
+        else:
+            check_output_directory(args.out, "--out")
+    elif args.command == "merge":
+        if args.out is not None:
+            check_output_file(args.out, "--out")
+        elif args.directory.is_dir():  # a missing DIR is the merge's own error
+            check_output_directory(args.directory, "DIR")
+    elif args.command == "bench" and getattr(args, "out", None) is not None:
+        check_output_file(args.out, "--out", create_parents=True)  # the benchmarks create the folder
+    elif args.command == "train":
+        for option in ("out", "export", "export_to"):
+            if getattr(args, option) is not None:
+                check_output_directory(getattr(args, option), "--" + option.replace("_", "-"))
+    elif args.command == "data" and args.cache_dir is not None:
+        check_output_directory(args.cache_dir, "--cache-dir")
+
+
+def check_output_file(path: Path, option: str, create_parents: bool = False) -> None:
+    """An output file: not a directory, in an existing folder (or one that can be created, with
+    ``create_parents``) where we may write."""
     if path.is_dir():
-        raise ValueError(f"--out {path} is a directory; give the path of a .sdf file")
-    parent = path.parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {path}: no permission to write in {parent}")
+        raise ValueError(f"{option} {path} is a directory; give the path of a file")
+    if not create_parents and not path.parent.exists():
+        raise ValueError(f"{option} {path}: directory {path.parent} does not exist")
+    _check_writable(path.parent, option, path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{option} {path}: no permission to overwrite it")
+
+
+def check_output_directory(path: Path, option: str) -> None:
+    """An output directory: a directory if it exists, else creatable, and writable."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} exists and is not a directory")
+    _check_writable(path, option, path)
+
+
+def _check_writable(directory: Path, option: str, path: Path) -> None:
+    """``directory`` (or, where it is still to be created, its nearest existing parent) must be a directory we
+    may write in."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: no permission to write in {existing}")
 
 
 def check_device(name: str | None) -> None:
@@ -895,6 +951,9 @@ def main(argv: list[str] | None = None) -> int:
             from fastflow.ops.backends import resolve_precision
 
             resolve_precision(args.precision, getattr(args, "device", None) or "cpu")
+        if getattr(args, "cache", None) is not None:
+            cache_config(args)
+        check_outputs(args)
         return args.handler(args)
     except (ValueError, OSError, BackendUnavailable, MissingDataPackage) as error:
         print(f"fastflow {args.command}: error: {error}", file=sys.stderr)

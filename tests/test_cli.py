@@ -1,9 +1,11 @@
 """The `fastflow` command line."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,7 +109,7 @@ def test_eval_with_cache_counts_real_evaluations(capsys):
             "--n",
             "3",
             "--steps",
-            "4",
+            "6",
             "--seed",
             "0",
             "--no-energy",
@@ -122,4 +124,78 @@ def test_eval_with_cache_counts_real_evaluations(capsys):
     )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["nfe"] < 3 * 4 and summary["cache_hit_rate"] > 0
+    assert summary["nfe"] < 3 * 6 and summary["cache_hit_rate"] > 0
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A directory we may not write in: mode 0555, and for root (whom modes do not stop) os.access says so."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    if os.geteuid() == 0:
+        access = os.access
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: access(p, mode) and not (mode & os.W_OK and Path(p) == directory)
+        )
+    yield directory
+    directory.chmod(0o755)
+
+
+def _snapshot(root):
+    return sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+SAMPLE = ["sample", "--n", "1", "--steps", "2", "--config", "tiny", "--no-energy"]
+BAD_OUTPUTS = [  # argv with {file} (an existing file), {dir} (an existing directory), {ro} (read-only): message
+    (SAMPLE + ["--out", "{file}/x.sdf"], "is a file, not a directory"),
+    (SAMPLE + ["--out", "{file}"], "exists and is not a directory"),  # a shard directory is expected
+    (SAMPLE + ["--out", "{ro}/x.sdf"], "no permission to write in"),
+    (SAMPLE + ["--out", "{ro}/shards"], "no permission to write in"),
+    (["merge", "{dir}", "--out", "{dir}"], "is a directory; give the path of a file"),
+    (["merge", "{dir}", "--out", "{dir}/missing/x.sdf"], "does not exist"),
+    (["merge", "{dir}", "--out", "{ro}/x.sdf"], "no permission to write in"),
+    (["merge", "{ro}"], "no permission to write in"),
+    (["bench", "kernels", "--out", "{dir}"], "is a directory"),
+    (["bench", "kernels", "--out", "{ro}/new/x.json"], "no permission to write in"),
+    (["bench", "caching", "--out", "{file}/x.json"], "is a file, not a directory"),
+    (["train", "--steps", "1", "--out", "{file}"], "exists and is not a directory"),
+    (["train", "--steps", "1", "--out", "{ro}/run"], "no permission to write in"),
+    (["train", "--export", "{file}/model"], "is a file, not a directory"),
+    (["train", "--steps", "1", "--export-to", "{ro}"], "no permission to write in"),
+    (["data", "qm9", "--cache-dir", "{file}"], "exists and is not a directory"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), BAD_OUTPUTS, ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_unwritable_outputs_are_refused_before_any_work(argv, message, tmp_path, read_only, capsys):
+    (tmp_path / "notes.txt").write_text("a file\n")
+    (tmp_path / "folder").mkdir()
+    places = {"file": tmp_path / "notes.txt", "dir": tmp_path / "folder", "ro": read_only}
+    before = _snapshot(tmp_path)
+    assert main([arg.format(**places) for arg in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert _snapshot(tmp_path) == before  # nothing written, not even a lock or a run folder
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--cache", "taylor", "--order", "9", "--steps", "20"],
+            "never reached: 20 steps at --interval 2 leave at most order 8",
+        ),
+        (["--cache", "ab", "--order", "3", "--steps", "4"], "at most order 1"),
+        (["--cache", "taylor", "--order", "1", "--interval", "1", "--steps", "5"], "--order 1 is never used"),
+        (["--cache", "adaptive", "--tolerance", "0.1", "--order", "6", "--steps", "6"], "at most order 3"),
+    ],
+)
+def test_forecaster_orders_the_run_cannot_reach_are_refused(options, message, tmp_path, capsys):
+    out = tmp_path / "x.sdf"
+    assert main(["sample", "--n", "1", "--config", "tiny", "--no-energy", "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()

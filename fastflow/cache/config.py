@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from fastflow.cache.forecasters import CLOCKS, Forecaster
-from fastflow.cache.policies import DEFAULT_COORD_REFERENCE, ERRORS
+from fastflow.cache.policies import DEFAULT_COORD_REFERENCE, ERRORS, FixedInterval, forced
 
 DEFAULT_ORDER = {"reuse": 0, "taylor": 2, "ab": 3}  # the paper's headline orders
 
@@ -132,3 +132,27 @@ class CacheConfig:
     @property
     def adaptive(self) -> bool:
         return self.tolerance is not None
+
+    def reachable_order(self, n_steps: int) -> int | None:
+        """The highest order the forecasts of an ``n_steps`` run can use (orders build up as evaluations are
+        stored): a forecast at step s has only the evaluations of steps before s. Counted before the last step
+        that may be forecast: the fixed policy's evaluations there, and for the adaptive policy every earlier
+        step at most. Orders above it would never be used. None when no step is forecast (interval 1, or every step forced)."""
+        if self.adaptive:
+            # Its error estimate compares two orders: no forecast before two evaluations.
+            may_forecast = [
+                s for s in range(2, n_steps) if not forced(s, n_steps, self.warmup, self.cooldown)
+            ]
+            if self.interval == 1 or not may_forecast:
+                return None
+            evaluations = may_forecast[-1]
+        else:
+            policy = FixedInterval(self.interval, self.warmup, self.cooldown)
+            evaluated = [policy.evaluate(s, n_steps) for s in range(n_steps)]
+            if all(evaluated):
+                return None
+            last_forecast = n_steps - 1 - evaluated[::-1].index(False)
+            evaluations = sum(evaluated[:last_forecast])
+        return (
+            evaluations if self.forecaster == "ab" else evaluations - 1
+        )  # AB j needs j points, Taylor m + 1
