@@ -104,7 +104,7 @@ def test_cli_sample_with_cache(capsys):
         "--n",
         "3",
         "--steps",
-        "4",
+        "6",
         "--no-energy",
         "--json",
         "--threads",
@@ -112,10 +112,10 @@ def test_cli_sample_with_cache(capsys):
     ]
     assert main(argv + ["--cache", "taylor", "--interval", "2", "--order", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["nfe"] == 3 * 3 and out["cache_hit_rate"] == pytest.approx(0.25)
+    assert out["nfe"] == 3 * 4 and out["cache_hit_rate"] == pytest.approx(2 / 6)  # evaluates steps 0, 2, 4, 5
     assert main(argv + ["--cache", "adaptive", "--tolerance", "0.1"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)["cache_hit_rate"] < 1
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["nfe"] == 3 * 4 and out["cache_hit_rate"] == 0.0
+    assert out["nfe"] == 3 * 6 and out["cache_hit_rate"] == 0.0
     assert main(argv + ["--cache", "adaptive"]) == 2  # needs --tolerance
