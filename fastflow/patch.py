@@ -21,7 +21,7 @@ from fastflow.cache import CacheConfig, CacheHook
 from fastflow.models.cache_adapter import SemlaCacheAdapter
 from fastflow.models.semla import Semla
 from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer, fused_semla_forward
-from fastflow.nn.tensor_product import TensorProduct, cuequivariance_unavailable_reason
+from fastflow.nn.tensor_product import EdgeIndexTPConv, TensorProduct, cuequivariance_unavailable_reason
 from fastflow.ops.backends import TP_BACKENDS, BackendUnavailable, resolve_backend, resolve_precision
 from fastflow.runtime import cpu_isa
 
@@ -71,6 +71,8 @@ class PatchHandle:
     def _install(self) -> None:
         for swap in self.swaps:
             swap.parent._modules[swap.name] = swap.fused
+            for attribute, value in swap.flags.items():
+                setattr(swap.parent, attribute, value)
         if (
             self.fused_forward is not None
         ):  # before the cache hook, which wraps whatever forward the model has
@@ -94,6 +96,8 @@ class PatchHandle:
                 self.model.forward = self._saved_forward
         for swap in reversed(self.swaps):
             swap.parent._modules[swap.name] = swap.original
+            for attribute in swap.flags:
+                delattr(swap.parent, attribute)
         delattr(self.model, _ATTRIBUTE)
         self.active = False
 
@@ -235,10 +239,14 @@ def patch_model(
 
 
 class _Swap:
-    """One child module replaced by its fused stand-in."""
+    """One child module replaced by its fused stand-in; ``flags``: instance attributes set on the parent while
+    patched (MACE's ``conv_fusion``, which makes its blocks call the fused convolution)."""
 
-    def __init__(self, path: str, parent: nn.Module, name: str, original: nn.Module, fused: nn.Module):
+    def __init__(
+        self, path: str, parent: nn.Module, name: str, original: nn.Module, fused: nn.Module, flags=None
+    ):
         self.path, self.parent, self.name, self.original, self.fused = path, parent, name, original, fused
+        self.flags = flags or {}
 
 
 # Modules recognised by class name (fastflow's and upstream SemlaFlow's share them) and checked by structure.
@@ -281,17 +289,31 @@ def _plan_swaps(
                 from fastflow.ops.tensor_product import _resolve
 
                 _resolve(tp_backend, _device(model))  # an explicit backend without these ops raises here
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            conv_reason = _mace_conv_reason(parent, name, module) if path else "not in a MACE block"
+            flags = {}
             try:
                 if not path:
                     raise TypeError(
                         "the model itself is the tensor product; use fastflow.nn.TensorProduct(model)"
                     )
-                fused = TensorProduct(module, backend=tp_backend)
+                if conv_reason is None:
+                    fused, flags = EdgeIndexTPConv(module, backend=tp_backend), {"conv_fusion": "fastflow"}
+                else:
+                    fused = TensorProduct(module, backend=tp_backend)
             except (TypeError, ValueError) as error:
                 left_alone.append({"module": path, "class": type(module).__name__, "reason": str(error)})
                 continue
-            parent_path, _, name = path.rpartition(".")
-            swaps.append(_Swap(path, model.get_submodule(parent_path), name, module, fused))
+            if conv_reason is not None and conv_reason != "not in a MACE block":
+                left_alone.append(
+                    {
+                        "module": path,
+                        "class": type(module).__name__,
+                        "reason": f"convolution not fused ({conv_reason}); only its tensor product is swapped",
+                    }
+                )
+            swaps.append(_Swap(path, parent, name, module, fused, flags))
             inside.append(path)
             continue
         kind = _FUSABLE.get(type(module).__name__)
@@ -314,6 +336,25 @@ def _plan_swaps(
     return swaps, left_alone
 
 
+def _mace_conv_reason(parent: nn.Module, name: str, module: nn.Module) -> str | None:
+    """None if ``module`` is the ``conv_tp`` of a MACE interaction block whose forward calls
+    ``conv_tp(node_feats, edge_attrs, tp_weights, edge_index)`` when the block has ``conv_fusion`` (gather, product
+    with per-edge weights and scatter-sum in one call); else why not ("not in a MACE block" for any other module)."""
+    interaction = any(
+        cls.__name__ == "InteractionBlock" and cls.__module__.startswith("mace.")
+        for cls in type(parent).__mro__
+    )
+    if not interaction or name != "conv_tp":
+        return "not in a MACE block"
+    if "conv_fusion" not in type(parent).forward.__code__.co_consts:
+        return f"{type(parent).__name__}.forward has no conv_fusion branch"
+    if hasattr(parent, "conv_fusion"):
+        return f"the block already fuses its convolution (conv_fusion={parent.conv_fusion!r})"
+    if getattr(module, "shared_weights", True) or getattr(module, "internal_weights", True):
+        return "its weights are not per edge"
+    return None
+
+
 def _plan_forward(model: nn.Module, backend: str, swaps: list[_Swap], left_alone: list[dict]):
     """The fused generator forward for fastflow's ``Semla`` (its pair tail as one ``fastflow::bond_head``), or None;
     a generator that cannot take it is listed in ``left_alone`` with the reason. With it, the first layer's fused
@@ -325,8 +366,8 @@ def _plan_forward(model: nn.Module, backend: str, swaps: list[_Swap], left_alone
         reason = (
             "the fused pair tail needs fastflow's Semla forward; upstream's generator keeps its unfused tail"
         )
-    elif backend != "cpp":
-        reason = f"fastflow::bond_head has no {backend} kernel yet; the pair tail runs unfused"
+    elif backend == "reference":
+        reason = "the reference backend has no fused fastflow::bond_head; the pair tail runs unfused"
     else:
         head = model.edge_out_proj
         if not (isinstance(head, nn.Sequential) and len(head) == 3 and isinstance(head[1], nn.SiLU)):

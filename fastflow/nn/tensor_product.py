@@ -402,6 +402,66 @@ class TPConv(nn.Module):
         )
 
 
+class EdgeIndexTPConv(nn.Module):
+    """A per-edge-weighted e3nn tensor product and the gather and scatter-sum around it, as one ``tp_conv``, called
+    the way MACE's interaction blocks call a fused convolution (``conv_fusion``): ``forward(node_feats, edge_attrs,
+    edge_weights, edge_index)`` = Σ over edges e into node n (``edge_index[1, e] = n``) of
+    ``TP(node_feats[edge_index[0, e]], edge_attrs[e], edge_weights[e])``, one row per row of node_feats.
+
+    Built from the e3nn tensor product it replaces (``shared_weights=False``, weights given per edge); it adopts that
+    module's buffers so ``state_dict()`` is unchanged.
+    """
+
+    def __init__(self, source: nn.Module, backend: str = "auto"):
+        super().__init__()
+        _check_backend(backend, None)
+        if not isinstance(source, nn.Module):
+            raise TypeError(f"EdgeIndexTPConv needs a tensor-product module, got {type(source).__name__}")
+        if getattr(source, "shared_weights", True) or getattr(source, "internal_weights", True):
+            raise ValueError(
+                "EdgeIndexTPConv needs per-edge weights (shared_weights=False, internal_weights=False)"
+            )
+        self.descriptor = TPDescriptor.from_module(source)
+        if self.descriptor.weight_numel == 0:
+            raise ValueError("EdgeIndexTPConv needs a weighted tensor product")
+        self.backend = backend
+        _adopt(self, source)
+        _register_descriptor_tensors(self, self.descriptor, self._buffers.get("weight"))
+
+    @property
+    def weight_numel(self) -> int:
+        return self.descriptor.weight_numel
+
+    def extra_repr(self) -> str:
+        d = self.descriptor
+        return f"{d.irreps_in1} x {d.irreps_in2} -> {d.irreps_out}, {d.weight_numel} weights per edge, backend={self.backend!r}"
+
+    def forward(
+        self,
+        node_feats: torch.Tensor,
+        edge_attrs: torch.Tensor,
+        edge_weights: torch.Tensor,
+        edge_index: torch.Tensor,
+    ) -> torch.Tensor:
+        if not torch.is_tensor(edge_index) or edge_index.dim() != 2 or edge_index.size(0) != 2:
+            got = list(edge_index.shape) if torch.is_tensor(edge_index) else type(edge_index).__name__
+            raise ValueError(
+                f"EdgeIndexTPConv: edge_index must have shape [2, E] (sender; receiver), got {got}"
+            )
+        d = self.descriptor
+        return tp_conv(
+            node_feats,
+            edge_attrs,
+            edge_weights,
+            edge_index[0],
+            edge_index[1],
+            node_feats.size(0),
+            *_descriptor_tensors(self, node_feats),
+            d.dim_out,
+            backend=self.backend,
+        )
+
+
 # ---- backend="cuequivariance": the descriptor as a cuequivariance segmented polynomial ----
 
 
