@@ -295,6 +295,10 @@ class TensorProduct(nn.Module):
             return out
         return out.new_zeros(int(size_out), d.dim_out).index_add(0, indices_out, out)
 
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in its place (see _ScriptedTensorProduct)."""
+        return _ScriptedTensorProduct(self)
+
     def right(self, y: torch.Tensor, weight=None) -> torch.Tensor:
         """e3nn's ``right`` (partial evaluation), delegated to the original module (not fused)."""
         if self._right is None:
@@ -436,6 +440,10 @@ class EdgeIndexTPConv(nn.Module):
         d = self.descriptor
         return f"{d.irreps_in1} x {d.irreps_in2} -> {d.irreps_out}, {d.weight_numel} weights per edge, backend={self.backend!r}"
 
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in its place (see _ScriptedEdgeIndexTPConv)."""
+        return _ScriptedEdgeIndexTPConv(self)
+
     def forward(
         self,
         node_feats: torch.Tensor,
@@ -460,6 +468,113 @@ class EdgeIndexTPConv(nn.Module):
             d.dim_out,
             backend=self.backend,
         )
+
+
+# ---- TorchScript: the modules as torch.jit.script compiles them (torch.jit.script calls __prepare_scriptable__) ----
+
+
+def _require_cpp_for_script(module: nn.Module) -> None:
+    """Scripted modules call the C++ op itself: the backend must be C++ (the Triton and reference paths and the
+    Python argument checks are not TorchScript)."""
+    if module.backend not in ("auto", "cpp"):
+        raise RuntimeError(
+            f"{type(module).__name__}: torch.jit.script needs backend 'auto' or 'cpp', got {module.backend!r}"
+        )
+    reason = cpp_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(
+            f"{type(module).__name__}: torch.jit.script calls fastflow's C++ ops, but {reason}"
+        )
+    from fastflow.ops.tensor_product import _cpp_ops
+
+    _cpp_ops()  # their autograd, which forces need, registered now
+
+
+class _ScriptedEdgeIndexTPConv(nn.Module):
+    """EdgeIndexTPConv for TorchScript: the same buffers and parameters, forward = torch.ops.fastflow.tp_conv (its C++
+    checks only; autograd through the formula fastflow registers, so a loading process must import fastflow)."""
+
+    def __init__(self, conv: EdgeIndexTPConv):
+        super().__init__()
+        _require_cpp_for_script(conv)
+        _adopt(self, conv)
+        self.dim_out = conv.descriptor.dim_out
+        self.weight_numel = conv.descriptor.weight_numel
+
+    def forward(
+        self,
+        node_feats: torch.Tensor,
+        edge_attrs: torch.Tensor,
+        edge_weights: torch.Tensor,
+        edge_index: torch.Tensor,
+    ) -> torch.Tensor:
+        return torch.ops.fastflow.tp_conv(
+            node_feats.contiguous(),
+            edge_attrs.contiguous(),
+            edge_weights.contiguous(),
+            edge_index[0].contiguous(),
+            edge_index[1].contiguous(),
+            node_feats.size(0),
+            self._tp_paths,
+            self._tp_cg_index,
+            self._tp_cg_value,
+            self._tp_cg_offsets,
+            self.dim_out,
+        )
+
+
+class _ScriptedTensorProduct(nn.Module):
+    """TensorProduct (e3nn flavour) for TorchScript: ``forward(x1, x2, weight=None)`` with broadcasting batch
+    dimensions, on torch.ops.fastflow.tensor_product; the same parameters and buffers."""
+
+    def __init__(self, tp: TensorProduct):
+        super().__init__()
+        _require_cpp_for_script(tp)
+        if tp.flavour != "e3nn":
+            raise RuntimeError(
+                "TensorProduct: torch.jit.script supports the e3nn flavour (not cuequivariance's)"
+            )
+        _adopt(self, tp)
+        d = tp.descriptor
+        self.dim_in1, self.dim_in2, self.dim_out, self.weight_numel = (
+            d.dim_in1,
+            d.dim_in2,
+            d.dim_out,
+            d.weight_numel,
+        )
+        self.use_internal = tp.internal_weights and d.weight_numel > 0
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.weight_numel == 0:
+            weight = x1.new_zeros(0)
+        elif weight is None:
+            if not self.use_internal:
+                raise RuntimeError("TensorProduct: weights must be provided (no internal weights)")
+            weight = self.weight
+        assert weight is not None
+        if weight.dim() > 1 and weight.numel() == self.weight_numel:
+            weight = weight.reshape(self.weight_numel)
+        a, b = x1[..., :1], x2[..., :1]
+        if weight.dim() > 1:
+            a, b, _ = torch.broadcast_tensors(a, b, weight[..., :1])
+        else:
+            a, b = torch.broadcast_tensors(a, b)
+        batch = a.shape[:-1]
+        x1 = x1.expand(batch + [self.dim_in1]).reshape(-1, self.dim_in1)
+        x2 = x2.expand(batch + [self.dim_in2]).reshape(-1, self.dim_in2)
+        if weight.dim() > 1:
+            weight = weight.expand(batch + [self.weight_numel]).reshape(-1, self.weight_numel)
+        out = torch.ops.fastflow.tensor_product(
+            x1.contiguous(),
+            x2.contiguous(),
+            weight.contiguous(),
+            self._tp_paths,
+            self._tp_cg_index,
+            self._tp_cg_value,
+            self._tp_cg_offsets,
+            self.dim_out,
+        )
+        return out.reshape(batch + [self.dim_out])
 
 
 # ---- backend="cuequivariance": the descriptor as a cuequivariance segmented polynomial ----

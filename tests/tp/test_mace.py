@@ -1,7 +1,11 @@
 """patch_model on real MACE models (mace-torch's own ScaleShiftMACE, random weights, rotated ethanol molecules):
 each interaction block's gather → conv_tp → scatter-sum runs as one fastflow::tp_conv, energies and forces match the
 unpatched model within twice its own float32 error against float64, forces rotate with the molecule, training's
-double backward matches, and unpatch restores the model."""
+double backward matches, unpatch restores the model, and a patched model scripts, saves and reloads."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +120,58 @@ def test_edge_index_conv_names_a_bad_edge_index():
         conv(node_feats, edge_attrs, torch.randn(5, d.weight_numel), torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="per-edge weights"):
         EdgeIndexTPConv(model.interactions[0].skip_tp)
+
+
+def test_patched_model_scripts_saves_and_reloads_in_a_fresh_process(tmp_path):
+    """MACE deploys through TorchScript (e3nn.util.jit.compile): the swapped modules script as direct calls of the
+    C++ ops, and the saved file runs, forces included, in a new process once fastflow's ops are loaded."""
+    from e3nn.util import jit
+
+    require_backend("cpp")
+    model, data = mace_model(**SMALL), batch()
+    energy, forces = energy_and_forces(model, data)
+    patch_model(model)
+    scripted = jit.compile(model)
+    assert scripted.interactions[0].conv_tp.original_name == "_ScriptedEdgeIndexTPConv"
+    assert scripted.interactions[0].skip_tp.original_name == "_ScriptedTensorProduct"
+    scripted_energy, scripted_forces = energy_and_forces(scripted, data)
+    torch.testing.assert_close(scripted_energy, energy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scripted_forces, forces, rtol=1e-4, atol=1e-5)
+
+    scripted.save(str(tmp_path / "mace.pt"))
+    torch.save({"batch": data, "forces": scripted_forces}, tmp_path / "inputs.pt")
+    code = f"""
+import torch
+import fastflow
+from fastflow import _extension
+assert _extension.load_extension()
+from fastflow.benchmarks.e3nn_models import energy_and_forces
+model = torch.jit.load({str(tmp_path / "mace.pt")!r})
+saved = torch.load({str(tmp_path / "inputs.pt")!r})
+torch.testing.assert_close(energy_and_forces(model, saved["batch"])[1], saved["forces"], rtol=0, atol=0)
+print("reloaded")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "reloaded" in done.stdout, done.stderr[-2000:]
+
+
+def test_scripting_needs_the_cpp_backend():
+    model = mace_model(**SMALL)
+    conv = EdgeIndexTPConv(model.interactions[0].conv_tp, backend="reference")
+    with pytest.raises(RuntimeError, match="torch.jit.script needs backend 'auto' or 'cpp'"):
+        torch.jit.script(conv)
+
+
+def test_bench_e3nn_models_writes_ratios_and_errors(tmp_path):
+    from fastflow.benchmarks.e3nn_models import run
+
+    require_backend("cpp")
+    results = run(
+        configs=("mace-off-small",), n_molecules=2, repeats=1, compile_model=False, out=tmp_path / "r.json"
+    )
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert row == results["rows"][0] and row["atoms"] == 18
+    assert (
+        row["speedup_unpatched"] == 1.0 and row["speedup_patched"] > 0 and row["speedup_patched_tp_only"] > 0
+    )
+    assert max(row["force_max_rel_error"].values()) < 1e-4
