@@ -21,7 +21,12 @@ from fastflow.cache import CacheConfig, CacheHook
 from fastflow.models.cache_adapter import SemlaCacheAdapter
 from fastflow.models.semla import Semla
 from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer, fused_semla_forward
-from fastflow.nn.tensor_product import EdgeIndexTPConv, TensorProduct, cuequivariance_unavailable_reason
+from fastflow.nn.tensor_product import (
+    EdgeIndexTPConv,
+    ScatterTPConv,
+    TensorProduct,
+    cuequivariance_unavailable_reason,
+)
 from fastflow.ops.backends import TP_BACKENDS, BackendUnavailable, resolve_backend, resolve_precision
 from fastflow.runtime import cpu_isa
 
@@ -209,7 +214,9 @@ def patch_model(
     ``o3.TensorProduct`` and its subclasses called as ``forward(x1, x2, weight)`` (``FullyConnectedTensorProduct``,
     ``ElementwiseTensorProduct``, ...) with modes uvw/uvu/uvv/uuw/uuu; cuequivariance's
     ``ChannelWiseTensorProduct`` / ``FullyConnectedTensorProduct`` in the mul_ir layout. Tensor products are replaced
-    by :class:`fastflow.nn.TensorProduct` holding the same weight objects. Anything else recognised but
+    by :class:`fastflow.nn.TensorProduct` holding the same weight objects. Convolutions (gather → product with
+    per-edge weights → scatter-sum) run as one ``fastflow::tp_conv``: MACE interaction blocks' ``conv_tp`` (through
+    MACE's own ``conv_fusion`` call) and NequIP's ``TensorProductScatter``. Anything else recognised but
     unsupported (``TensorSquare``, mode ``uvuv``, the ir_mul layout, ...) is left alone and listed with the reason
     in ``handle.report()["kernels"]["left_alone"]``.
 
@@ -284,6 +291,16 @@ def _plan_swaps(
     for path, module in model.named_modules():
         if any(path.startswith(prefix + ".") for prefix in inside):
             continue
+        if path and _is_nequip_tp_scatter(module, tp_classes):
+            parent_path, _, name = path.rpartition(".")
+            try:
+                fused = ScatterTPConv(module, backend=tp_backend)
+            except (TypeError, ValueError) as error:  # its .tp is then swapped alone, if it can be
+                left_alone.append({"module": path, "class": type(module).__name__, "reason": str(error)})
+                continue
+            swaps.append(_Swap(path, model.get_submodule(parent_path), name, module, fused))
+            inside.append(path)
+            continue
         if tp_classes and isinstance(module, tp_classes):
             if tp_backend in ("cpp", "triton"):
                 from fastflow.ops.tensor_product import _resolve
@@ -334,6 +351,18 @@ def _plan_swaps(
         swaps.append(_Swap(path, parent, name, module, fused))
         inside.append(path)
     return swaps, left_alone
+
+
+def _is_nequip_tp_scatter(module: nn.Module, tp_classes: tuple[type, ...]) -> bool:
+    """NequIP's own TensorProductScatter (tp(x[edge_src], edge_attr, edge_weight), scatter-sum to edge_dst) around an
+    e3nn tensor product; not its OpenEquivariance / cuEquivariance subclasses, which fuse already."""
+    cls = type(module)
+    return (
+        cls.__name__ == "TensorProductScatter"
+        and cls.__module__.startswith("nequip.")
+        and bool(tp_classes)
+        and isinstance(getattr(module, "tp", None), tp_classes)
+    )
 
 
 def _mace_conv_reason(parent: nn.Module, name: str, module: nn.Module) -> str | None:

@@ -1,15 +1,16 @@
-"""Real e3nn models from their own packages (mace-torch), for the tests and ``fastflow bench e3nn-models``.
+"""Real e3nn models from their own packages (mace-torch, nequip), for the tests and ``fastflow bench e3nn-models``.
 
-The benchmark times energy + forces of MACE (the issue-15 configuration and MACE-OFF-like widths) on ~300 atoms:
-``unpatched``, ``patched_tp_only`` (patch_model with the convolutions left unfused: what the tensor-product swap
-alone gives), ``patched`` (the convolutions as fastflow::tp_conv too), medians of interleaved repeats, as ratios to the unpatched
-model, with each variant's max force error relative to the unpatched model's largest force; and ``compiled``
-(``torch.compile`` of the unpatched model) against its own unpatched copy in a child process, which survives the
-compiler crashing the process.
+The benchmark times energy + forces of MACE (the issue-15 configuration and MACE-OFF-like widths) and NequIP
+(the issue-15 configuration) on ~300 atoms: ``unpatched``, ``patched_tp_only`` (patch_model with the convolutions
+left unfused: what the tensor-product swap alone gives) and ``patched`` (the convolutions as fastflow::tp_conv too),
+medians of interleaved repeats, as ratios to the unpatched model, with each variant's max force error relative to
+the unpatched model's largest force; and ``compiled`` (``torch.compile`` of the unpatched model) against its own
+unpatched copy in a child process, which survives the compiler crashing the process.
 
 ``mace_model`` builds a ``ScaleShiftMACE`` with random weights from mace-torch's constructor; ``mace_batch`` packs
 randomly rotated ethanol molecules (ASE's geometry, each molecule in its own region of space, no periodic cell)
-into the dict MACE's ``forward`` reads; ``energy_and_forces`` runs it the way an ASE calculator does.
+into the dict MACE's ``forward`` reads; ``energy_and_forces`` runs it the way an ASE calculator does. The
+``nequip_*`` functions do the same for nequip's ``NequIPGNNModel``.
 """
 
 from __future__ import annotations
@@ -140,37 +141,102 @@ def energy_and_forces(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out["energy"].detach(), out["forces"].detach()
 
 
+def nequip_unavailable_reason() -> str | None:
+    """None if nequip imports here, else why not."""
+    if importlib.util.find_spec("nequip") is None:
+        return "nequip is not installed (`pip install -e .[nequip]`)"
+    try:
+        import nequip.model  # noqa: F401
+    except ImportError as error:
+        return f"nequip does not import: {error}"
+    return None
+
+
+def nequip_model(
+    num_layers: int = 4,
+    l_max: int = 2,
+    num_features: int = 32,
+    r_max: float = 5.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """nequip's ``NequIPGNNModel`` (the issue's configuration by default) with random weights, for H, C, O."""
+    import e3nn
+    from nequip.model import NequIPGNNModel
+    from nequip.utils.global_state import set_global_state
+
+    previous, e3nn_defaults = torch.get_default_dtype(), e3nn.get_optimization_defaults()
+    set_global_state()  # required by nequip's builders; it also sets these process-wide defaults, restored here
+    try:
+        model = NequIPGNNModel(
+            seed=seed,
+            model_dtype=str(dtype).removeprefix("torch."),
+            r_max=r_max,
+            type_names=["H", "C", "O"],
+            num_layers=num_layers,
+            l_max=l_max,
+            num_features=num_features,
+            avg_num_neighbors=8.0,
+            per_type_energy_scales=1.0,
+            per_type_energy_shifts=0.0,
+        )
+    finally:
+        torch.set_default_dtype(previous)
+        e3nn.set_optimization_defaults(**e3nn_defaults)
+    return model.eval()
+
+
+def nequip_batch(numbers: np.ndarray, positions: np.ndarray, r_max: float = 5.0) -> dict:
+    """nequip's AtomicDataDict for one molecule set (no periodic cell), with its own neighbour list."""
+    import ase
+    from nequip.data import compute_neighborlist_, from_ase
+
+    data = compute_neighborlist_(from_ase(ase.Atoms(numbers=numbers, positions=positions)), r_max=r_max)
+    index = {z: i for i, z in enumerate(ELEMENTS)}
+    data["atom_types"] = torch.as_tensor([index[int(z)] for z in numbers])
+    return data
+
+
+def nequip_energy_and_forces(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total energy, forces [N, 3]) of nequip's model (it computes forces itself)."""
+    out = model({key: value.clone() if torch.is_tensor(value) else value for key, value in batch.items()})
+    return out["total_energy"].detach(), out["forces"].detach()
+
+
 # ---- fastflow bench e3nn-models ----
 
-MACE_CONFIGS = {  # name: (hidden_irreps, max_ell, correlation)
-    "mace-issue15": ("128x0e+128x1o", 3, 3),  # the issue's ScaleShiftMACE
-    "mace-off-small": ("96x0e", 3, 3),  # MACE-OFF23 small: scalar messages
-    "mace-off-medium": ("96x0e+96x1o", 3, 3),
+CONFIGS = {  # name: (family, builder arguments)
+    "mace-issue15": ("mace", {"hidden_irreps": "128x0e+128x1o"}),  # the issue's ScaleShiftMACE
+    "mace-off-small": ("mace", {"hidden_irreps": "96x0e"}),  # MACE-OFF23 small: scalar messages
+    "mace-off-medium": ("mace", {"hidden_irreps": "96x0e+96x1o"}),
+    "nequip-issue15": ("nequip", {"num_layers": 4, "l_max": 2, "num_features": 32}),
 }
 VARIANTS = ("unpatched", "patched_tp_only", "patched")
 
 
 def _tp_only(model):
-    """``model`` patched with its e3nn tensor products swapped but its convolutions left unfused: each conv_tp is
-    wrapped in fastflow.nn.TensorProduct first, which patch_model does not touch."""
-    from fastflow import patch_model
+    """``model`` patched with its e3nn tensor products swapped but its convolutions left unfused: each convolution's
+    product (MACE's conv_tp, NequIP's tp_scatter.tp) is wrapped in fastflow.nn.TensorProduct first, which
+    patch_model neither touches nor recognises as a convolution."""
     from fastflow.nn import TensorProduct
+    from fastflow.patch import patch_model
 
-    for block in model.interactions:
-        block.conv_tp = TensorProduct(block.conv_tp)
+    for module in list(model.modules()):
+        if type(module).__name__ == "TensorProductScatter":
+            module.tp = TensorProduct(module.tp)
+        elif hasattr(module, "conv_tp") and hasattr(module, "conv_tp_weights"):
+            module.conv_tp = TensorProduct(module.conv_tp)
     patch_model(model)
     return model
 
 
-def _variant(model, name: str):
-    """A copy of the unpatched ``model`` as the variant ``name`` runs it."""
-    import copy
+def _variant(build, name: str):
+    """A model from ``build()`` (seeded: the same weights each time) as the variant ``name`` runs it."""
+    from fastflow.patch import patch_model
 
-    from fastflow import patch_model
-
+    variant = build()
     if name == "unpatched":
-        return model
-    variant = copy.deepcopy(model)
+        return variant
     if name == "patched_tp_only":
         return _tp_only(variant)
     if name == "patched":
@@ -179,21 +245,28 @@ def _variant(model, name: str):
     return torch.compile(variant)
 
 
+def _case(config: str, n_molecules: int, spacing: float):
+    """(model builder, batch, energy-and-forces function) of a configuration."""
+    family, arguments = CONFIGS[config]
+    numbers, positions = ethanol_positions(n_molecules, spacing=spacing)
+    if family == "mace":
+        return lambda: mace_model(**arguments), mace_batch(numbers, positions), energy_and_forces
+    return lambda: nequip_model(**arguments), nequip_batch(numbers, positions), nequip_energy_and_forces
+
+
 def time_variants(config: str, n_molecules: int, spacing: float, repeats: int, variants) -> dict:
-    """{variant: (median seconds, max force error relative to the unpatched model's largest force)}."""
-    hidden, max_ell, correlation = MACE_CONFIGS[config]
-    model = mace_model(hidden_irreps=hidden, max_ell=max_ell, correlation=correlation)
-    batch = mace_batch(*ethanol_positions(n_molecules, spacing=spacing))
-    models = {name: _variant(model, name) for name in variants}
-    forces = {name: energy_and_forces(m, batch)[1] for name, m in models.items()}  # compiles, warms up
-    seconds = median_seconds(
-        {name: (lambda m=m: energy_and_forces(m, batch)) for name, m in models.items()}, repeats
-    )
+    """{variant: (median seconds, max force error relative to the unpatched model's largest force)}, and the
+    graph's (atoms, edges)."""
+    build, batch, run_model = _case(config, n_molecules, spacing)
+    models = {name: _variant(build, name) for name in variants}
+    forces = {name: run_model(m, batch)[1] for name, m in models.items()}  # compiles, warms up
+    seconds = median_seconds({name: (lambda m=m: run_model(m, batch)) for name, m in models.items()}, repeats)
     scale = forces["unpatched"].abs().max()
-    return {
+    timed = {
         name: (seconds[name], ((forces[name] - forces["unpatched"]).abs().max() / scale).item())
         for name in models
     }
+    return timed, (int(forces["unpatched"].shape[0]), int(batch["edge_index"].shape[1]))
 
 
 def _compiled_in_child(config: str, n_molecules: int, spacing: float, repeats: int) -> dict:
@@ -213,7 +286,7 @@ def _compiled_in_child(config: str, n_molecules: int, spacing: float, repeats: i
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"skipped": f"the compiled model's process exited with {done.returncode}: {last[:200]}"}
-    timed = json.loads(done.stdout.strip().splitlines()[-1])
+    timed = json.loads(done.stdout.strip().splitlines()[-1])[0]
     return {
         "unpatched_ms": 1e3 * timed["unpatched"][0],
         "compiled_ms": 1e3 * timed["compiled"][0],
@@ -222,24 +295,13 @@ def _compiled_in_child(config: str, n_molecules: int, spacing: float, repeats: i
     }
 
 
-def bench_mace(config: str, n_molecules: int, spacing: float, repeats: int, compile_model: bool) -> dict:
-    hidden, max_ell, correlation = MACE_CONFIGS[config]
-    batch = mace_batch(*ethanol_positions(n_molecules, spacing=spacing))
-    timed = time_variants(config, n_molecules, spacing, repeats, ("unpatched", "patched_tp_only", "patched"))
-    seconds = {name: value[0] for name, value in timed.items()}
-    errors = {name: value[1] for name, value in timed.items()}
-    row = {
-        "config": config,
-        "hidden_irreps": hidden,
-        "max_ell": max_ell,
-        "correlation": correlation,
-        "atoms": int(batch["positions"].shape[0]),
-        "edges": int(batch["edge_index"].shape[1]),
-        "force_max_rel_error": errors,
-    }
-    for name, s in seconds.items():
-        row[f"{name}_ms"] = 1e3 * s
-        row[f"speedup_{name}"] = seconds["unpatched"] / s
+def bench(config: str, n_molecules: int, spacing: float, repeats: int, compile_model: bool) -> dict:
+    timed, (atoms, edges) = time_variants(config, n_molecules, spacing, repeats, VARIANTS)
+    row = {"config": config, **CONFIGS[config][1], "atoms": atoms, "edges": edges}
+    row["force_max_rel_error"] = {name: value[1] for name, value in timed.items()}
+    for name, (seconds, _) in timed.items():
+        row[f"{name}_ms"] = 1e3 * seconds
+        row[f"speedup_{name}"] = timed["unpatched"][0] / seconds
     if compile_model:
         row["compiled_child_process"] = _compiled_in_child(config, n_molecules, spacing, repeats)
     return row
@@ -260,22 +322,22 @@ def format_row(row: dict) -> str:
 
 
 def run(
-    configs=("mace-issue15",),
+    configs=("mace-issue15", "nequip-issue15"),
     n_molecules: int = 32,
     spacing: float = 5.0,
     repeats: int = 5,
     compile_model: bool = True,
     out: Path | None = None,
 ) -> dict:
-    reason = mace_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"fastflow bench e3nn-models needs mace-torch: {reason}")
+    for family, reason in (("mace", mace_unavailable_reason()), ("nequip", nequip_unavailable_reason())):
+        if reason is not None and any(CONFIGS[config][0] == family for config in configs):
+            raise RuntimeError(f"fastflow bench e3nn-models: {reason}")
     machine = machine_metadata()
     print(machine_header(machine))
     print(f"fastflow bench e3nn-models: energy + forces, {torch.get_num_threads()} threads")
     rows = []
     for config in configs:
-        rows.append(bench_mace(config, n_molecules, spacing, repeats, compile_model))
+        rows.append(bench(config, n_molecules, spacing, repeats, compile_model))
         print(format_row(rows[-1]))
     results = {"benchmark": "e3nn-models", "machine": machine, "repeats": repeats, "rows": rows}
     if out is not None:
@@ -287,7 +349,7 @@ def run(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--configs", nargs="+", choices=MACE_CONFIGS, default=["mace-issue15"])
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=["mace-issue15", "nequip-issue15"])
     parser.add_argument(
         "--molecules", type=int, default=32, help="ethanol molecules (9 atoms each; default 32)"
     )

@@ -470,6 +470,62 @@ class EdgeIndexTPConv(nn.Module):
         )
 
 
+class ScatterTPConv(nn.Module):
+    """NequIP's ``TensorProductScatter`` (an e3nn tensor product with per-edge weights on gathered rows, then a
+    scatter-sum) as one ``tp_conv``: ``forward(x, edge_attr, edge_weight, edge_dst, edge_src)`` = Σ over edges e into
+    node n (``edge_dst[e] = n``) of ``TP(x[edge_src[e]], edge_attr[e], edge_weight[e])``, one row per row of x.
+    It keeps the original's children (``tp``) so ``state_dict()`` is unchanged.
+    """
+
+    def __init__(self, source: nn.Module, backend: str = "auto"):
+        super().__init__()
+        _check_backend(backend, None)
+        tp = getattr(source, "tp", None)
+        if not isinstance(tp, nn.Module):
+            raise TypeError(
+                f"ScatterTPConv needs a module with a tensor product .tp, got {type(source).__name__}"
+            )
+        if getattr(tp, "shared_weights", True) or getattr(tp, "internal_weights", True):
+            raise ValueError(
+                "ScatterTPConv needs per-edge weights (shared_weights=False, internal_weights=False)"
+            )
+        self.descriptor = TPDescriptor.from_module(tp)
+        if self.descriptor.weight_numel == 0:
+            raise ValueError("ScatterTPConv needs a weighted tensor product")
+        self.backend = backend
+        _adopt(self, source)
+        _register_descriptor_tensors(self, self.descriptor, tp._buffers.get("weight"))
+
+    def extra_repr(self) -> str:
+        d = self.descriptor
+        return f"{d.irreps_in1} x {d.irreps_in2} -> {d.irreps_out}, {d.weight_numel} weights per edge, backend={self.backend!r}"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        edge_attr: torch.Tensor,
+        edge_weight: torch.Tensor,
+        edge_dst: torch.Tensor,
+        edge_src: torch.Tensor,
+    ) -> torch.Tensor:
+        d = self.descriptor
+        return tp_conv(
+            x,
+            edge_attr,
+            edge_weight,
+            edge_src,
+            edge_dst,
+            x.size(0),
+            *_descriptor_tensors(self, x),
+            d.dim_out,
+            backend=self.backend,
+        )
+
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in its place (see _ScriptedScatterTPConv)."""
+        return _ScriptedScatterTPConv(self)
+
+
 # ---- TorchScript: the modules as torch.jit.script compiles them (torch.jit.script calls __prepare_scriptable__) ----
 
 
@@ -515,6 +571,38 @@ class _ScriptedEdgeIndexTPConv(nn.Module):
             edge_index[0].contiguous(),
             edge_index[1].contiguous(),
             node_feats.size(0),
+            self._tp_paths,
+            self._tp_cg_index,
+            self._tp_cg_value,
+            self._tp_cg_offsets,
+            self.dim_out,
+        )
+
+
+class _ScriptedScatterTPConv(nn.Module):
+    """ScatterTPConv for TorchScript, like _ScriptedEdgeIndexTPConv."""
+
+    def __init__(self, conv: ScatterTPConv):
+        super().__init__()
+        _require_cpp_for_script(conv)
+        _adopt(self, conv)
+        self.dim_out = conv.descriptor.dim_out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        edge_attr: torch.Tensor,
+        edge_weight: torch.Tensor,
+        edge_dst: torch.Tensor,
+        edge_src: torch.Tensor,
+    ) -> torch.Tensor:
+        return torch.ops.fastflow.tp_conv(
+            x.contiguous(),
+            edge_attr.contiguous(),
+            edge_weight.contiguous(),
+            edge_src.contiguous(),
+            edge_dst.contiguous(),
+            x.size(0),
             self._tp_paths,
             self._tp_cg_index,
             self._tp_cg_value,

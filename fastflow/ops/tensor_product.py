@@ -49,6 +49,7 @@ import warnings
 from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
@@ -259,10 +260,17 @@ def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: s
         )
 
 
+_EXTENTS = WeakIdKeyDictionary()  # paths tensor -> (its version, extents): modules pass the same buffer every call
+
+
 def _extents(paths) -> tuple[int, int, int, int]:
-    """Widths the paths read or write: (x1, x2, out, weights); CPU descriptors only (no device sync)."""
+    """Widths the paths read or write: (x1, x2, out, weights); CPU descriptors only (no device sync). Computed
+    once per paths tensor (and again if it is modified in place), not per call."""
     if paths.device.type != "cpu" or paths.numel() == 0 or not _readable(paths):
         return 0, 0, 0, 0
+    cached = _EXTENTS.get(paths)
+    if cached is not None and cached[0] == paths._version:
+        return cached[1]
     widths = [0, 0, 0, 0]
     for mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight in paths.tolist():
         widths[0] = max(widths[0], off1 + mul1 * d1)
@@ -270,6 +278,7 @@ def _extents(paths) -> tuple[int, int, int, int]:
         widths[2] = max(widths[2], off_out + mul_out * d_out)
         if has_weight:
             widths[3] = max(widths[3], w_off + math.prod(_weight_shape(MODES[mode], mul1, mul2, mul_out)))
+    _EXTENTS[paths] = (paths._version, tuple(widths))
     return tuple(widths)
 
 

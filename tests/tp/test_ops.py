@@ -139,3 +139,19 @@ def test_triton_binding_matches_the_reference(triton_device):
         op.tp_conv_triton,
         conv_args(d, tuple(t.requires_grad_() if t.is_floating_point() else t for t in inputs)),
     )
+
+
+def test_descriptor_extents_are_read_once_per_paths_tensor_and_again_after_an_in_place_change():
+    d, inputs = small_case()
+    args = list(tp_args(d, inputs))
+    paths = args[3]
+    op.check_inputs(*args)
+    calls = []
+    original = paths.tolist
+    paths.tolist = lambda: calls.append(1) or original()  # instance attribute: counts this tensor's reads
+    op.check_inputs(*args)
+    assert calls == []
+    paths[0, 1] += args[0].size(1)  # path 0 now reads past x1: the cached extents are stale
+    with pytest.raises(ValueError, match="irreps mismatch"):
+        op.check_inputs(*args)
+    assert calls == [1]
