@@ -41,7 +41,10 @@ def test_gpu_check_runs_under_the_interpreter(tmp_path):
         "patched Semla 'tiny'",
     } <= checks
     skipped = {row["check"]: row["skipped"] for row in results["correctness"] if row["ok"] is None}
-    assert set(skipped) <= {"bond_head"}, skipped  # only an op without a Triton kernel may be skipped
+    # Skipped may be: an op without a Triton kernel, and the bf16 dots, which Triton's interpreter gets wrong.
+    bf16 = {f"semla_attention {variant} bf16" for variant in ("core", "edge_in", "embed", "edge_out")}
+    assert set(skipped) <= {"bond_head"} | bf16, skipped
+    assert all("TRITON_INTERPRET" in skipped[name] for name in bf16 & set(skipped))
 
     benchmarks = results["benchmarks"]
     errors = {section: rows[0]["error"] for section, rows in benchmarks.items() if "error" in rows[0]}

@@ -193,3 +193,14 @@ def test_bench_precision_smoke(tmp_path):
     gate = {(row["precision"], row["cache"]): row for row in results["sampling"]}
     assert set(gate) == {(p, c) for p in ("fp32", "bf16") for c in ("none", "taylor-2, D=2")}
     assert all(0 <= row["same_graph_as_fp32"] <= 1 for row in gate.values() if row["precision"] == "bf16")
+
+
+def test_triton_precisions_under_the_interpreter(triton_device):
+    """tf32 runs (the interpreter computes it as fp32); bf16 is refused there, since the interpreter's bf16 dots
+    are wrong, and is checked on a GPU by bench/gpu_check.py."""
+    args = cast(op_inputs(CONFIGS["odd"], 2, 5, seed_of("triton precision")), torch.float32, triton_device)
+    expected = semla_attention_reference(*args)
+    got = semla_attention(*args, precision="tf32", backend="triton")
+    assert max_relative(got, expected) < 1e-5
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        semla_attention(*args, precision="bf16", backend="triton")

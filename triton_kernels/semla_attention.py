@@ -7,13 +7,19 @@ vectors, rescaled whenever m grows. Only e' = z[H + P:] is written per pair. Mat
 reference: fastflow/ops/semla_attention.py.
 
 Every tl.dot dimension is padded to a power of two >= 16 (tl.dot's minimum) and masked; padded rows and
-columns load as 0, so they add nothing to the products. Dots use input_precision="ieee": the GPU default,
-TF32, keeps 10 mantissa bits and would miss the fp32 tolerance of the tests.
+columns load as 0, so they add nothing to the products. precision "fp32" uses input_precision="ieee" (the GPU
+default, TF32, keeps 10 mantissa bits and would miss the fp32 tolerance of the tests); "tf32" runs every dot in
+TF32; "bf16" rounds the operands of z = W2 · silu(hidden) to bfloat16 and accumulates in fp32, as the op's
+reference defines it.
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastflow.ops.backends import BackendUnavailable
 
 MIN_DOT = 16  # smallest size of every tl.dot dimension
 
@@ -32,6 +38,14 @@ def _online_softmax_tile(z, in_softmax, m, s1, s2):
     rescale = tl.exp(m - shift)
     p = tl.exp(z - shift[None, :])
     return m_new, rescale, p, s1 * rescale + tl.sum(p, axis=0), s2 * rescale * rescale + tl.sum(p * p, axis=0)
+
+
+@triton.jit
+def _out_dot(act, w_t, BF16_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """act · w_t for the output linear: bf16 operands with fp32 accumulation, or in the dots' precision."""
+    if BF16_OUT:
+        return tl.dot(act.to(tl.bfloat16), w_t.to(tl.bfloat16), out_dtype=tl.float32)
+    return tl.dot(act, w_t, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -72,6 +86,8 @@ def _semla_attention_kernel(
     BLOCK_EO: tl.constexpr,
     HAS_EDGE_IN: tl.constexpr,
     HAS_EDGE_OUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    BF16_OUT: tl.constexpr,  # the output linear in bf16
 ):
     dtype = a_ptr.dtype.element_ty  # fp32 or fp64: everything is computed in the input dtype
     row = tl.program_id(0).to(tl.int64)  # b * N + i; int64 so that row * N * E cannot overflow
@@ -148,7 +164,7 @@ def _semla_attention_kernel(
             c_ptr + pair_j[:, None] * F + offs_f[None, :], mask=mask_j[:, None] & mask_f[None, :], other=0.0
         )
         wg_t = tl.load(wg_t_ptrs, mask=wg_t_mask, other=0.0)
-        hidden = a_i[None, :] + c_j + tl.dot(gram, wg_t, input_precision="ieee")
+        hidden = a_i[None, :] + c_j + tl.dot(gram, wg_t, input_precision=DOT_PRECISION)
         if HAS_EDGE_IN:
             offs_e = tl.arange(0, BLOCK_E)
             mask_e = offs_e < E
@@ -166,7 +182,7 @@ def _semla_attention_kernel(
                 mask=mask_e[:, None] & mask_f[None, :],
                 other=0.0,
             )  # We^T [BLOCK_E, BLOCK_F]
-            hidden += tl.dot(normed, we_t, input_precision="ieee")
+            hidden += tl.dot(normed, we_t, input_precision=DOT_PRECISION)
         # SiLU; exp(-h) overflowing to inf for very negative h gives h / inf = -0, the right limit.
         act = hidden / (1.0 + tl.exp(-hidden))
 
@@ -179,7 +195,7 @@ def _semla_attention_kernel(
                 other=0.0,
             )  # W2[H+P:]^T
             b2_e = tl.load(b2_ptr + H + P + offs_eo, mask=mask_eo, other=0.0)
-            edge_out = tl.dot(act, w2_e_t, input_precision="ieee") + b2_e[None, :]
+            edge_out = _out_dot(act, w2_e_t, BF16_OUT, DOT_PRECISION) + b2_e[None, :]
             tl.store(
                 edge_out_ptr + (row * N + offs_j[:, None]) * EO + offs_eo[None, :],
                 edge_out,
@@ -192,7 +208,7 @@ def _semla_attention_kernel(
 
         # Node attention, all heads at once: logits [BLOCK_J, BLOCK_H].
         w2_h_t = tl.load(w2_h_ptrs, mask=w2_h_mask, other=0.0)
-        z_h = tl.dot(act, w2_h_t, input_precision="ieee") + b2_h[None, :]
+        z_h = _out_dot(act, w2_h_t, BF16_OUT, DOT_PRECISION) + b2_h[None, :]
         m_h, rescale, p, s1_h, s2_h = _online_softmax_tile(z_h, in_softmax, m_h, s1_h, s2_h)
         v_j = tl.load(
             v_ptr + (pair_j[:, None, None] * H + offs_h[None, :, None]) * D + offs_d[None, None, :],
@@ -203,7 +219,7 @@ def _semla_attention_kernel(
 
         # Coordinate attention, all sets at once: logits [BLOCK_J, BLOCK_P].
         w2_p_t = tl.load(w2_p_ptrs, mask=w2_p_mask, other=0.0)
-        z_p = tl.dot(act, w2_p_t, input_precision="ieee") + b2_p[None, :]
+        z_p = _out_dot(act, w2_p_t, BF16_OUT, DOT_PRECISION) + b2_p[None, :]
         m_p, rescale, p, s1_p, s2_p = _online_softmax_tile(z_p, in_softmax, m_p, s1_p, s2_p)
         # Unit vectors (Y_p,i − Y_p,j) / (‖·‖ + eps), one axis at a time.
         y_j_base = y_ptr + ((b * P + offs_p[None, :]) * N + offs_j[:, None]) * 3  # [BLOCK_J, BLOCK_P]
@@ -252,8 +268,15 @@ def semla_attention(
     edge_weight,
     edge_norm_eps: float,
     coord_eps: float,
+    precision: str = "fp32",
 ):
     """Launch on inputs validated by fastflow.ops.semla_attention.check_inputs (shapes, dtype, device)."""
+    if precision == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's interpreter (3.9) returns garbage for bf16 tl.dot: refuse rather than mislead.
+        raise BackendUnavailable(
+            "semla_attention (triton): precision 'bf16' cannot run under TRITON_INTERPRET=1 (the interpreter "
+            "computes bf16 dots wrongly); it runs on a GPU, or use backend='cpp' on CPU"
+        )
     dtype = node_terms_i.dtype
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"semla_attention (triton): tensors must be float32 or float64, got {dtype}")
@@ -317,5 +340,7 @@ def semla_attention(
         BLOCK_EO=_dot_block(max(EO, 1)),
         HAS_EDGE_IN=has_edge_in,
         HAS_EDGE_OUT=EO > 0,
+        DOT_PRECISION="tf32" if precision == "tf32" else "ieee",
+        BF16_OUT=precision == "bf16",
     )
     return node_agg, coord_agg, edge_out
