@@ -11,6 +11,7 @@ Public API:
 
 from importlib.metadata import version
 
+from fastflow import _extension
 from fastflow.cache import CacheConfig
 from fastflow.metrics import compute_metrics
 from fastflow.models import Semla, SemlaConfig
@@ -20,6 +21,8 @@ from fastflow.pretrained import load_pretrained
 from fastflow.sampling import SampleResult, sample
 
 __version__ = version("fastflow")  # pyproject.toml's
+
+_extension.load_prebuilt()  # the C++ ops registered at import (TorchScript files that call them then load)
 
 __all__ = [
     "SampleResult",

@@ -1,6 +1,9 @@
 """Loads fastflow._C, the C++ CPU kernels (csrc/), which registers the torch ops torch.ops.fastflow.*.
 
-Lazy: nothing happens at `import fastflow`; the first use of the cpp backend calls `load_extension()`:
+`import fastflow` loads the prebuilt module when it is there and matches the installed torch (a shared-library
+load, no build; so a TorchScript file that calls fastflow's ops loads after `import fastflow`);
+FASTFLOW_SKIP_EXTENSION=1 skips the prebuilt module. Otherwise the
+first use of the cpp backend calls `load_extension()`:
 
 1. the prebuilt module from `pip install --no-build-isolation [-e] .`, unless built against another torch;
 2. else, in a source checkout with ninja, a just-in-time build of csrc/*.cpp (once, cached by torch in
@@ -45,6 +48,22 @@ def load_extension() -> bool:
     return _status["loaded"]
 
 
+def load_prebuilt() -> bool:
+    """Load the prebuilt fastflow._C if present and built for this torch; never builds, never warns. A miss
+    leaves everything to load_extension() (which may then JIT-build and reports why)."""
+    global _status
+    if _status is None:
+        with _lock:
+            if _status is None:
+                prebuilt = _load_prebuilt()
+                if prebuilt["loaded"]:
+                    _status = prebuilt
+        if is_loaded():
+            for callback in _on_load:
+                callback()
+    return is_loaded()
+
+
 def on_load(callback) -> None:
     """Run ``callback()`` when fastflow._C is loaded: now if it already is, else right after it loads."""
     _on_load.append(callback)
@@ -64,8 +83,15 @@ def extension_status() -> dict:
 
 
 def _load() -> dict:
+    prebuilt = _load_prebuilt()
+    return prebuilt if prebuilt["loaded"] else _load_jit(prebuilt["reason"])
+
+
+def _load_prebuilt() -> dict:
     spec = importlib.util.find_spec("fastflow._C")
-    if spec is None:
+    if os.environ.get("FASTFLOW_SKIP_EXTENSION") == "1":
+        reason = "the prebuilt fastflow._C is skipped (FASTFLOW_SKIP_EXTENSION=1)"
+    elif spec is None:
         reason = "fastflow._C is not built"
     else:
         built_with = _torch_version_built_with(Path(spec.origin))
@@ -81,7 +107,7 @@ def _load() -> dict:
                 return {"loaded": True, "how": "prebuilt", "reason": None}
             except (ImportError, OSError) as error:
                 reason = f"importing fastflow._C failed: {error}"
-    return _load_jit(reason)
+    return {"loaded": False, "how": None, "reason": reason}
 
 
 def _load_jit(reason: str) -> dict:

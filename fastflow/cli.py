@@ -777,6 +777,13 @@ def add_bench_parser(commands) -> None:
 
     tp_benchmark.add_arguments(tp)
     tp.set_defaults(handler=run_bench_tp)
+    e3nn_models = which.add_parser(
+        "e3nn-models", help="MACE and NequIP energy + forces: unpatched vs patched vs torch.compile"
+    )
+    from fastflow.benchmarks import e3nn_models as e3nn_models_benchmark
+
+    e3nn_models_benchmark.add_arguments(e3nn_models)
+    e3nn_models.set_defaults(handler=lambda args: e3nn_models_benchmark.run_from_args(args) and 0)
     gpu_static = which.add_parser(
         "gpu-static",
         help="compile the Triton kernels for NVIDIA GPUs without one: "

@@ -1,5 +1,6 @@
 """The installed package: fastflow._C loads, triton_kernels ships only as fastflow.triton_kernels."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,16 @@ from fastflow import _extension
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_python(code: str, cwd: Path) -> str:
+def run_python(code: str, cwd: Path, env: dict | None = None) -> str:
     # A fresh interpreter outside the repo: pytest puts the repo root on sys.path; the install must not need it.
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, check=False, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -75,4 +82,11 @@ def test_jit_build_from_csrc(tmp_path):
         "assert s['loaded'], s; x = torch.ones(4); "
         "print(torch.ops.fastflow.cache_forecast([x, 2 * x], [0.5, 0.25]).tolist())"
     )
-    assert run_python(code, tmp_path) == "[1.0, 1.0, 1.0, 1.0]"
+    assert run_python(code, tmp_path, {"FASTFLOW_SKIP_EXTENSION": "1"}) == "[1.0, 1.0, 1.0, 1.0]"
+
+
+def test_import_registers_the_ops(tmp_path):
+    # A TorchScript file that calls fastflow's ops loads after a bare `import fastflow`.
+    code = "import torch, fastflow; print(hasattr(torch.ops.fastflow, 'semla_attention'))"
+    assert run_python(code, tmp_path) == "True"
+    assert run_python(code, tmp_path, {"FASTFLOW_SKIP_EXTENSION": "1"}) == "False"

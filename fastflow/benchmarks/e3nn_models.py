@@ -378,9 +378,3 @@ def run_from_args(args) -> dict:
         compile_model=args.compile,
         out=args.out,
     )
-
-
-if __name__ == "__main__":  # until the CLI registers `fastflow bench e3nn-models`
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    run_from_args(parser.parse_args())
