@@ -13,13 +13,9 @@ TF32; "bf16" rounds the operands of z = W2 · silu(hidden) to bfloat16 and accum
 reference defines it.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-
-from fastflow.ops.backends import BackendUnavailable
 
 MIN_DOT = 16  # smallest size of every tl.dot dimension
 
@@ -271,12 +267,6 @@ def semla_attention(
     precision: str = "fp32",
 ):
     """Launch on inputs validated by fastflow.ops.semla_attention.check_inputs (shapes, dtype, device)."""
-    if precision == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
-        # Triton's interpreter (3.9) returns garbage for bf16 tl.dot: refuse rather than mislead.
-        raise BackendUnavailable(
-            "semla_attention (triton): precision 'bf16' cannot run under TRITON_INTERPRET=1 (the interpreter "
-            "computes bf16 dots wrongly); it runs on a GPU, or use backend='cpp' on CPU"
-        )
     dtype = node_terms_i.dtype
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"semla_attention (triton): tensors must be float32 or float64, got {dtype}")

@@ -41,11 +41,14 @@ Implementations (fastflow.ops.backends picks one):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
+    BackendUnavailable,
     bind_cpp_ops,
     check_precision,
     recompute_vjp,
@@ -455,6 +458,12 @@ def semla_attention_triton(
         embed_bias2,
     )
     check_precision("semla_attention", precision, node_terms_i.dtype)
+    if precision == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's interpreter (3.9) returns garbage for bf16 tl.dot: refuse rather than mislead.
+        raise BackendUnavailable(
+            "semla_attention (triton): precision 'bf16' cannot run under TRITON_INTERPRET=1 (the interpreter "
+            "computes bf16 dots wrongly); it runs on a GPU, or use backend='cpp' on CPU"
+        )
     if embed_weight1 is not None:  # the Triton kernel reads embedded edges: made here, in PyTorch
         edge_feats = F.linear(
             F.silu(F.linear(edge_feats, embed_weight1, embed_bias1)), embed_weight2, embed_bias2
