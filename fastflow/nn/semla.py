@@ -238,8 +238,12 @@ def fused_semla_forward(
         embed_edges=not getattr(first_layer, "embeds_edges", False),
     )
     out_coords, feats, edges = self.dynamics.trunk(**inputs)
+    # The backend of the patched layers (patch_model plans this forward for cpp and triton only).
+    backend = next(
+        (layer.backend for layer in self.dynamics.layers if isinstance(layer, FusedSemlaLayer)), "auto"
+    )
     bond_logits = fused_bond_logits(
-        self.dynamics, self.edge_out_proj, out_coords, feats, inputs["atom_mask"], edges
+        self.dynamics, self.edge_out_proj, out_coords, feats, inputs["atom_mask"], edges, backend=backend
     )
     return self.outputs(out_coords, self.dynamics.feat_norm(feats), bond_logits, inputs["atom_mask"])
 

@@ -28,19 +28,17 @@ differentiates it (memory of the reference path, exact gradients), so a patched 
 Implementations (fastflow.ops.backends picks one):
     reference  bond_head_reference below
     cpp        torch.ops.fastflow.bond_head        schema csrc/registration.cpp, kernel csrc/bond_head.cpp
-    triton     none yet: an explicit request raises; `auto` on CUDA runs the reference, saying so once
+    triton     torch.ops.fastflow.bond_head_triton  custom op below, kernel triton_kernels/bond_head.py (a program
+               per molecule × block pair of 4 × 4 atoms; the same exactly symmetric logits)
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
-    BackendUnavailable,
     bind_cpp_ops,
     recompute_vjp,
     register_cpp_op,
@@ -71,7 +69,6 @@ REFINE_ARGUMENTS = (
     "refine_bias",
 )
 ARGUMENTS = HEAD_ARGUMENTS + REFINE_ARGUMENTS
-_warned_no_triton: list[bool] = []
 
 
 def bond_head(
@@ -110,8 +107,7 @@ def bond_head(
             dist_weight w_d ``[F]``, dot_weight w_o ``[F]`` (columns of the first linear);
             refine_weight W2 ``[E, F]``, refine_bias b2 ``[E]``.
         edge_norm_eps, bond_norm_eps: LayerNorm epsilons.
-        backend: "auto" (default), "cpp" or "reference" (no Triton kernel yet: "triton" is refused, and "auto"
-            on CUDA runs the reference, saying so once).
+        backend: "auto" (default: cpp on CPU, triton on CUDA), "cpp", "triton" or "reference".
     Return:
         logits ``[B, N, N, K]``, contiguous, symmetric in (i, j).
     """
@@ -138,15 +134,8 @@ def bond_head(
     chosen = resolve_backend(backend, edge_feats.device)
     if chosen == "cpp":
         return _cpp_op()(*inputs, float(edge_norm_eps), float(bond_norm_eps))
-    if chosen == "triton":  # no Triton kernel yet: an explicit request fails, `auto` says so once
-        if backend not in (None, "auto"):
-            raise BackendUnavailable("bond_head has no Triton kernel yet; use backend='reference'")
-        if not _warned_no_triton:
-            warnings.warn(
-                "fastflow: bond_head has no Triton kernel yet; it runs the PyTorch reference on CUDA",
-                stacklevel=2,
-            )
-            _warned_no_triton.append(True)
+    if chosen == "triton":
+        return bond_head_triton(*inputs, float(edge_norm_eps), float(bond_norm_eps))
     return bond_head_reference(*inputs, edge_norm_eps=edge_norm_eps, bond_norm_eps=bond_norm_eps)
 
 
@@ -379,3 +368,56 @@ def _cpp_op():
 
 
 bind_cpp_ops(_cpp_op)
+
+
+# custom_op, not triton_op: see cache_forecast.py.
+@torch.library.custom_op("fastflow::bond_head_triton", mutates_args=())
+def bond_head_triton(
+    edge_feats: torch.Tensor,
+    bond_norm_weight: torch.Tensor,
+    bond_norm_bias: torch.Tensor,
+    head_weight1: torch.Tensor,
+    head_bias1: torch.Tensor,
+    head_weight2: torch.Tensor,
+    head_bias2: torch.Tensor,
+    node_terms_i: torch.Tensor | None,
+    node_terms_j: torch.Tensor | None,
+    coords: torch.Tensor | None,
+    edge_norm_weight: torch.Tensor | None,
+    edge_norm_bias: torch.Tensor | None,
+    edge_weight: torch.Tensor | None,
+    dist_weight: torch.Tensor | None,
+    dot_weight: torch.Tensor | None,
+    refine_weight: torch.Tensor | None,
+    refine_bias: torch.Tensor | None,
+    edge_norm_eps: float,
+    bond_norm_eps: float,
+) -> torch.Tensor:
+    from fastflow.triton_kernels import bond_head as kernel  # lazy: importing fastflow never needs triton
+
+    inputs = (
+        edge_feats,
+        bond_norm_weight,
+        bond_norm_bias,
+        head_weight1,
+        head_bias1,
+        head_weight2,
+        head_bias2,
+        node_terms_i,
+        node_terms_j,
+        coords,
+        edge_norm_weight,
+        edge_norm_bias,
+        edge_weight,
+        dist_weight,
+        dot_weight,
+        refine_weight,
+        refine_bias,
+    )
+    # Checked here too, not only in bond_head(): a kernel launched on wrong shapes reads out of bounds.
+    check_inputs(*inputs)
+    return kernel.bond_head(*inputs, edge_norm_eps, bond_norm_eps)
+
+
+bond_head_triton.register_fake(_bond_head_fake)
+bond_head_triton.register_autograd(_backward, setup_context=_setup_context)
