@@ -93,7 +93,14 @@ def fit_cases():
             id=f"semla-semlaflow-core-{target}",
             marks=pytest.mark.xfail(strict=True, reason=SEMLAFLOW_MISS),
         )
-        for kernel in ("tensor_product", "tp_conv_atomic", "tp_conv_deterministic", "cache_forecast"):
+        for kernel in (
+            "tensor_product",
+            "tp_conv_atomic",
+            "tp_conv_deterministic",
+            "cache_forecast",
+            "discrete_flow_step",
+            "bond_head",
+        ):
             yield pytest.param(kernel, None, target, id=f"{kernel}-{target}")
 
 
@@ -111,6 +118,13 @@ def test_fits_the_gpu(report, kernel, variant, target):
 def test_semla_attention_uses_tensor_cores(report, target):
     (row,) = rows_of(report, "semla_attention", target, SEMLAFLOW_CORE)
     assert row["tensor_cores"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_semla_attention_bf16_uses_tensor_cores(report, target):
+    # precision="bf16" (the output linear's dots on bf16 operands): HMMA / WGMMA in the SASS, and it fits.
+    (row,) = rows_of(report, "semla_attention", target, "small/core/bf16")
+    assert row["tensor_cores"] and row["ok"], row
 
 
 def test_semla_shapes_follow_the_model():

@@ -23,6 +23,8 @@ FP fusion as Triton's default). Cases:
     tp_conv_deterministic  uvw product fc-8 (8x0e+8x1o x 8x0e+8x1o -> 8x0e+8x1o, shared weights); fp32 and fp64;
                            one row per distinct specialisation of the per-path launches
     cache_forecast         K = 3 history tensors, fp32 and fp64
+    bond_head              presets semlaflow and small (E = G = d_edge, F = d_message, K = n_edge_types), with
+                           and without BondRefine; fp32 and fp64
 
 Per (kernel, variant, target) a row: ``registers`` (from the cubin, ``cuobjdump -res-usage``), ``spill_bytes``
 (spill stores + spill loads from ``ptxas -v``, rerun on Triton's PTX with Triton's flags), ``stack_bytes``,
@@ -61,6 +63,7 @@ KERNELS = (
     "tp_conv_deterministic",
     "cache_forecast",
     "discrete_flow_step",
+    "bond_head",
 )
 TARGETS = ("sm_80", "sm_89", "sm_90")
 JSON_KEYS = (
@@ -122,6 +125,7 @@ HISTORY, FORECAST_NUMEL = 3, 128 * 29 * 3  # cache_forecast: K history tensors o
 
 SEMLA_PRESETS = ("semlaflow", "small")
 SEMLA_LAYERS = ("core", "edge_in", "edge_out")
+SEMLA_PRECISIONS = ("tf32", "bf16")  # semla_attention's tensor-core variants (float32 tensors)
 DTYPES = ("fp32", "fp64")
 # Tensor-product cases: (irreps_in1, lmax of the spherical harmonics) for NequIP convolutions, or an explicit
 # fully connected product.
@@ -133,14 +137,16 @@ TP_CASES = {
 
 # --quick: the smallest case of each kernel, plus the known-bad semlaflow core layer of semla_attention.
 QUICK = {
-    "semla_attention": [("small", "core", "fp32"), ("semlaflow", "core", "fp32")],
+    "semla_attention": [("small", "core", "fp32"), ("small", "core", "bf16"), ("semlaflow", "core", "fp32")],
     "tensor_product": [("nequip-l1", "fp32")],
     "tp_conv_atomic": [("nequip-l1", "fp32")],
     "tp_conv_deterministic": [("nequip-l1", "fp32")],
     "cache_forecast": [("fp32",)],
     "discrete_flow_step": [("bonds", "fp32")],
+    "bond_head": [("small", "refine", "fp32")],
 }
 STEP_CASES = {"atoms": 18, "bonds": 5}  # discrete_flow_step: classes per element (atom types, bond orders)
+BOND_HEAD_VARIANTS = ("refine", "plain")  # with BondRefine's arguments, or without (bond_refine=False)
 
 
 # ------------------------------------------------------------------------------------------------------ cases
@@ -219,7 +225,9 @@ def _semla_cases(selection) -> list[Case]:
     for preset, layer, dtype_name in selection:
         s = semla_layer_shapes(SemlaConfig.preset(preset), layer)
         B, N, F, S, P, H, D, E, EO = 1, ATOMS, s["F"], s["S"], s["P"], s["H"], s["D"], s["E"], s["EO"]
-        dtype = _torch_dtype(dtype_name)
+        # "tf32" and "bf16" are the op's matrix-product precisions, on float32 tensors
+        precision = dtype_name if dtype_name in SEMLA_PRECISIONS else "fp32"
+        dtype = _torch_dtype("fp32" if precision != "fp32" else dtype_name)
 
         empty = partial(_zeros, dtype=dtype)
 
@@ -238,6 +246,7 @@ def _semla_cases(selection) -> list[Case]:
                 *edges,
                 1e-5,
                 1e-6,
+                precision=precision,
             )
         ((args, kwargs),) = recorder.launches
         shape = f"F={F} S=P={S} H={H} d_head={D}" + (f" E={E}" if E else "") + (f" EO={EO}" if EO else "")
@@ -443,18 +452,47 @@ def _step_cases(selection) -> list[Case]:
     return cases
 
 
+def _bond_head_cases(selection) -> list[Case]:
+
+    from fastflow.models.config import SemlaConfig
+    from fastflow.triton_kernels import bond_head as module
+
+    cases = []
+    for preset, variant, dtype_name in selection:
+        config = SemlaConfig.preset(preset)
+        B, N, E, F, G, K = 1, ATOMS, config.d_edge, config.d_message, config.d_edge, config.n_edge_types
+        empty = partial(_zeros, dtype=_torch_dtype(dtype_name))
+        head = (empty(B, N, N, E), empty(E), empty(E), empty(G, E), empty(G), empty(K, G), empty(K))
+        refine = (empty(B, N, F), empty(B, N, F), empty(B, N, 3), empty(E), empty(E), empty(F, E))
+        refine += (empty(F), empty(F), empty(E, F), empty(E))
+        with _recording(module, "_bond_head_kernel") as (fn, recorder):
+            module.bond_head(*head, *(refine if variant == "refine" else (None,) * 10), 1e-5, 1e-5)
+        ((args, kwargs),) = recorder.launches
+        shape = f"E=G={E} K={K}" + (f" F={F}" if variant == "refine" else "")
+        cases.append(
+            Case("bond_head", f"{preset}/{variant}/{dtype_name}", fn, args, kwargs, {"shape": shape})
+        )
+    return cases
+
+
 def selections(quick: bool) -> dict:
     """What each kernel compiles: semla (preset, layer, dtype), tensor products (case, dtype), forecast (dtype,)."""
     if quick:
         return QUICK
     tp = [(case, dtype) for case in TP_CASES for dtype in DTYPES]
     return {
-        "semla_attention": [(p, layer, d) for p in SEMLA_PRESETS for layer in SEMLA_LAYERS for d in DTYPES],
+        "semla_attention": [
+            (p, layer, d)
+            for p in SEMLA_PRESETS
+            for layer in SEMLA_LAYERS
+            for d in (*DTYPES, *SEMLA_PRECISIONS)
+        ],
         "tensor_product": tp,
         "tp_conv_atomic": tp,
         "tp_conv_deterministic": tp,
         "cache_forecast": [(d,) for d in DTYPES],
         "discrete_flow_step": [(what, d) for what in STEP_CASES for d in DTYPES],
+        "bond_head": [(p, v, d) for p in SEMLA_PRESETS for v in BOND_HEAD_VARIANTS for d in DTYPES],
     }
 
 
@@ -468,6 +506,8 @@ def build_cases(kernels=KERNELS, quick: bool = False) -> list[Case]:
             cases += _forecast_cases(chosen[kernel])
         elif kernel == "discrete_flow_step":
             cases += _step_cases(chosen[kernel])
+        elif kernel == "bond_head":
+            cases += _bond_head_cases(chosen[kernel])
         elif kernel in KERNELS:
             cases += _tp_cases(kernel, chosen[kernel], quick)
         else:
