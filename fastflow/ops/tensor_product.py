@@ -260,7 +260,9 @@ def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: s
         )
 
 
-_EXTENTS = WeakIdKeyDictionary()  # paths tensor -> (its version, extents): modules pass the same buffer every call
+_EXTENTS = (
+    WeakIdKeyDictionary()
+)  # paths tensor -> (its version, extents): modules pass the same buffer every call
 
 
 def _extents(paths) -> tuple[int, int, int, int]:
