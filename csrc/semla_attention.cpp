@@ -128,19 +128,22 @@ FASTFLOW_INLINE void silu_inplace_impl(const Problem<T>& pr, T* x, int64_t n) {
   for (int64_t q = 0; q < n; ++q) x[q] = x[q] / (T(1) + exp_fast(-x[q], lo, hi));
 }
 
-// Second half of step 2 and the bias of step 3: hidden = silu(hidden) in place, z rows = b2.
+// Step 3's bias: the z rows of `pairs` pairs start as b2.
 template <typename T>
-FASTFLOW_INLINE void silu_and_bias_impl(const Problem<T>& pr, int64_t pairs, T* hidden, T* z) {
-  const int64_t n = pairs * pr.F;
-  const float lo = pr.exp_lo, hi = pr.exp_hi;
-#pragma omp simd
-  for (int64_t q = 0; q < n; ++q) hidden[q] = hidden[q] / (T(1) + exp_fast(-hidden[q], lo, hi));
+FASTFLOW_INLINE void bias_rows_impl(const Problem<T>& pr, int64_t pairs, T* z) {
   const int64_t Z = pr.Z;
   for (int64_t pair = 0; pair < pairs; ++pair) {
     T* zp = z + pair * Z;
 #pragma omp simd
     for (int64_t q = 0; q < Z; ++q) zp[q] = pr.bias[q];
   }
+}
+
+// Second half of step 2 and the bias of step 3: hidden = silu(hidden) in place, z rows = b2.
+template <typename T>
+FASTFLOW_INLINE void silu_and_bias_impl(const Problem<T>& pr, int64_t pairs, T* hidden, T* z) {
+  silu_inplace_impl(pr, hidden, pairs * pr.F);
+  bias_rows_impl(pr, pairs, z);
 }
 
 // Step 2's silu and step 3's bias for the bf16 GEMM: A = bf16(silu(hidden)), z rows = b2.
@@ -150,12 +153,7 @@ FASTFLOW_INLINE void silu_to_bf16_and_bias_impl(const Problem<float>& pr, int64_
   const float lo = pr.exp_lo, hi = pr.exp_hi;
 #pragma omp simd
   for (int64_t q = 0; q < n; ++q) A[q] = bf16_bits(hidden[q] / (1.0f + exp_fast(-hidden[q], lo, hi)));
-  const int64_t Z = pr.Z;
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    float* zp = z + pair * Z;
-#pragma omp simd
-    for (int64_t q = 0; q < Z; ++q) zp[q] = pr.bias[q];
-  }
+  bias_rows_impl(pr, pairs, z);
 }
 
 // Step 4 for the rows [r0, r1) of a tile whose z is in `z` (overwritten by the exponentials); e' copied out.

@@ -181,9 +181,7 @@ def semla_attention_reference(
     gram = torch.einsum("bsik,bsjk->bijs", gram_coords, gram_coords)  # G_ij,s
     hidden = node_terms_i.unsqueeze(2) + node_terms_j.unsqueeze(1) + gram @ gram_weight.T
     if embed_weight1 is not None:
-        edge_feats = F.linear(
-            F.silu(F.linear(edge_feats, embed_weight1, embed_bias1)), embed_weight2, embed_bias2
-        )
+        edge_feats = embed_edges(edge_feats, embed_weight1, embed_bias1, embed_weight2, embed_bias2)
     if edge_feats is not None:
         normed = F.layer_norm(
             edge_feats, edge_feats.shape[-1:], edge_norm_weight, edge_norm_bias, edge_norm_eps
@@ -205,6 +203,11 @@ def semla_attention_reference(
     unit = diffs / (torch.linalg.vector_norm(diffs, dim=-1, keepdim=True) + coord_eps)  # finite grad at i = j
     coord_agg = torch.einsum("bijp,bpijk->bipk", beta, unit) * beta.square().sum(dim=2).sqrt().unsqueeze(-1)
     return node_agg.flatten(2), coord_agg, edge_out.contiguous()
+
+
+def embed_edges(edge_input, weight1, bias1, weight2, bias2):
+    """The generator's edge embedding e = W_eb · silu(W_ea x + b_ea) + b_eb, materialised (reference, Triton)."""
+    return F.linear(F.silu(F.linear(edge_input, weight1, bias1)), weight2, bias2)
 
 
 def check_inputs(
@@ -465,9 +468,7 @@ def semla_attention_triton(
             "computes bf16 dots wrongly); it runs on a GPU, or use backend='cpp' on CPU"
         )
     if embed_weight1 is not None:  # the Triton kernel reads embedded edges: made here, in PyTorch
-        edge_feats = F.linear(
-            F.silu(F.linear(edge_feats, embed_weight1, embed_bias1)), embed_weight2, embed_bias2
-        )
+        edge_feats = embed_edges(edge_feats, embed_weight1, embed_bias1, embed_weight2, embed_bias2)
     return kernel.semla_attention(
         node_terms_i,
         node_terms_j,
