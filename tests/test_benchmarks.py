@@ -125,3 +125,20 @@ def test_bench_kernels_smoke(tmp_path):
     for row in results["memory"]["tiny"]:
         assert 0 < row[f"{backend}_peak_mib"] < row["reference_peak_mib"]
         assert row["ratio"] == row[f"{backend}_peak_mib"] / row["reference_peak_mib"]
+
+
+def test_bench_model_sampling_script(tmp_path):
+    """bench/bench_model_sampling.py end to end on the packaged model: both variants, the same sizes, JSON out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_model_sampling.py"
+    out = tmp_path / "sampling.json"
+    command = [sys.executable, str(script), "qm9-small", "--n", "3", "--steps", "2", "--repeats", "1"]
+    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [row["kernels"] for row in report["rows"]] == ["reference", "cpp"]
+    assert report["rows"][0]["speedup"] == 1.0 and report["rows"][1]["seconds"] > 0
+    assert report["n"] == 3 and report["mean_atoms"] >= 1 and report["machine"]["isa"] is not None
