@@ -12,8 +12,8 @@ runs the compilations in a child process with ``TRITON_INTERPRET`` removed from 
 What is compiled is what the launchers in ``triton_kernels/`` would launch: each launcher is called on small CPU
 tensors of the right shapes with its kernel replaced by a recorder, and every recorded launch is specialised as
 Triton's JIT would specialise it (``native_specialize_impl``: ``*fp32``/``i32``/``constexpr`` types, 16-byte
-divisibility hints, integers equal to 1 turned into constants), with the JIT's default options (4 warps, 3 stages,
-FP fusion as Triton's default). Cases:
+divisibility hints, integers equal to 1 turned into constants), with the launch's options (``num_warps``,
+``num_stages``) or the JIT's defaults (4 warps, 3 stages, FP fusion as Triton's default). Cases:
 
     semla_attention        presets semlaflow and small; layers core (F = d_message_hidden), edge_in (the first
                            layer: reads d_edge edge features, F = H + S) and edge_out (the last: writes d_edge
@@ -135,9 +135,14 @@ TP_CASES = {
     "fc-8": "8x0e+8x1o",
 }
 
-# --quick: the smallest case of each kernel, plus the known-bad semlaflow core layer of semla_attention.
+# --quick: the smallest case of each kernel, plus semla_attention's semlaflow core layer (fp32 and tf32).
 QUICK = {
-    "semla_attention": [("small", "core", "fp32"), ("small", "core", "bf16"), ("semlaflow", "core", "fp32")],
+    "semla_attention": [
+        ("small", "core", "fp32"),
+        ("small", "core", "bf16"),
+        ("semlaflow", "core", "fp32"),
+        ("semlaflow", "core", "tf32"),
+    ],
     "tensor_product": [("nequip-l1", "fp32")],
     "tp_conv_atomic": [("nequip-l1", "fp32")],
     "tp_conv_deterministic": [("nequip-l1", "fp32")],
@@ -532,11 +537,21 @@ def parse_target(name: str) -> int:
     return capability
 
 
+# Keyword arguments of a launch that are compile options, not kernel parameters (Triton's JIT takes them the same way).
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def launch_options(kwargs) -> dict:
+    """The compile options a launch passed (num_warps, num_stages, ...); the JIT's defaults for the rest."""
+    return {key: value for key, value in kwargs.items() if key in LAUNCH_OPTIONS}
+
+
 def specialize(fn, args, kwargs):
     """(signature, constexprs, attrs) of ASTSource for a launch, as Triton's JIT specialises it."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.nvidia.compiler import CUDABackend
 
+    kwargs = {key: value for key, value in kwargs.items() if key not in LAUNCH_OPTIONS}
     bound = inspect.signature(fn.fn).bind(*args, **kwargs)
     bound.apply_defaults()
     signature, constexprs, attrs = {}, {}, {}
@@ -695,7 +710,9 @@ def compile_case(case: Case, target: str) -> dict:
             )
             try:
                 compiled = triton.compile(
-                    ASTSource(case.fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32)
+                    ASTSource(case.fn, signature, constexprs, attrs),
+                    target=GPUTarget("cuda", capability, 32),
+                    options=launch_options(case.kwargs),
                 )
             finally:
                 knobs.compilation.listener = previous

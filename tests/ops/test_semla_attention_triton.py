@@ -9,8 +9,9 @@ import torch
 
 from .semla_helpers import cast, max_relative_errors, random_inputs, seed_of
 
-# (F, S, H, d_head, P, E_in, E_out): a tiny layer with edge input and output, and an odd one without either.
-CONFIGS = {"tiny": (16, 4, 2, 4, 4, 8, 8), "odd": (12, 3, 3, 3, 3, 0, 0)}
+# (F, S, H, d_head, P, E_in, E_out): a tiny layer with edge input and output, an odd one without either, and one
+# whose hidden width takes three chunks of the kernel's F loop (16 columns each, the last one partial).
+CONFIGS = {"tiny": (16, 4, 2, 4, 4, 8, 8), "odd": (12, 3, 3, 3, 3, 0, 0), "chunks": (40, 5, 3, 2, 6, 4, 3)}
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}  # on max|out - ref| / max|ref|
 
 
@@ -40,7 +41,7 @@ def matches_reference(args, dtype, device):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("N", [1, 2, 3, 5])
+@pytest.mark.parametrize("N", [1, 2, 3, 5, 17])
 def test_float32_matches_reference(triton_device, N, config):
     matches_reference(inputs(N, config, seed_of(N, config)), torch.float32, triton_device)
 
@@ -51,7 +52,7 @@ def test_float64_matches_reference(triton_device, config):
 
 
 def test_several_tiles_of_j(triton_device):
-    # N = 18 > BLOCK_J = 16: the online softmax rescales across tiles. Row 0's only edges lie in the second
+    # N = 18 > BLOCK_J = 16: the online softmax rescales across tiles (and rows 0 and 1 share a block of rows i). Row 0's only edges lie in the second
     # tile (its running max is still -inf after the first); row 1 has no edge (softmax over every j).
     N = 18
     generator = torch.Generator().manual_seed(seed_of("tiles"))
