@@ -66,4 +66,13 @@ TORCH_LIBRARY(fastflow, m) {
       "tp_conv_backward(Tensor grad_out, Tensor node_feats, Tensor edge_attrs, Tensor weights, Tensor edge_src, "
       "Tensor edge_dst, Tensor paths, Tensor cg_index, Tensor cg_value, Tensor cg_offsets) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // MACE's symmetric contraction: a sparse polynomial of each node's features per channel (see the Python module)
+  m.set_python_module("fastflow.ops.symmetric_contraction");
+  m.def(
+      "symmetric_contraction(Tensor x, Tensor elements, Tensor coeffs, Tensor monomials, Tensor terms, "
+      "int[] out_dims) -> Tensor");
+  m.def(
+      "symmetric_contraction_backward(Tensor grad_out, Tensor x, Tensor elements, Tensor coeffs, Tensor monomials, "
+      "Tensor terms, int[] out_dims, bool need_x, bool need_coeffs) -> (Tensor, Tensor)");
 }

@@ -1,6 +1,6 @@
 """``patch_model``: the one place that knows both models and kernels. It swaps fused modules (:mod:`fastflow.nn`)
-in for the Semla layers and feed-forwards and for e3nn / cuequivariance tensor products, and installs the predictive
-feature cache (:mod:`fastflow.cache`).
+in for the Semla layers and feed-forwards, for e3nn / cuequivariance tensor products and for MACE's symmetric
+contractions, and installs the predictive feature cache (:mod:`fastflow.cache`).
 
 The instance is mutated, never its class: swapped children are put back by ``unpatch()``, and hooks are instance
 attributes ``forward`` that ``unpatch()`` deletes again. Patching twice with the same arguments returns the same
@@ -21,6 +21,7 @@ from fastflow.cache import CacheConfig, CacheHook
 from fastflow.models.cache_adapter import SemlaCacheAdapter
 from fastflow.models.semla import Semla
 from fastflow.nn.semla import FusedBondRefine, FusedNodeFeedForward, FusedSemlaLayer, fused_semla_forward
+from fastflow.nn.symmetric_contraction import SymmetricContraction, unsupported_reason
 from fastflow.nn.tensor_product import (
     EdgeIndexTPConv,
     ScatterTPConv,
@@ -333,6 +334,25 @@ def _plan_swaps(
             swaps.append(_Swap(path, parent, name, module, fused, flags))
             inside.append(path)
             continue
+        if path and _is_mace_symmetric_contraction(module):
+            parent_path, _, name = path.rpartition(".")
+            reason = unsupported_reason(module)
+            try:
+                fused = (
+                    SymmetricContraction(
+                        module, backend=tp_backend if tp_backend in ("cpp", "triton") else "auto"
+                    )
+                    if reason is None
+                    else None
+                )
+            except (TypeError, ValueError) as error:
+                reason = str(error)
+            if reason is not None:
+                left_alone.append({"module": path, "class": type(module).__name__, "reason": reason})
+            else:
+                swaps.append(_Swap(path, model.get_submodule(parent_path), name, module, fused))
+            inside.append(path)
+            continue
         kind = _FUSABLE.get(type(module).__name__)
         if kind is None:
             continue
@@ -363,6 +383,12 @@ def _is_nequip_tp_scatter(module: nn.Module, tp_classes: tuple[type, ...]) -> bo
         and bool(tp_classes)
         and isinstance(getattr(module, "tp", None), tp_classes)
     )
+
+
+def _is_mace_symmetric_contraction(module: nn.Module) -> bool:
+    """MACE's product-basis ``SymmetricContraction`` (not its cuEquivariance wrapper, which fuses already)."""
+    cls = type(module)
+    return cls.__name__ == "SymmetricContraction" and cls.__module__.startswith("mace.")
 
 
 def _mace_conv_reason(parent: nn.Module, name: str, module: nn.Module) -> str | None:

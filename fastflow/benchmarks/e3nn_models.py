@@ -2,7 +2,9 @@
 
 The benchmark times energy + forces of MACE (the issue-15 configuration and MACE-OFF-like widths) and NequIP
 (the issue-15 configuration) on ~300 atoms: ``unpatched``, ``patched_tp_only`` (patch_model with the convolutions
-left unfused: what the tensor-product swap alone gives) and ``patched`` (the convolutions as fastflow::tp_conv too),
+left unfused: what the tensor-product swap alone gives), ``patched_no_sc`` (MACE only: patched, but MACE's symmetric
+contractions left as they are: ``patched`` minus this is what fastflow::symmetric_contraction contributes) and
+``patched`` (the convolutions as fastflow::tp_conv and the symmetric contractions fused too),
 medians of interleaved repeats, as ratios to the unpatched model, with each variant's max force error relative to
 the unpatched model's largest force; and ``compiled`` (``torch.compile`` of the unpatched model) against its own
 unpatched copy in a child process, which survives the compiler crashing the process.
@@ -211,13 +213,29 @@ CONFIGS = {  # name: (family, builder arguments)
     "mace-off-medium": ("mace", {"hidden_irreps": "96x0e+96x1o"}),
     "nequip-issue15": ("nequip", {"num_layers": 4, "l_max": 2, "num_features": 32}),
 }
-VARIANTS = ("unpatched", "patched_tp_only", "patched")
+VARIANTS = ("unpatched", "patched_tp_only", "patched_no_sc", "patched")
+
+
+def _no_symmetric_contraction(model):
+    """``model`` patched, with MACE's own symmetric contractions put back (the other swaps stay)."""
+    from fastflow.patch import patch_model
+
+    _put_back_symmetric_contractions(patch_model(model))
+    return model
+
+
+def _put_back_symmetric_contractions(handle) -> None:
+    from fastflow.nn.symmetric_contraction import SymmetricContraction
+
+    for swap in [swap for swap in handle.swaps if isinstance(swap.fused, SymmetricContraction)]:
+        swap.parent._modules[swap.name] = swap.original
+        handle.swaps.remove(swap)
 
 
 def _tp_only(model):
     """``model`` patched with its e3nn tensor products swapped but its convolutions left unfused: each convolution's
     product (MACE's conv_tp, NequIP's tp_scatter.tp) is wrapped in fastflow.nn.TensorProduct first, which
-    patch_model neither touches nor recognises as a convolution."""
+    patch_model neither touches nor recognises as a convolution; MACE's symmetric contractions are put back."""
     from fastflow.nn import TensorProduct
     from fastflow.patch import patch_model
 
@@ -226,7 +244,7 @@ def _tp_only(model):
             module.tp = TensorProduct(module.tp)
         elif hasattr(module, "conv_tp") and hasattr(module, "conv_tp_weights"):
             module.conv_tp = TensorProduct(module.conv_tp)
-    patch_model(model)
+    _put_back_symmetric_contractions(patch_model(model))
     return model
 
 
@@ -239,6 +257,8 @@ def _variant(build, name: str):
         return variant
     if name == "patched_tp_only":
         return _tp_only(variant)
+    if name == "patched_no_sc":
+        return _no_symmetric_contraction(variant)
     if name == "patched":
         patch_model(variant)
         return variant
@@ -296,7 +316,10 @@ def _compiled_in_child(config: str, n_molecules: int, spacing: float, repeats: i
 
 
 def bench(config: str, n_molecules: int, spacing: float, repeats: int, compile_model: bool) -> dict:
-    timed, (atoms, edges) = time_variants(config, n_molecules, spacing, repeats, VARIANTS)
+    variants = (
+        VARIANTS if CONFIGS[config][0] == "mace" else tuple(v for v in VARIANTS if v != "patched_no_sc")
+    )
+    timed, (atoms, edges) = time_variants(config, n_molecules, spacing, repeats, variants)
     row = {"config": config, **CONFIGS[config][1], "atoms": atoms, "edges": edges}
     row["force_max_rel_error"] = {name: value[1] for name, value in timed.items()}
     for name, (seconds, _) in timed.items():
