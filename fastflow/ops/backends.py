@@ -61,6 +61,65 @@ def resolve_backend(name: str | None, device: torch.device | str) -> str:
     return name
 
 
+class OpFamily:
+    """Which backends an op family (ops sharing one csrc/ file and one triton_kernels/ module) has here.
+
+    Each check runs once per process (torch.compile cannot trace them); `auto` falling back to the reference is
+    warned about once per reason, an explicit request that cannot run raises.
+    """
+
+    def __init__(self, what: str, cpp_ops: tuple[str, ...], source: str, triton_module: str):
+        self.what, self.cpp_ops, self.source, self.triton_module = what, cpp_ops, source, triton_module
+        self.available: set[str] = set()
+
+    def cpp_unavailable_reason(self) -> str | None:
+        """None if fastflow._C is loaded with CPU kernels for these ops, else why not."""
+        if not _extension.load_extension():
+            return _extension.extension_status()["reason"]
+        for name in self.cpp_ops:
+            if not hasattr(torch.ops.fastflow, name) or not torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"fastflow::{name}", "CPU"
+            ):
+                return (
+                    f"the loaded fastflow._C has no CPU kernel for fastflow::{name} (built before "
+                    f"{self.source}? rebuild with `pip install --no-build-isolation -e .`)"
+                )
+        self.available.add("cpp")
+        return None
+
+    def triton_unavailable_reason(self) -> str | None:
+        """None if the family's Triton module exists (triton itself is checked by resolve_backend)."""
+        try:
+            found = importlib.util.find_spec(self.triton_module) is not None
+        except (ImportError, ValueError):
+            found = False
+        return None if found else f"{self.triton_module} is not installed"
+
+    def resolve(self, backend: str | None, device: torch.device) -> str:
+        """The backend that runs: `backend` (or auto's choice) if it is here, else the reference (auto only)."""
+        chosen = resolve_backend(backend, device)
+        if chosen == "reference" or chosen in self.available:
+            return chosen
+        reason = {"cpp": self.cpp_unavailable_reason, "triton": self.triton_unavailable_reason}[chosen]()
+        if reason is None:
+            self.available.add(chosen)
+            return chosen
+        if (backend or "auto") != "auto":
+            raise BackendUnavailable(f"backend {backend!r} requested but {reason}")
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"fastflow: {self.what} use the PyTorch reference ops: {reason}", stacklevel=3)
+        return "reference"
+
+    def require_cpp(self) -> None:
+        """Raise if the C++ kernels are missing (checked once, before binding them)."""
+        if "cpp" not in self.available:
+            reason = self.cpp_unavailable_reason()  # loads fastflow._C
+            if reason is not None:
+                names = " / ".join(f"fastflow::{name}" for name in self.cpp_ops)
+                raise BackendUnavailable(f"{names} not available: {reason}")
+
+
 def register_cpp_op(name: str, fake, backward=None, setup_context=None):
     """torch.ops.fastflow.<name>.default, a C++ op of fastflow._C (schema defined in C++), with its fake kernel
     (and its autograd formula, if given) registered on the first call.

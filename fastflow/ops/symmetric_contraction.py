@@ -41,8 +41,6 @@ x reach only that node's outputs (in coeffs: the nodes of that element), as in t
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -51,10 +49,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
     BackendUnavailable,
+    OpFamily,
     bind_cpp_ops,
     recompute_vjp,
     register_cpp_op,
-    resolve_backend,
 )
 
 OP = "symmetric_contraction"
@@ -304,55 +302,15 @@ def _contiguous(tensors):
 
 # ---- backend availability ----
 
-_warned: set[str] = set()
-_available: set[str] = (
-    set()
-)  # backends found to have this op (checked once: torch.compile cannot trace the check)
-
-
-def cpp_unavailable_reason() -> str | None:
-    """None if fastflow._C is loaded with the CPU kernels of this op, else why not."""
-    from fastflow import _extension
-
-    if not _extension.load_extension():
-        return _extension.extension_status()["reason"]
-    for name in (OP, f"{OP}_backward"):
-        if not hasattr(torch.ops.fastflow, name) or not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"fastflow::{name}", "CPU"
-        ):
-            return (
-                f"the loaded fastflow._C has no CPU kernel for fastflow::{name} (built before "
-                "csrc/symmetric_contraction.cpp? rebuild with `pip install --no-build-isolation -e .`)"
-            )
-    _available.add("cpp")
-    return None
-
-
-def triton_unavailable_reason() -> str | None:
-    """None if fastflow.triton_kernels.symmetric_contraction exists (triton itself: resolve_backend)."""
-    try:
-        found = importlib.util.find_spec("fastflow.triton_kernels.symmetric_contraction") is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else "fastflow.triton_kernels.symmetric_contraction is not installed"
-
-
-def _resolve(backend: str | None, device: torch.device) -> str:
-    chosen = resolve_backend(backend, device)
-    if chosen == "reference" or chosen in _available:
-        return chosen
-    reason = {"cpp": cpp_unavailable_reason, "triton": triton_unavailable_reason}[chosen]()
-    if reason is None:
-        _available.add(chosen)
-        return chosen
-    if (backend or "auto") != "auto":
-        raise BackendUnavailable(f"backend {backend!r} requested but {reason}")
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"fastflow: symmetric contractions use the PyTorch reference op: {reason}", stacklevel=3
-        )
-    return "reference"
+_FAMILY = OpFamily(
+    "symmetric contractions",
+    (OP, f"{OP}_backward"),
+    "csrc/symmetric_contraction.cpp",
+    "fastflow.triton_kernels.symmetric_contraction",
+)
+cpp_unavailable_reason = _FAMILY.cpp_unavailable_reason
+triton_unavailable_reason = _FAMILY.triton_unavailable_reason
+_resolve = _FAMILY.resolve
 
 
 # ---- fake kernels (torch.compile / export) and autograd ----
@@ -404,10 +362,7 @@ def _make_backward(fused):
 
 def _cpp_op():
     """torch.ops.fastflow.symmetric_contraction.default, with its fake kernel and autograd registered."""
-    if "cpp" not in _available:
-        reason = cpp_unavailable_reason()
-        if reason is not None:
-            raise BackendUnavailable(f"fastflow::{OP} is not available: {reason}")
+    _FAMILY.require_cpp()
     return _bind_cpp_ops()
 
 

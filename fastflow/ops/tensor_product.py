@@ -43,9 +43,7 @@ differentiable, so higher derivatives are exact. Edge indices are int64; an empt
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -53,10 +51,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
-    BackendUnavailable,
+    OpFamily,
     bind_cpp_ops,
     register_cpp_op,
-    resolve_backend,
 )
 from fastflow.tp.descriptor import MODES  # index = the mode code in paths[:, 0]
 
@@ -425,53 +422,15 @@ def _contiguous(tensors):
 
 # ---- backend availability for these ops ----
 
-_warned: set[str] = set()
-_available: set[str] = (
-    set()
-)  # backends found to have these ops (checked once: torch.compile cannot trace the check)
-
-
-def cpp_unavailable_reason() -> str | None:
-    """None if fastflow._C is loaded with CPU kernels for these ops, else why not."""
-    from fastflow import _extension
-
-    if not _extension.load_extension():
-        return _extension.extension_status()["reason"]
-    for name in ("tensor_product", "tp_conv"):
-        if not hasattr(torch.ops.fastflow, name) or not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"fastflow::{name}", "CPU"
-        ):
-            return (
-                f"the loaded fastflow._C has no CPU kernel for fastflow::{name} (built before "
-                "csrc/tensor_product.cpp? rebuild with `pip install --no-build-isolation -e .`)"
-            )
-    _available.add("cpp")
-    return None
-
-
-def triton_unavailable_reason() -> str | None:
-    """None if fastflow.triton_kernels.tensor_product exists (triton itself is checked by resolve_backend)."""
-    try:
-        found = importlib.util.find_spec("fastflow.triton_kernels.tensor_product") is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else "fastflow.triton_kernels.tensor_product is not installed"
-
-
-def _resolve(backend: str | None, device: torch.device) -> str:
-    chosen = resolve_backend(backend, device)
-    if chosen == "reference" or chosen in _available:
-        return chosen
-    reason = {"cpp": cpp_unavailable_reason, "triton": triton_unavailable_reason}[chosen]()
-    if reason is None:
-        _available.add(chosen)
-        return chosen
-    if (backend or "auto") != "auto":
-        raise BackendUnavailable(f"backend {backend!r} requested but {reason}")
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"fastflow: tensor products use the PyTorch reference ops: {reason}", stacklevel=3)
-    return "reference"
+_FAMILY = OpFamily(
+    "tensor products",
+    ("tensor_product", "tp_conv"),
+    "csrc/tensor_product.cpp",
+    "fastflow.triton_kernels.tensor_product",
+)
+cpp_unavailable_reason = _FAMILY.cpp_unavailable_reason
+triton_unavailable_reason = _FAMILY.triton_unavailable_reason
+_resolve = _FAMILY.resolve
 
 
 # ---- fake (meta) kernels: output shapes for torch.compile / torch.export ----
@@ -662,10 +621,7 @@ def _cpp_backward(name):
 
 def _cpp_ops():
     """torch.ops.fastflow, with the fake kernels and autograd of these ops registered (schemas in C++)."""
-    if "cpp" not in _available:  # checked once: torch.compile cannot trace the check
-        reason = cpp_unavailable_reason()  # loads fastflow._C
-        if reason is not None:
-            raise BackendUnavailable(f"fastflow::tensor_product / tp_conv are not available: {reason}")
+    _FAMILY.require_cpp()
     _bind_cpp_ops()
     return torch.ops.fastflow
 
