@@ -98,6 +98,7 @@ def fit_cases():
             "cache_forecast",
             "discrete_flow_step",
             "bond_head",
+            "symmetric_contraction",
         ):
             yield pytest.param(kernel, None, target, id=f"{kernel}-{target}")
 

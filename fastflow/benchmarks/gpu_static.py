@@ -25,6 +25,9 @@ divisibility hints, integers equal to 1 turned into constants), with the launch'
     cache_forecast         K = 3 history tensors, fp32 and fp64
     bond_head              presets semlaflow and small (E = G = d_edge, F = d_message, K = n_edge_types), with
                            and without BondRefine; fp32 and fp64
+    symmetric_contraction  MACE's product basis at the issue-15 widths (C = 128 channels, I = 16 components of
+                           0e+1o+2e+3o, correlation 3, outputs 0e+1o): the forward kernel and the backward
+                           (gradients of x and of the coefficients); fp32 and fp64
 
 Per (kernel, variant, target) a row: ``registers`` (from the cubin, ``cuobjdump -res-usage``), ``spill_bytes``
 (spill stores + spill loads from ``ptxas -v``, rerun on Triton's PTX with Triton's flags), ``stack_bytes``,
@@ -64,6 +67,7 @@ KERNELS = (
     "cache_forecast",
     "discrete_flow_step",
     "bond_head",
+    "symmetric_contraction",
 )
 TARGETS = ("sm_80", "sm_89", "sm_90")
 JSON_KEYS = (
@@ -149,9 +153,12 @@ QUICK = {
     "cache_forecast": [("fp32",)],
     "discrete_flow_step": [("bonds", "fp32")],
     "bond_head": [("small", "refine", "fp32")],
+    "symmetric_contraction": [("forward", "fp32"), ("backward", "fp32")],
 }
 STEP_CASES = {"atoms": 18, "bonds": 5}  # discrete_flow_step: classes per element (atom types, bond orders)
 BOND_HEAD_VARIANTS = ("refine", "plain")  # with BondRefine's arguments, or without (bond_refine=False)
+SC_VARIANTS = ("forward", "backward")  # symmetric_contraction's two kernels
+SC_NODES, SC_CHANNELS, SC_COMPONENTS = 288, 128, 16  # 32 ethanols; MACE's hidden width; 0e+1o+2e+3o
 
 
 # ------------------------------------------------------------------------------------------------------ cases
@@ -480,6 +487,53 @@ def _bond_head_cases(selection) -> list[Case]:
     return cases
 
 
+def _symmetric_contraction_plan():
+    """A correlation-3 plan over SC_COMPONENTS components with outputs 0e and 1o and a few terms of each degree: the
+    kernels specialise on the dtype, the largest degree and the channel block only, so the shapes are what counts,
+    not MACE's U values."""
+    import torch
+
+    from fastflow.ops.symmetric_contraction import build_plan
+
+    I, blocks = SC_COMPONENTS, []
+    for d_o in (1, 3):
+        U3, U2, U1 = torch.zeros(d_o, I, I, I, 2), torch.zeros(d_o, I, I, 2), torch.zeros(d_o, I, 1)
+        for m in range(d_o):
+            U3[m, m, m + 1, m + 2, 0], U3[m, 3, 5, m + 7, 1] = 1.0, 0.5
+            U2[m, m, m + 4, 0], U2[m, 2, 9, 1] = 1.0, -1.0
+            U1[m, m + 1, 0] = 1.0
+        blocks.append([U3, U2, U1])
+    return build_plan(blocks, I)
+
+
+def _symmetric_contraction_cases(selection) -> list[Case]:
+    import torch
+
+    from fastflow.triton_kernels import symmetric_contraction as module
+
+    plan = _symmetric_contraction_plan()
+    N, C, I, E = SC_NODES, SC_CHANNELS, SC_COMPONENTS, 3
+    cases = []
+    for variant, dtype_name in selection:
+        dtype = _torch_dtype(dtype_name)
+        x, coeffs = torch.zeros(N, C, I, dtype=dtype), torch.zeros(E, plan.terms.size(0), C, dtype=dtype)
+        elements = torch.zeros(N, dtype=torch.int64)
+        arguments = (x, elements, coeffs, plan.monomials, plan.terms, plan.out_dims)
+        name = f"_symmetric_contraction{'_backward' if variant == 'backward' else ''}_kernel"
+        with _recording(module, name) as (fn, recorder):
+            if variant == "forward":
+                module.symmetric_contraction(*arguments)
+            else:
+                grad = torch.zeros(N, C * sum(plan.out_dims), dtype=dtype)
+                module.symmetric_contraction_backward(grad, *arguments, True, True)
+        ((args, kwargs),) = recorder.launches
+        shape = f"N={N} C={C} I={I} correlation 3, outputs 0e+1o"
+        cases.append(
+            Case("symmetric_contraction", f"{variant}/{dtype_name}", fn, args, kwargs, {"shape": shape})
+        )
+    return cases
+
+
 def selections(quick: bool) -> dict:
     """What each kernel compiles: semla (preset, layer, dtype), tensor products (case, dtype), forecast (dtype,)."""
     if quick:
@@ -498,6 +552,7 @@ def selections(quick: bool) -> dict:
         "cache_forecast": [(d,) for d in DTYPES],
         "discrete_flow_step": [(what, d) for what in STEP_CASES for d in DTYPES],
         "bond_head": [(p, v, d) for p in SEMLA_PRESETS for v in BOND_HEAD_VARIANTS for d in DTYPES],
+        "symmetric_contraction": [(v, d) for v in SC_VARIANTS for d in DTYPES],
     }
 
 
@@ -513,6 +568,8 @@ def build_cases(kernels=KERNELS, quick: bool = False) -> list[Case]:
             cases += _step_cases(chosen[kernel])
         elif kernel == "bond_head":
             cases += _bond_head_cases(chosen[kernel])
+        elif kernel == "symmetric_contraction":
+            cases += _symmetric_contraction_cases(chosen[kernel])
         elif kernel in KERNELS:
             cases += _tp_cases(kernel, chosen[kernel], quick)
         else:
