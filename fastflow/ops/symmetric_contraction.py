@@ -29,8 +29,7 @@ fastflow._C or fastflow.triton_kernels lacks this op):
     cpp        torch.ops.fastflow.symmetric_contraction (+ _backward): schemas csrc/registration.cpp, kernels
                csrc/symmetric_contraction.cpp (OpenMP over nodes, vectorised over channels)
     triton     torch.ops.fastflow.symmetric_contraction_triton (+ _backward_triton): custom ops below, kernels
-               triton_kernels/symmetric_contraction.py, not written yet (the triton backend reports itself
-               unavailable; auto on CUDA falls back to the reference with a warning)
+               triton_kernels/symmetric_contraction.py (a program per node × channel block)
 
 Autograd: gradients of x (forces) and of coeffs (training: W's gradient then follows through the matmul). The first
 backward runs the fused backward kernel; a backward that builds a graph (create_graph=True: training on forces)
@@ -331,7 +330,16 @@ def _backward_fake(grad_out, x, elements, coeffs, monomials, terms, out_dims, ne
 
 def _setup_context(ctx, inputs, output):
     ctx.out_dims = list(inputs[5])
+    ctx.coeffs_node = inputs[2].grad_fn  # None for a leaf: then needs_input_grad decides
     ctx.save_for_backward(*inputs[:5])
+
+
+def _engine_will_execute(node) -> bool:
+    """Whether the running backward pass reaches ``node`` (True where torch cannot say)."""
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def _make_backward(fused):
@@ -342,6 +350,10 @@ def _make_backward(fused):
         x, elements, coeffs, monomials, terms = ctx.saved_tensors
         out_dims = ctx.out_dims
         need_x, _, need_coeffs = ctx.needs_input_grad[:3]
+        if need_coeffs and ctx.coeffs_node is not None:
+            # Forces (autograd.grad wrt positions) do not reach the weights: skip their gradient, which
+            # needs_input_grad (fixed at forward) would still ask for.
+            need_coeffs = _engine_will_execute(ctx.coeffs_node)
         if torch.is_grad_enabled():  # create_graph=True: keep the graph, through the reference
             inputs = (x, elements, coeffs, monomials, terms, out_dims)
             return recompute_vjp(symmetric_contraction_reference, inputs, 5, grad, skip=(1, 3, 4))

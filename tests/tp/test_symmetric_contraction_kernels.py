@@ -219,3 +219,22 @@ def test_the_cpp_op_checks_its_plan_and_inputs():
         call(x, elements, coeffs[:, :-1], monomials, terms, plan.out_dims)
     with pytest.raises(RuntimeError, match="must index the"):
         call(x, elements, coeffs, monomials, terms, [1])
+
+
+def test_a_backward_that_does_not_reach_the_weights_skips_their_gradient(monkeypatch):
+    """Forces differentiate with respect to positions only: the fused backward then computes grad x alone."""
+    require_cpp()
+    _, x, elements, coeffs, plan = case(1, 3, 40, 5, seed_of("engine"))
+    weights = coeffs.clone().requires_grad_()
+    decisions, decide = [], op._engine_will_execute
+    monkeypatch.setattr(
+        op, "_engine_will_execute", lambda node: decisions.append(decide(node)) or decisions[-1]
+    )
+    x = x.requires_grad_()
+    out = op.symmetric_contraction(
+        x, elements, weights * 1.0, plan.monomials, plan.terms, plan.out_dims, "cpp"
+    )
+    (grad_x,) = torch.autograd.grad(out.square().sum(), [x], retain_graph=True)
+    both = torch.autograd.grad(out.square().sum(), [x, weights])
+    assert decisions == [False, True]
+    assert torch.equal(grad_x, both[0]) and not torch.all(both[1] == 0)
