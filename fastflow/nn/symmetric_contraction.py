@@ -6,8 +6,11 @@ x ``[N, C, I]`` and y the one-hot node attributes ``[N, E]`` as one fused op. Th
 built once (non-persistent buffers, they follow ``.to()``); the per-element term coefficients are one small matmul of
 the weights per call, so gradients reach the weights (training) and x (forces).
 
-Node attributes that are not one-hot (any MACE model's are) run the original module. ``torch.jit.script`` compiles
-the original MACE module in its place (``__prepare_scriptable__``).
+Node attributes that are not one-hot (any MACE model's are) raise: the fused op evaluates one element's polynomial
+per node. The plan is rebuilt if a U buffer changes in place (``load_state_dict``). ``torch.jit.script`` compiles
+``_ScriptedSymmetricContraction`` in its place (``__prepare_scriptable__``): the same children and plan buffers,
+forward calling the C++ op directly, so a scripted patched MACE runs the fused contraction; a process that loads the
+TorchScript file must ``import fastflow`` (the op's autograd is registered there).
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastflow.ops.symmetric_contraction import build_plan, contraction_coefficients, symmetric_contraction
+from fastflow.nn.tensor_product import _adopt
+from fastflow.ops.symmetric_contraction import (
+    build_plan,
+    contraction_coefficients,
+    cpp_unavailable_reason,
+    symmetric_contraction,
+)
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -65,14 +74,23 @@ class SymmetricContraction(nn.Module):
             getattr(module, "irreps_in", None),
             getattr(module, "irreps_out", None),
         )
-        weights_max = module.contractions[0].weights_max
-        in_dim = module.contractions[0].U_tensors(1).shape[-2]
-        plan = build_plan(_u_blocks(module), in_dim)
+        self.num_elements = int(module.contractions[0].weights_max.size(0))
+        self._refresh_plan()
+
+    def _u_key(self) -> tuple:
+        return tuple((id(U), U._version) for block in _u_blocks(self) for U in block)
+
+    def _refresh_plan(self) -> None:
+        """(Re)build the plan from the U buffers as they are now."""
+        weights_max = self.contractions[0].weights_max
+        in_dim = self.contractions[0].U_tensors(1).shape[-2]
+        plan = build_plan(_u_blocks(self), in_dim)
         self.out_dims, self.q_offsets, self.k_offsets = plan.out_dims, plan.q_offsets, plan.k_offsets
         device = weights_max.device
         self.register_buffer("monomials", plan.monomials.to(device), persistent=False)
         self.register_buffer("terms", plan.terms.to(device), persistent=False)
         self.register_buffer("u", plan.u.to(device, weights_max.dtype), persistent=False)
+        self._plan_key = self._u_key()
 
     @property
     def original(self) -> nn.Module:
@@ -83,18 +101,80 @@ class SymmetricContraction(nn.Module):
         return torch.cat([w for c in self.contractions for w in [c.weights_max, *c.weights]], 1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if y.dim() != 2 or not bool(((y == 0) | (y == 1)).all() & (y.sum(1) == 1).all()):
-            return self.original(x, y)  # not one-hot: MACE's own contraction
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._u_key() != self._plan_key:
+            self._refresh_plan()
+        elements = y.argmax(1) if compiling else one_hot_elements(y, self.num_elements)
         weights = self.weights()
         coeffs = contraction_coefficients(self.u.to(weights.dtype), weights, self.q_offsets, self.k_offsets)
-        elements = y.argmax(1)
         return symmetric_contraction(
             x, elements, coeffs.to(x.dtype), self.monomials, self.terms, self.out_dims, backend=self.backend
         )
 
     def __prepare_scriptable__(self):
-        """torch.jit.script compiles MACE's own module in this one's place."""
-        return self.original
+        """What torch.jit.script compiles in its place (see _ScriptedSymmetricContraction)."""
+        return _ScriptedSymmetricContraction(self)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_out}, terms={self.terms.size(0)}, backend={self.backend!r}"
+
+
+def one_hot_elements(node_attrs: torch.Tensor, num_elements: int) -> torch.Tensor:
+    """Element indices ``[N]`` (int64) of one-hot node attributes ``[N, num_elements]``; anything else raises
+    (TorchScript-compatible: the scripted module calls it too)."""
+    if node_attrs.dim() != 2 or node_attrs.size(1) != num_elements:
+        raise ValueError(
+            "SymmetricContraction: node_attrs must be [N, "
+            + str(num_elements)
+            + "] one-hot element attributes, got shape "
+            + str(node_attrs.shape)
+        )
+    elements = node_attrs.argmax(1)
+    if node_attrs.size(0) > 0:
+        hot = node_attrs.gather(1, elements.unsqueeze(1))
+        if not bool((hot == 1).all() & (node_attrs.sum(1) == 1).all() & (node_attrs >= 0).all()):
+            raise ValueError(
+                "SymmetricContraction: node_attrs must be one-hot (one 1 per row, zeros elsewhere): the fused op "
+                "evaluates one element's weights per node"
+            )
+    return elements
+
+
+class _ScriptedSymmetricContraction(nn.Module):
+    """SymmetricContraction for TorchScript: the same children and plan buffers, forward =
+    torch.ops.fastflow.symmetric_contraction (its C++ checks; autograd through the formula fastflow registers)."""
+
+    def __init__(self, fused: SymmetricContraction):
+        super().__init__()
+        if fused.backend not in ("auto", "cpp"):
+            raise RuntimeError(
+                f"SymmetricContraction: torch.jit.script needs backend 'auto' or 'cpp', got {fused.backend!r}"
+            )
+        reason = cpp_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"SymmetricContraction: torch.jit.script calls fastflow's C++ op, but {reason}"
+            )
+        from fastflow.ops.symmetric_contraction import _cpp_op
+
+        _cpp_op()  # its autograd, which forces need, registered now
+        if fused._u_key() != fused._plan_key:
+            fused._refresh_plan()
+        _adopt(self, fused)
+        self.num_elements: int = fused.num_elements
+        self.out_dims: list[int] = list(fused.out_dims)
+        self.q_offsets: list[int] = list(fused.q_offsets)
+        self.k_offsets: list[int] = list(fused.k_offsets)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        elements = one_hot_elements(y, self.num_elements)
+        weights: list[torch.Tensor] = []
+        for contraction in self.contractions:
+            weights.append(contraction.weights_max)
+            for w in contraction.weights:
+                weights.append(w)
+        stacked = torch.cat(weights, 1)
+        coeffs = contraction_coefficients(self.u.to(stacked.dtype), stacked, self.q_offsets, self.k_offsets)
+        return torch.ops.fastflow.symmetric_contraction(
+            x.contiguous(), elements, coeffs.contiguous(), self.monomials, self.terms, self.out_dims
+        )

@@ -153,6 +153,53 @@ def test_bad_input_is_named():
         op.symmetric_contraction(x[0], elements, coeffs, fused.monomials, fused.terms, fused.out_dims)
     with pytest.raises(TypeError, match="cannot fuse this module"):
         SymmetricContraction(torch.nn.Linear(2, 2))
-    # node attributes that are not one-hot run MACE's own module
-    y = torch.rand(4, ELEMENTS)
-    torch.testing.assert_close(fused(x, y), module(x, y))
+    # node attributes that are not one-hot are refused (never a silent switch to MACE's own module)
+    with pytest.raises(ValueError, match="node_attrs must be one-hot"):
+        fused(x, torch.rand(4, ELEMENTS))
+    with pytest.raises(ValueError, match=r"node_attrs must be \[N, 3\]"):
+        fused(x, torch.ones(4, ELEMENTS + 1))
+
+
+def test_a_changed_u_buffer_rebuilds_the_plan():
+    from fastflow.nn.symmetric_contraction import SymmetricContraction
+
+    module = mace_contraction(2, seed_of("reload"), irreps_in="3x0e+3x1o", irreps_out="3x0e+3x1o")
+    fused = SymmetricContraction(module)
+    x, _, y = inputs(module, 5, seed_of("reload x"))
+    with torch.no_grad():
+        module.contractions[1].U_matrix_2.mul_(-2.0)  # in place, as load_state_dict copies
+    assert relative_error(fused(x, y), module(x, y)) <= 1e-5
+
+
+def test_scripted_patched_mace_runs_the_fused_op_and_reloads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from e3nn.util import jit
+
+    if op.cpp_unavailable_reason() is not None:
+        pytest.skip(f"cpp backend unavailable: {op.cpp_unavailable_reason()}")
+    model = mace_model(hidden_irreps="16x0e+16x1o", max_ell=2, correlation=3)
+    data = mace_batch(*ethanol_positions(3, spacing=4.0, seed=seed_of("script") % 1000))
+    energy, forces = energy_and_forces(model, data)
+    patch_model(model)
+    scripted = jit.compile(model)
+    contraction = scripted.products[0].symmetric_contractions
+    assert contraction.original_name == "_ScriptedSymmetricContraction"
+    assert "fastflow::symmetric_contraction" in str(contraction.graph)
+    scripted_energy, scripted_forces = energy_and_forces(scripted, data)
+    torch.testing.assert_close(scripted_energy, energy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scripted_forces, forces, rtol=1e-4, atol=1e-5)
+    scripted.save(str(tmp_path / "mace.pt"))
+    torch.save({"batch": data, "forces": scripted_forces}, tmp_path / "inputs.pt")
+    code = f"""
+import torch
+import fastflow
+from fastflow.benchmarks.e3nn_models import energy_and_forces
+model = torch.jit.load({str(tmp_path / "mace.pt")!r})
+saved = torch.load({str(tmp_path / "inputs.pt")!r})
+torch.testing.assert_close(energy_and_forces(model, saved["batch"])[1], saved["forces"], rtol=0, atol=0)
+print("reloaded")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "reloaded" in done.stdout, done.stderr[-2000:]
