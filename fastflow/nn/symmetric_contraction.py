@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastflow.nn.tensor_product import _adopt
+from fastflow.nn.tensor_product import _adopt, _require_cpp_for_script
 from fastflow.ops.symmetric_contraction import (
     build_plan,
     contraction_coefficients,
@@ -146,18 +146,9 @@ class _ScriptedSymmetricContraction(nn.Module):
 
     def __init__(self, fused: SymmetricContraction):
         super().__init__()
-        if fused.backend not in ("auto", "cpp"):
-            raise RuntimeError(
-                f"SymmetricContraction: torch.jit.script needs backend 'auto' or 'cpp', got {fused.backend!r}"
-            )
-        reason = cpp_unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(
-                f"SymmetricContraction: torch.jit.script calls fastflow's C++ op, but {reason}"
-            )
         from fastflow.ops.symmetric_contraction import _cpp_op
 
-        _cpp_op()  # its autograd, which forces need, registered now
+        _require_cpp_for_script(fused, cpp_unavailable_reason, _cpp_op)
         if fused._u_key() != fused._plan_key:
             fused._refresh_plan()
         _adopt(self, fused)

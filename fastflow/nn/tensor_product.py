@@ -529,21 +529,23 @@ class ScatterTPConv(nn.Module):
 # ---- TorchScript: the modules as torch.jit.script compiles them (torch.jit.script calls __prepare_scriptable__) ----
 
 
-def _require_cpp_for_script(module: nn.Module) -> None:
+def _require_cpp_for_script(module: nn.Module, unavailable_reason=cpp_unavailable_reason, bind=None) -> None:
     """Scripted modules call the C++ op itself: the backend must be C++ (the Triton and reference paths and the
-    Python argument checks are not TorchScript)."""
+    Python argument checks are not TorchScript). ``unavailable_reason`` and ``bind`` (which registers the ops'
+    autograd) are the op family's; the default is the tensor products'."""
     if module.backend not in ("auto", "cpp"):
         raise RuntimeError(
             f"{type(module).__name__}: torch.jit.script needs backend 'auto' or 'cpp', got {module.backend!r}"
         )
-    reason = cpp_unavailable_reason()
+    reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(
             f"{type(module).__name__}: torch.jit.script calls fastflow's C++ ops, but {reason}"
         )
-    from fastflow.ops.tensor_product import _cpp_ops
+    if bind is None:
+        from fastflow.ops.tensor_product import _cpp_ops as bind
 
-    _cpp_ops()  # their autograd, which forces need, registered now
+    bind()  # their autograd, which forces need, registered now
 
 
 class _ScriptedEdgeIndexTPConv(nn.Module):
