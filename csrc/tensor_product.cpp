@@ -1243,6 +1243,106 @@ void run_backward(const Problem<T>& pr, int64_t rows, int64_t edges, bool per_ro
   });
 }
 
+// ---- uvw paths with shared weights: GEMMs over blocks of rows ----
+// With one weight tensor for every row (tensor_product only: a self-interaction such as NequIP's, e3nn's
+// FullyConnectedTensorProduct of features with node attributes), the row kernel reads all of W[u, v, w] for each
+// row, a memory-bound matrix-vector product. Here the path runs as matrix products over a block of rows, W read
+// once per block (the blocks of mul_ir rows: a[r][u][i], b[r][v][j], o[r][w][k]; C[i][j][k] the path's CG):
+//   A[r][u][j][k] = Σ_i a[r][u][i] C[i][j][k]
+//   T[r][k][u][v] = Σ_j A[r][u][j][k] b[r][v][j]
+//   o[r][w][k]   += Σ_{u,v} T[r][k][u][v] W[u][v][w]
+// and the backward, with gT = g W^T:
+//   gW += T^T g,   ga[r][u][i] = Σ_{k,j} (Σ_v gT[r][k][u][v] b[r][v][j]) C[i][j][k],
+//   gb[r][v][j] = Σ_{u,k} gT[r][k][u][v] A[r][u][j][k].
+
+bool runs_as_gemm(const Path& p) { return p.mode == kUVW && p.has_weight && p.mul1 * p.mul2 * p.mul_out > 0; }
+
+// Moves the paths that run as GEMMs out of D (the row kernel runs the others) and returns them.
+template <typename T>
+std::vector<Path> take_gemm_paths(Descriptor<T>& D) {
+  std::vector<Path> gemm, rows;
+  for (const Path& p : D.paths) (runs_as_gemm(p) ? gemm : rows).push_back(p);
+  D.paths = rows;
+  return gemm;
+}
+
+// Rows per block: T of a block stays within 16 Mi elements.
+constexpr int64_t kGemmBlockElements = int64_t(1) << 24;
+
+// One uvw path on rows of x1 [Z, dim1], x2 [Z, dim2] with shared weights w [n_w]: the tensors of its blocks.
+template <typename T>
+struct GemmPath {
+  const Path& p;
+  int64_t off1, off2, off_out, rows_per_block;
+  at::Tensor C, W;  // [d1, d2 · d_out], [mul1 · mul2, mul_out]
+
+  GemmPath(const Path& path, const Descriptor<T>& D, const at::Tensor& w)
+      : p(path),
+        off1(D.in1.blocks[path.block1].off),
+        off2(D.in2.blocks[path.block2].off),
+        off_out(D.out.blocks[path.block_out].off),
+        rows_per_block(std::max<int64_t>(1, kGemmBlockElements / (path.d_out * path.mul1 * path.mul2))) {
+    C = at::zeros({p.d1, p.d2, p.d_out}, w.options());
+    T* c = C.mutable_data_ptr<T>();
+    for (int64_t e = p.begin; e < p.end; ++e) {
+      const Entry<T>& x = D.entries[e];
+      c[(x.idx[I] * p.d2 + x.idx[J]) * p.d_out + x.idx[K]] += x.c;
+    }
+    C = C.view({p.d1, p.d2 * p.d_out});
+    W = w.narrow(0, p.w_off, p.w_size).view({p.mul1 * p.mul2, p.mul_out});
+  }
+
+  at::Tensor block(const at::Tensor& x, int64_t off, int64_t mul, int64_t d, int64_t r0, int64_t n) const {
+    return x.narrow(0, r0, n).narrow(1, off, mul * d).view({n, mul, d});
+  }
+
+  // A as [n, mul1 · d_out, d2] (rows (u, k)) and T as [n · d_out, mul1 · mul2] (rows (r, k), columns (u, v))
+  std::pair<at::Tensor, at::Tensor> a_and_t(const at::Tensor& a, const at::Tensor& b, int64_t n) const {
+    const at::Tensor A = at::mm(a.reshape({n * p.mul1, p.d1}), C)
+                             .view({n, p.mul1, p.d2, p.d_out})
+                             .transpose(2, 3)
+                             .reshape({n, p.mul1 * p.d_out, p.d2});
+    const at::Tensor t = at::bmm(A, b.transpose(1, 2))  // [n, (u, k), v]
+                             .view({n, p.mul1, p.d_out, p.mul2})
+                             .transpose(1, 2)
+                             .reshape({n * p.d_out, p.mul1 * p.mul2});
+    return {A, t};
+  }
+
+  void forward(const at::Tensor& x1, const at::Tensor& x2, at::Tensor& out, int64_t Z) const {
+    for (int64_t r0 = 0; r0 < Z; r0 += rows_per_block) {
+      const int64_t n = std::min(rows_per_block, Z - r0);
+      const at::Tensor t = a_and_t(block(x1, off1, p.mul1, p.d1, r0, n), block(x2, off2, p.mul2, p.d2, r0, n), n)
+                               .second;
+      const at::Tensor o = at::mm(t, W).view({n, p.d_out, p.mul_out});
+      block(out, off_out, p.mul_out, p.d_out, r0, n).add_(o.transpose(1, 2));
+    }
+  }
+
+  // Adds to gx1, gx2 and gw (the sum over rows) the path's gradients.
+  void backward(const at::Tensor& g, const at::Tensor& x1, const at::Tensor& x2, at::Tensor& gx1, at::Tensor& gx2,
+                at::Tensor& gw, int64_t Z) const {
+    at::Tensor gW = gw.narrow(0, p.w_off, p.w_size).view({p.mul1 * p.mul2, p.mul_out});
+    for (int64_t r0 = 0; r0 < Z; r0 += rows_per_block) {
+      const int64_t n = std::min(rows_per_block, Z - r0);
+      const at::Tensor a = block(x1, off1, p.mul1, p.d1, r0, n), b = block(x2, off2, p.mul2, p.d2, r0, n);
+      const at::Tensor go =
+          block(g, off_out, p.mul_out, p.d_out, r0, n).transpose(1, 2).reshape({n * p.d_out, p.mul_out});
+      const auto [A, t] = a_and_t(a, b, n);
+      gW.addmm_(t.t(), go);
+      const at::Tensor gt = at::mm(go, W.t()).view({n, p.d_out, p.mul1, p.mul2});
+      // ga: H[r][(u, k)][j] = Σ_v gT[r][k][u][v] b[r][v][j], then Σ_{k,j} H C[i][j][k]
+      const at::Tensor H = at::bmm(gt.transpose(1, 2).reshape({n, p.mul1 * p.d_out, p.mul2}), b);
+      const at::Tensor Ct = C.view({p.d1, p.d2, p.d_out}).permute({2, 1, 0}).reshape({p.d_out * p.d2, p.d1});
+      const at::Tensor ga = at::mm(H.reshape({n * p.mul1, p.d_out * p.d2}), Ct);
+      block(gx1, off1, p.mul1, p.d1, r0, n).add_(ga.view({n, p.mul1, p.d1}));
+      // gb[r][v][j] = Σ_{(u, k)} gT[r][k][u][v] A[r][(u, k)][j]
+      const at::Tensor gb = at::bmm(gt.permute({0, 3, 2, 1}).reshape({n, p.mul2, p.mul1 * p.d_out}), A);
+      block(gx2, off2, p.mul2, p.d2, r0, n).add_(gb);
+    }
+  }
+};
+
 // Rows of x ([rows, dim]) in the ir_mul layout L: [rows, L.width]
 template <typename T>
 at::Tensor rows_to_ir_mul(const Layout& L, const at::Tensor& x) {
@@ -1344,11 +1444,13 @@ at::Tensor tensor_product_cpu(const at::Tensor& x1, const at::Tensor& x2, const 
   const at::Tensor a = x1.contiguous(), b = x2.contiguous(), w = weights.contiguous();
   at::Tensor out = at::empty({Z, dim_out}, a.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "tensor_product_cpu", [&] {
-    const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
-                                                              a.size(1), b.size(1), dim_out, n_w);
+    Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets, a.size(1),
+                                                        b.size(1), dim_out, n_w);
+    const std::vector<Path> gemm = w.dim() == 1 ? take_gemm_paths(D) : std::vector<Path>{};
     Problem<scalar_t> pr = input_problem(D, a, a.size(1), false, b, w, n_w, dim_out);
     pr.out = out.mutable_data_ptr<scalar_t>();
     run_forward(pr, Z, Z);
+    for (const Path& p : gemm) GemmPath<scalar_t>(p, D, w).forward(a, b, out, Z);
   });
   return out;
 }
@@ -1366,13 +1468,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tensor_product_backward_cpu(
   const at::Tensor g = grad_out.contiguous(), a = x1.contiguous(), b = x2.contiguous(), w = weights.contiguous();
   at::Tensor gx1 = at::empty_like(a), gx2 = at::empty_like(b), gw = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(dtype, "tensor_product_backward_cpu", [&] {
-    const Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets,
-                                                              a.size(1), b.size(1), g.size(1), n_w);
+    Descriptor<scalar_t> D = parse_descriptor<scalar_t>(op, paths, cg_index, cg_value, cg_offsets, a.size(1),
+                                                        b.size(1), g.size(1), n_w);
+    const std::vector<Path> gemm = w.dim() == 1 ? take_gemm_paths(D) : std::vector<Path>{};
     Problem<scalar_t> pr = input_problem(D, a, a.size(1), false, b, w, n_w, g.size(1));
     pr.g = g.const_data_ptr<scalar_t>(), pr.g_stride = g.size(1), pr.g_ir_mul = false;
     pr.gx1 = gx1.mutable_data_ptr<scalar_t>(), pr.gx2 = gx2.mutable_data_ptr<scalar_t>();
     pr.gw = gw.mutable_data_ptr<scalar_t>();
-    run_backward(pr, Z, Z, w.dim() == 2);
+    run_backward(pr, Z, Z, w.dim() == 2);  // the GEMM paths' gradients are zero here; they add theirs
+    for (const Path& p : gemm) GemmPath<scalar_t>(p, D, w).backward(g, a, b, gx1, gx2, gw, Z);
   });
   return {gx1, gx2, gw};
 }

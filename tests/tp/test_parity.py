@@ -160,3 +160,17 @@ def test_per_sample_weights_with_batch_dimensions(backend):
     w = torch.randn(2, 3, tp.weight_numel, generator=g)
     assert_close(fused(x1, x2, w), tp(x1, x2, w), 1e-5, "per-sample broadcast")
     assert_close(fused(x1, x2, w[:1, :1]), tp(x1, x2, w[:1, :1]), 1e-5, "one weight row for all samples")
+
+
+@pytest.mark.parametrize("Z", [1, 2, 3, 17, 100])
+def test_shared_weight_uvw_self_interaction_matches_e3nn(Z):
+    """The C++ kernel runs uvw paths with shared weights as matrix products over blocks of rows (NequIP's
+    self-interaction: features x node attributes), mixed here with paths the row kernel runs."""
+    tp = o3.FullyConnectedTensorProduct("17x0e+5x1o+3x2e", "4x0e+2x1o", "6x0e+7x1o+2x2e+3x1e")
+    check_against_e3nn(tp, "cpp", torch.float32, Z, seed_of("shared uvw", Z), shared=True)
+
+
+def test_shared_weight_uvw_spans_several_row_blocks():
+    """A path whose [rows, d_out · mul1 · mul2] intermediate exceeds one block (16 Mi elements): 3 blocks."""
+    tp = o3.TensorProduct("64x2e", "64x0e", "8x2e", [(0, 0, 0, "uvw", True)])
+    check_against_e3nn(tp, "cpp", torch.float32, 1700, seed_of("row blocks"), shared=True)
