@@ -28,8 +28,15 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 
+# mace-torch for tests/tp/test_mace.py and the MACE tests: WITHOUT its dependencies (it pins e3nn==0.4.4, dev needs
+# e3nn>=0.5; 0.3.16 runs on e3nn 0.6), then the ones it imports (torch is already there, so none replaces it).
+MACE_DEPS := ase configargparse GitPython h5py lmdb matscipy opt_einsum orjson pandas prettytable python-hostlist \
+	pyYAML torch-ema torchmetrics tqdm
+
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "mace-torch==0.3.16"
+	$(BIN)/pip install -q $(MACE_DEPS)
 	touch $@
 
 install: $(VENV)/.installed
