@@ -12,8 +12,13 @@ What keeps the live registers small (ptxas spills, read with ``fastflow bench gp
 - F is walked in chunks of BLOCK_FC columns: each chunk's hidden -> SiLU -> its share of the logits goes into
   the logit accumulators, so no [M, F] hidden tile exists (F = 224 in the last semlaflow layer), and the
   chunk's weight tiles are loaded in the loop (L1/L2 hits after the first tile of j), never pinned.
-- G is built once per tile of j from X_s,i [BLOCK_I, S] and X_s,j [BLOCK_J, S] (a load per pair costs a
-  64-bit address per element) and reused by every chunk.
+- The K dimensions of the hidden layer's products are walked in chunks too: S in chunks of BLOCK_SC (the Gram
+  entries of a chunk rebuilt from X_s,i [BLOCK_I, BLOCK_SC] and X_s,j [BLOCK_J, BLOCK_SC] for every chunk of F;
+  a load per pair costs a 64-bit address per element) and the edge features in chunks of BLOCK_EC (LayerNorm
+  statistics once per tile of j, the normalised chunk rebuilt per chunk of F). A [pairs, S] or [pairs, E] operand
+  held across the F loop costs a row of K values per thread in the FMA (ieee) dots' operand layout (128-256
+  registers at S = 64, E = 128) and spilled 2-17 KB per thread in the bf16 and edge-input variants; the rebuild
+  costs about 3 * S FMAs per pair and chunk of F (under 10% of the hidden-layer product at BLOCK_FC = 16).
 - Node logits are z_h [pairs, H] = act · W2_h^T, but the coordinate sets' are computed transposed,
   z_p^T [P, pairs] = W2_p · act^T: with P on the rows of the mma layout the per-(set, row i) softmax state
   (max, Σexp, Σexp², three coordinate sums) takes a few registers per thread, where [pairs, P] would keep P / 4
@@ -106,11 +111,11 @@ def _semla_attention_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_FC: tl.constexpr,  # columns of the hidden layer per chunk
-    BLOCK_S: tl.constexpr,
+    BLOCK_SC: tl.constexpr,  # coordinate sets per chunk of the Gram product
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_EC: tl.constexpr,  # edge channels per chunk of the edge-input product
     BLOCK_EO: tl.constexpr,
     HAS_EDGE_IN: tl.constexpr,
     HAS_EDGE_OUT: tl.constexpr,
@@ -132,11 +137,9 @@ def _semla_attention_kernel(
     pair_i = i0 + offs_m % BLOCK_I
     mask_m_i = pair_i < N
     row_m = b * N + pair_i
-    offs_s = tl.arange(0, BLOCK_S)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_P)
-    mask_s = offs_s < S
     mask_h = offs_h < H
     mask_d = offs_d < D
     mask_p = offs_p < P
@@ -151,8 +154,6 @@ def _semla_attention_kernel(
         ).to(tl.int32)
     no_edge = tl.sum(row_edges, axis=0) == 0  # [BLOCK_I]
 
-    x_i_base = x_ptr + ((b * S + offs_s[None, :]) * N + offs_i[:, None]) * 3  # X_s,i [BLOCK_I, BLOCK_S]
-    x_i_mask = mask_i[:, None] & mask_s[None, :]
     # Y_p,i of the block's rows: [BLOCK_P, BLOCK_I] per axis.
     y_i_base = y_ptr + ((b * P + offs_p[:, None]) * N + offs_i[None, :]) * 3
     y_i_mask = mask_p[:, None] & mask_i[None, :]
@@ -182,29 +183,29 @@ def _semla_attention_kernel(
         mask_m_j = pair_j < N
         mask_m = mask_m_i & mask_m_j
 
-        # Gram entries G[m, s] = <X_s,i, X_s,j> of the tile's pairs, one coordinate axis at a time, from X_s,j
-        # [BLOCK_J, BLOCK_S] and X_s,i [BLOCK_I, BLOCK_S] (a load per pair would cost a 64-bit address each).
-        x_j_base = x_ptr + ((b * S + offs_s[None, :]) * N + offs_j[:, None]) * 3
-        x_j_mask = mask_j[:, None] & mask_s[None, :]
-        gram = tl.zeros([BLOCK_J, BLOCK_I, BLOCK_S], dtype)
-        for k in tl.static_range(3):
-            x_i = tl.load(x_i_base + k, mask=x_i_mask, other=0.0)
-            gram += tl.load(x_j_base + k, mask=x_j_mask, other=0.0)[:, None, :] * x_i[None, :, :]
-        gram = tl.reshape(gram, [BLOCK_M, BLOCK_S])  # j-major, as the pairs
         if HAS_EDGE_IN:
-            offs_e = tl.arange(0, BLOCK_E)
-            mask_e = offs_e < E
-            e_mask = mask_m[:, None] & mask_e[None, :]
-            feats = tl.load(
-                e_ptr + (row_m[:, None] * N + pair_j[:, None]) * E + offs_e[None, :], mask=e_mask, other=0.0
-            )
-            # LayerNorm over the E real channels (biased variance, as F.layer_norm); padded channels stay 0.
-            mean = tl.sum(feats, axis=1) / E
-            centred = tl.where(e_mask, feats - mean[:, None], 0.0)
-            var = tl.sum(centred * centred, axis=1) / E
-            ln_w = tl.load(ln_w_ptr + offs_e, mask=mask_e, other=0.0)
-            ln_b = tl.load(ln_b_ptr + offs_e, mask=mask_e, other=0.0)
-            normed = centred / tl.sqrt(var + edge_norm_eps)[:, None] * ln_w[None, :] + ln_b[None, :]
+            # LayerNorm statistics of the tile's pairs over the E real channels (biased variance, as
+            # F.layer_norm), two passes over chunks of E; the normalised features are rebuilt per chunk below.
+            e_base = e_ptr + (row_m[:, None] * N + pair_j[:, None]) * E  # [BLOCK_M, 1]
+            total = tl.zeros([BLOCK_M], dtype)
+            for e0 in range(0, E, BLOCK_EC):
+                offs_e = e0 + tl.arange(0, BLOCK_EC)
+                total += tl.sum(
+                    tl.load(
+                        e_base + offs_e[None, :], mask=mask_m[:, None] & (offs_e < E)[None, :], other=0.0
+                    ),
+                    axis=1,
+                )
+            mean = total / E
+            total = tl.zeros([BLOCK_M], dtype)
+            for e0 in range(0, E, BLOCK_EC):
+                offs_e = e0 + tl.arange(0, BLOCK_EC)
+                e_mask = mask_m[:, None] & (offs_e < E)[None, :]
+                centred = tl.where(
+                    e_mask, tl.load(e_base + offs_e[None, :], mask=e_mask, other=0.0) - mean[:, None], 0.0
+                )
+                total += tl.sum(centred * centred, axis=1)
+            rstd = 1.0 / tl.sqrt(total / E + edge_norm_eps)
 
         # Logits: z_h [pairs, heads] and z_e [pairs, E_out] as act · W^T, the coordinate sets' transposed,
         # z_p^T [sets, pairs] = W · act^T (see the module docstring).
@@ -229,19 +230,45 @@ def _semla_attention_kernel(
                 other=0.0,
             )
             hidden = tl.reshape(c_j[:, None, :] + a_i[None, :, :], [BLOCK_M, BLOCK_FC])
-            wg_t = tl.load(
-                wg_ptr + offs_f[None, :] * S + offs_s[:, None],
-                mask=mask_s[:, None] & mask_f[None, :],
-                other=0.0,
-            )  # Wg^T chunk [BLOCK_S, BLOCK_FC]
-            hidden = tl.dot(gram, wg_t, hidden, input_precision=DOT_PRECISION)
-            if HAS_EDGE_IN:
-                we_t = tl.load(
-                    we_ptr + offs_f[None, :] * E + offs_e[:, None],
-                    mask=mask_e[:, None] & mask_f[None, :],
+            # + G Wg^T, S in chunks of BLOCK_SC: the Gram entries G[m, s] = <X_s,i, X_s,j> of the chunk are
+            # rebuilt here from X_s,j [BLOCK_J, BLOCK_SC] and X_s,i [BLOCK_I, BLOCK_SC] (a load per pair would cost
+            # a 64-bit address each), so no [pairs, S] tile stays live across the chunks of F.
+            for s0 in range(0, S, BLOCK_SC):
+                offs_s = s0 + tl.arange(0, BLOCK_SC)
+                mask_s = offs_s < S
+                x_j_base = x_ptr + ((b * S + offs_s[None, :]) * N + offs_j[:, None]) * 3
+                x_j_mask = mask_j[:, None] & mask_s[None, :]
+                x_i_base = x_ptr + ((b * S + offs_s[None, :]) * N + offs_i[:, None]) * 3
+                x_i_mask = mask_i[:, None] & mask_s[None, :]
+                gram = tl.zeros([BLOCK_J, BLOCK_I, BLOCK_SC], dtype)
+                for k in tl.static_range(3):
+                    x_i = tl.load(x_i_base + k, mask=x_i_mask, other=0.0)
+                    gram += tl.load(x_j_base + k, mask=x_j_mask, other=0.0)[:, None, :] * x_i[None, :, :]
+                wg_t = tl.load(
+                    wg_ptr + offs_f[None, :] * S + offs_s[:, None],
+                    mask=mask_s[:, None] & mask_f[None, :],
                     other=0.0,
-                )  # We^T chunk [BLOCK_E, BLOCK_FC]
-                hidden = tl.dot(normed, we_t, hidden, input_precision=DOT_PRECISION)
+                )  # Wg^T chunk [BLOCK_SC, BLOCK_FC]
+                hidden = tl.dot(
+                    tl.reshape(gram, [BLOCK_M, BLOCK_SC]), wg_t, hidden, input_precision=DOT_PRECISION
+                )
+            if HAS_EDGE_IN:
+                # + LN(e_ij) We^T, E in chunks of BLOCK_EC
+                for e0 in range(0, E, BLOCK_EC):
+                    offs_e = e0 + tl.arange(0, BLOCK_EC)
+                    mask_e = offs_e < E
+                    e_mask = mask_m[:, None] & mask_e[None, :]
+                    feats = tl.load(e_base + offs_e[None, :], mask=e_mask, other=0.0)
+                    ln_w = tl.load(ln_w_ptr + offs_e, mask=mask_e, other=0.0)
+                    ln_b = tl.load(ln_b_ptr + offs_e, mask=mask_e, other=0.0)
+                    normed = (feats - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+                    normed = tl.where(e_mask, normed, 0.0)
+                    we_t = tl.load(
+                        we_ptr + offs_f[None, :] * E + offs_e[:, None],
+                        mask=mask_e[:, None] & mask_f[None, :],
+                        other=0.0,
+                    )  # We^T chunk [BLOCK_EC, BLOCK_FC]
+                    hidden = tl.dot(normed, we_t, hidden, input_precision=DOT_PRECISION)
             # SiLU; exp(-h) overflowing to inf for very negative h gives h / inf = -0, the right limit.
             act = hidden / (1.0 + tl.exp(-hidden))
             w2_h_t = tl.load(
@@ -366,17 +393,22 @@ def launch_config(F, S, H, D, P, E, EO, dtype, precision) -> dict:
 
     Chosen with ``fastflow bench gpu-static`` (registers and spills per target): 2 rows i x 16 j = 32 pairs per
     tile and 4 warps, F in chunks of 16 columns (8 in TF32, whose K may be 8: smaller transient operand tiles),
-    no software pipelining of the chunk loop (its prefetch buffers cost registers, not only shared memory), one
-    row i per program in float64 (twice the registers per value).
+    S and E in chunks of 16, no software pipelining of the chunk loop (its prefetch buffers cost registers, not
+    only shared memory), one row i per program in float64 (twice the registers per value). maxnreg=255: without
+    it ptxas caps some variants at 128 registers for occupancy and spills (the small preset's core layer on
+    sm_90a: 48 B at 128 registers, none at 198).
     """
-    del S, H, D, P, E, EO
+    del H, D, P, EO
     chunk = 8 if precision == "tf32" else 16
     return dict(
         BLOCK_I=1 if dtype == torch.float64 else 2,
         BLOCK_J=16,
         BLOCK_FC=min(chunk, _dot_block(F)),
+        BLOCK_SC=min(16, _dot_block(S)),
+        BLOCK_EC=min(16, _dot_block(max(E, 1))),
         num_warps=4,
         num_stages=1,
+        maxnreg=255,
     )
 
 
@@ -452,11 +484,9 @@ def semla_attention(
         EO,
         float(edge_norm_eps),
         float(coord_eps),
-        BLOCK_S=_dot_block(S),
         BLOCK_H=_dot_block(H),
         BLOCK_D=triton.next_power_of_2(D),  # N of the value dot: no tensor cores there, only a power of two
         BLOCK_P=_dot_block(P),
-        BLOCK_E=_dot_block(max(E, 1)),
         BLOCK_EO=_dot_block(max(EO, 1)),
         HAS_EDGE_IN=has_edge_in,
         HAS_EDGE_OUT=EO > 0,
