@@ -6,8 +6,10 @@ left unfused: what the tensor-product swap alone gives), ``patched_no_sc`` (MACE
 contractions left as they are: ``patched`` minus this is what fastflow::symmetric_contraction contributes) and
 ``patched`` (the convolutions as fastflow::tp_conv and the symmetric contractions fused too),
 medians of interleaved repeats, as ratios to the unpatched model, with each variant's max force error relative to
-the unpatched model's largest force; and ``compiled`` (``torch.compile`` of the unpatched model) against its own
-unpatched copy in a child process, which survives the compiler crashing the process.
+the unpatched model's largest force; ``cueq`` (``--cueq``, MACE only: the model converted by mace-torch's own
+``convert_e3nn_cueq`` to cuEquivariance's modules, here their CPU path); and ``compiled`` / ``patched_compiled``
+(``torch.compile`` of the unpatched and of the patched model) against their own unpatched copy in a child
+process, which survives the compiler crashing the process.
 
 ``mace_model`` builds a ``ScaleShiftMACE`` with random weights from mace-torch's constructor; ``mace_batch`` packs
 randomly rotated ethanol molecules (ASE's geometry, each molecule in its own region of space, no periodic cell)
@@ -214,6 +216,7 @@ CONFIGS = {  # name: (family, builder arguments)
     "nequip-issue15": ("nequip", {"num_layers": 4, "l_max": 2, "num_features": 32}),
 }
 VARIANTS = ("unpatched", "patched_tp_only", "patched_no_sc", "patched")
+COMPILED_VARIANTS = ("unpatched", "compiled", "patched_compiled")  # timed in a child process
 
 
 def _no_symmetric_contraction(model):
@@ -262,6 +265,16 @@ def _variant(build, name: str):
     if name == "patched":
         patch_model(variant)
         return variant
+    if name == "cueq":
+        from mace.cli.convert_e3nn_cueq import run as to_cuequivariance
+
+        previous = torch.get_default_dtype()
+        try:
+            return to_cuequivariance(variant, device="cpu").eval()
+        finally:
+            torch.set_default_dtype(previous)  # the converter sets the model's dtype as the process default
+    if name == "patched_compiled":
+        patch_model(variant)
     return torch.compile(variant)
 
 
@@ -290,12 +303,13 @@ def time_variants(config: str, n_molecules: int, spacing: float, repeats: int, v
 
 
 def _compiled_in_child(config: str, n_molecules: int, spacing: float, repeats: int) -> dict:
-    """unpatched vs torch.compile timed in a child process: compiling MACE with forces crashes the process on some
-    torch builds (torch 2.13 CPU: glibc "double free or corruption"), which is then reported, not fatal."""
+    """unpatched vs torch.compile of the unpatched and of the patched model, timed in a child process: compiling
+    MACE with forces has crashed the process on torch 2.13 CPU (glibc "double free or corruption"), which is then
+    reported, not fatal."""
     code = (
         "import json; from fastflow.benchmarks.e3nn_models import time_variants; "
         f"print(json.dumps(time_variants({config!r}, {n_molecules}, {spacing}, {repeats}, "
-        "('unpatched', 'compiled'))))"
+        f"{COMPILED_VARIANTS!r})))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -307,17 +321,20 @@ def _compiled_in_child(config: str, n_molecules: int, spacing: float, repeats: i
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"skipped": f"the compiled model's process exited with {done.returncode}: {last[:200]}"}
     timed = json.loads(done.stdout.strip().splitlines()[-1])[0]
-    return {
-        "unpatched_ms": 1e3 * timed["unpatched"][0],
-        "compiled_ms": 1e3 * timed["compiled"][0],
-        "speedup": timed["unpatched"][0] / timed["compiled"][0],
-        "force_max_rel_error": timed["compiled"][1],
-    }
+    row = {"unpatched_ms": 1e3 * timed["unpatched"][0]}
+    for name in COMPILED_VARIANTS[1:]:
+        row[f"{name}_ms"] = 1e3 * timed[name][0]
+        row[f"speedup_{name}"] = timed["unpatched"][0] / timed[name][0]
+        row[f"force_max_rel_error_{name}"] = timed[name][1]
+    return row
 
 
-def bench(config: str, n_molecules: int, spacing: float, repeats: int, compile_model: bool) -> dict:
-    variants = (
-        VARIANTS if CONFIGS[config][0] == "mace" else tuple(v for v in VARIANTS if v != "patched_no_sc")
+def bench(
+    config: str, n_molecules: int, spacing: float, repeats: int, compile_model: bool, cueq: bool = False
+) -> dict:
+    mace = CONFIGS[config][0] == "mace"
+    variants = tuple(v for v in VARIANTS if mace or v != "patched_no_sc") + (
+        ("cueq",) if mace and cueq else ()
     )
     timed, (atoms, edges) = time_variants(config, n_molecules, spacing, repeats, variants)
     row = {"config": config, **CONFIGS[config][1], "atoms": atoms, "edges": edges}
@@ -333,14 +350,15 @@ def bench(config: str, n_molecules: int, spacing: float, repeats: int, compile_m
 def format_row(row: dict) -> str:
     times = "  ".join(
         f"{name} {row[f'{name}_ms']:8.1f} ms (x{row[f'speedup_{name}']:.2f})"
-        for name in VARIANTS
+        for name in (*VARIANTS, "cueq")
         if f"{name}_ms" in row
     )
     compiled = row.get("compiled_child_process", {})
-    if "speedup" in compiled:
-        times += f"  compiled x{compiled['speedup']:.2f} (child process, vs its own unpatched)"
-    elif compiled:
+    if "skipped" in compiled:
         times += f"  compiled skipped: {compiled['skipped']}"
+    elif compiled:
+        speedups = ", ".join(f"{name} x{compiled[f'speedup_{name}']:.2f}" for name in COMPILED_VARIANTS[1:])
+        times += f"  ({speedups}: child process, vs its own unpatched)"
     return f"{row['config']:16} N={row['atoms']} E={row['edges']}  {times}"
 
 
@@ -351,6 +369,7 @@ def run(
     repeats: int = 5,
     compile_model: bool = True,
     out: Path | None = None,
+    cueq: bool = False,
 ) -> dict:
     for family, reason in (("mace", mace_unavailable_reason()), ("nequip", nequip_unavailable_reason())):
         if reason is not None and any(CONFIGS[config][0] == family for config in configs):
@@ -360,7 +379,7 @@ def run(
     print(f"fastflow bench e3nn-models: energy + forces, {torch.get_num_threads()} threads")
     rows = []
     for config in configs:
-        rows.append(bench(config, n_molecules, spacing, repeats, compile_model))
+        rows.append(bench(config, n_molecules, spacing, repeats, compile_model, cueq))
         print(format_row(rows[-1]))
     results = {"benchmark": "e3nn-models", "machine": machine, "repeats": repeats, "rows": rows}
     if out is not None:
@@ -381,6 +400,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (default 5)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--cueq",
+        action="store_true",
+        help="also time MACE converted to cuEquivariance's modules (its CPU path; slow at thousands of atoms)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
 
@@ -400,4 +424,5 @@ def run_from_args(args) -> dict:
         repeats=args.repeats,
         compile_model=args.compile,
         out=args.out,
+        cueq=args.cueq,
     )

@@ -3,6 +3,7 @@ each interaction block's gather → conv_tp → scatter-sum runs as one fastflow
 unpatched model within twice its own float32 error against float64, forces rotate with the molecule, training's
 double backward matches, unpatch restores the model, and a patched model scripts, saves and reloads."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -167,7 +168,12 @@ def test_bench_e3nn_models_writes_ratios_and_errors(tmp_path):
 
     require_backend("cpp")
     results = run(
-        configs=("mace-off-small",), n_molecules=2, repeats=1, compile_model=False, out=tmp_path / "r.json"
+        configs=("mace-off-small",),
+        n_molecules=2,
+        repeats=1,
+        compile_model=False,
+        out=tmp_path / "r.json",
+        cueq=importlib.util.find_spec("cuequivariance_torch") is not None,
     )
     (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert row == results["rows"][0] and row["atoms"] == 18
@@ -175,3 +181,5 @@ def test_bench_e3nn_models_writes_ratios_and_errors(tmp_path):
         row["speedup_unpatched"] == 1.0 and row["speedup_patched"] > 0 and row["speedup_patched_tp_only"] > 0
     )
     assert max(row["force_max_rel_error"].values()) < 1e-4
+    if "cueq" in row["force_max_rel_error"]:  # mace-torch's own cuEquivariance conversion, its CPU path
+        assert row["speedup_cueq"] > 0

@@ -1,7 +1,7 @@
 """patch_model on real NequIP models (nequip's own NequIPGNNModel, random weights, rotated ethanol molecules): each
 convolution's TensorProductScatter runs as one fastflow::tp_conv, energies and forces match the unpatched model
 within twice its own float32 error against float64, forces rotate with the molecules, unpatch restores the model,
-and the patched model scripts."""
+and the patched model scripts and compiles."""
 
 import pytest
 import torch
@@ -76,6 +76,17 @@ def test_patched_model_scripts():
     scripted = jit.compile(model)
     assert any(getattr(m, "original_name", "") == "_ScriptedScatterTPConv" for m in scripted.modules())
     torch.testing.assert_close(nequip_energy_and_forces(scripted, data)[1], forces, rtol=1e-5, atol=1e-6)
+
+
+def test_patched_model_compiles():
+    """torch.compile of the patched model (the fused ops' fake kernels trace, the forces' backward included)."""
+    require_backend("cpp")
+    model, data = nequip_model(**SMALL), nequip_batch(*ethanol_positions(2, spacing=4.0))
+    patch_model(model)
+    energy, forces = nequip_energy_and_forces(model, data)
+    compiled_energy, compiled_forces = nequip_energy_and_forces(torch.compile(model), data)
+    assert max_error(compiled_energy, energy) <= 1e-5 * energy.abs().item()
+    torch.testing.assert_close(compiled_forces, forces, rtol=1e-4, atol=1e-5)
 
 
 def test_scatter_conv_needs_per_edge_weights():
