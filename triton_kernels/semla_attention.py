@@ -393,20 +393,24 @@ def launch_config(F, S, H, D, P, E, EO, dtype, precision) -> dict:
 
     Chosen with ``fastflow bench gpu-static`` (registers and spills per target): 2 rows i x 16 j = 32 pairs per
     tile and 4 warps, F in chunks of 16 columns (8 in TF32, whose K may be 8: smaller transient operand tiles),
-    S and E in chunks of 16, no software pipelining of the chunk loop (its prefetch buffers cost registers, not
-    only shared memory), one row i per program in float64 (twice the registers per value). maxnreg=255: without
-    it ptxas caps some variants at 128 registers for occupancy and spills (the small preset's core layer on
+    S in chunks of 8 and E in chunks of 8 (32 in bf16: 8 left a few bytes of spills on sm_89 / sm_90a), no
+    software pipelining of the chunk loop (its prefetch buffers cost registers, not only shared memory), one
+    row i per program in float64 (twice the registers per value). The last layer in fp32 (ieee dots on FMA
+    units, which hold a row of K values per thread of every operand) writes e' = [pairs, EO] besides the logits:
+    F in chunks of 8 and 8 warps there (4 warps and chunks of 16 spilled 0.7-0.9 KB). maxnreg=255: without it
+    ptxas caps some variants at 128 registers for occupancy and spills (the small preset's core layer on
     sm_90a: 48 B at 128 registers, none at 198).
     """
-    del H, D, P, EO
-    chunk = 8 if precision == "tf32" else 16
+    del S, E, H, D, P
+    wide_fma = EO > 0 and precision == "fp32"  # the last layer's ieee dots
+    chunk = 8 if precision == "tf32" or wide_fma else 16
     return dict(
         BLOCK_I=1 if dtype == torch.float64 else 2,
         BLOCK_J=16,
         BLOCK_FC=min(chunk, _dot_block(F)),
-        BLOCK_SC=min(16, _dot_block(S)),
-        BLOCK_EC=min(16, _dot_block(max(E, 1))),
-        num_warps=4,
+        BLOCK_SC=8,
+        BLOCK_EC=32 if precision == "bf16" else 8,
+        num_warps=8 if wide_fma else 4,
         num_stages=1,
         maxnreg=255,
     )
