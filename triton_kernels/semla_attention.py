@@ -397,12 +397,14 @@ def launch_config(F, S, H, D, P, E, EO, dtype, precision) -> dict:
     software pipelining of the chunk loop (its prefetch buffers cost registers, not only shared memory), one
     row i per program in float64 (twice the registers per value). The last layer in fp32 (ieee dots on FMA
     units, which hold a row of K values per thread of every operand) writes e' = [pairs, EO] besides the logits:
-    F in chunks of 8 and 8 warps there (4 warps and chunks of 16 spilled 0.7-0.9 KB). maxnreg=255: without it
+    F in chunks of 8 and 8 warps there (4 warps and chunks of 16 spilled 0.7-0.9 KB), and in float64 everywhere
+    (1.3-1.8 KB -> under 130 B in the semlaflow core and edge-input layers on sm_80 / sm_90a). maxnreg=255: without it
     ptxas caps some variants at 128 registers for occupancy and spills (the small preset's core layer on
     sm_90a: 48 B at 128 registers, none at 198).
     """
     del S, E, H, D, P
-    wide_fma = EO > 0 and precision == "fp32"  # the last layer's ieee dots
+    # The last layer's ieee dots, and float64 (twice the registers per value) in every layer
+    wide_fma = (EO > 0 and precision == "fp32") or dtype == torch.float64
     chunk = 8 if precision == "tf32" or wide_fma else 16
     return dict(
         BLOCK_I=1 if dtype == torch.float64 else 2,
