@@ -32,8 +32,9 @@ s1 = Σ exp(z − m), s2 = Σ exp(2(z − m)) and the weighted sums of values / 
 grows. Only e' = z[H + P:] is written per pair. Math, schema, fake impl and reference:
 fastflow/ops/semla_attention.py.
 
-Dot dimensions are padded to powers of two (K >= 16, 8 for the tf32 chunk) and masked; padded rows and columns
-load as 0, so they add nothing to the products. precision "fp32" uses input_precision="ieee" (the GPU default,
+Dot dimensions are padded to powers of two (K >= 16 for bf16 operands; chunks of 8 for S, E, and F in tf32,
+float64 and the fp32 last layer) and masked; padded rows and columns load as 0, so they add nothing to the
+products. precision "fp32" uses input_precision="ieee" (the GPU default,
 TF32, keeps 10 mantissa bits and would miss the fp32 tolerance of the tests); "tf32" runs the hidden layer's and
 the output linear's dots in TF32; "bf16" rounds the operands of z = W2 · silu(hidden) to bfloat16 and accumulates
 in fp32, as the op's reference defines it. The value and coordinate sums stay in the input dtype everywhere.
