@@ -9,9 +9,15 @@ import torch
 
 from .semla_helpers import cast, max_relative_errors, random_inputs, seed_of
 
-# (F, S, H, d_head, P, E_in, E_out): a tiny layer with edge input and output, an odd one without either, and one
-# whose hidden width takes three chunks of the kernel's F loop (16 columns each, the last one partial).
-CONFIGS = {"tiny": (16, 4, 2, 4, 4, 8, 8), "odd": (12, 3, 3, 3, 3, 0, 0), "chunks": (40, 5, 3, 2, 6, 4, 3)}
+# (F, S, H, d_head, P, E_in, E_out): a tiny layer with edge input and output, an odd one without either, one
+# whose hidden width takes three chunks of the kernel's F loop (16 columns each, the last one partial), and one
+# whose coordinate sets and edge features take several chunks of their inner loops too (S, E > 32; partial).
+CONFIGS = {
+    "tiny": (16, 4, 2, 4, 4, 8, 8),
+    "odd": (12, 3, 3, 3, 3, 0, 0),
+    "chunks": (40, 5, 3, 2, 6, 4, 3),
+    "set_and_edge_chunks": (40, 37, 3, 2, 6, 35, 5),
+}
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}  # on max|out - ref| / max|ref|
 
 
