@@ -1,5 +1,7 @@
-"""The packaged default model (fastflow/assets/qm9-small): integrity, config and seeded determinism."""
+"""The packaged models (fastflow/assets/<name>: qm9-small, the default, and moses3d-small): integrity, config and
+seeded determinism."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,33 +10,42 @@ import torch
 import fastflow
 from fastflow.chem.vocab import ATOM_VOCAB
 from fastflow.models import SemlaConfig
-from fastflow.pretrained import has_pretrained, load_pretrained, pretrained_dir
+from fastflow.pretrained import ASSETS, DEFAULT_MODEL, has_pretrained, load_pretrained, pretrained_dir
 
-pytestmark = pytest.mark.skipif(
-    not has_pretrained(),
-    reason="no packaged model exported yet (fastflow train --out RUN --export fastflow/assets/qm9-small)",
-)
+PACKAGED = sorted(path.parent.name for path in ASSETS.glob("*/model.safetensors"))
+packaged = pytest.mark.parametrize("name", PACKAGED)
 
 
-def test_packaged_model_loads_in_eval_mode_with_its_config():
-    model = fastflow.load_pretrained()
+def test_the_default_model_is_packaged():
+    assert has_pretrained(), "fastflow train --out RUN --export fastflow/assets/qm9-small"
+    assert DEFAULT_MODEL in PACKAGED and "moses3d-small" in PACKAGED
+
+
+@packaged
+def test_packaged_model_loads_in_eval_mode_with_its_config(name):
+    model = fastflow.load_pretrained(name)
     assert not model.training
-    assert model.config == SemlaConfig.preset("small")
+    # the preset's architecture; coord_std is the training set's (QM9: the preset's own, MOSES-3D: GEOM scale)
+    preset = SemlaConfig.preset("small")
+    assert model.config == dataclasses.replace(preset, coord_std=model.config.coord_std)
+    assert (model.config.coord_std == preset.coord_std) == (name == DEFAULT_MODEL)
     assert sum(p.numel() for p in model.parameters()) == sum(
-        p.numel() for p in fastflow.Semla(SemlaConfig.preset("small")).parameters()
+        p.numel() for p in fastflow.Semla(preset).parameters()
     )
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert min(model.size_counts) >= 1 and max(model.size_counts) < model.config.max_atoms
-    vocab = json.loads((pretrained_dir() / "vocab.json").read_text())
+    vocab = json.loads((pretrained_dir(name) / "vocab.json").read_text())
     assert vocab["atoms"] == list(ATOM_VOCAB)
 
 
-def test_packaged_model_is_small_enough_to_ship():
-    assert (pretrained_dir() / "model.safetensors").stat().st_size <= 25 * 2**20
+@packaged
+def test_packaged_model_is_small_enough_to_ship(name):
+    assert (pretrained_dir(name) / "model.safetensors").stat().st_size <= 25 * 2**20
 
 
-def test_seeded_sampling_is_deterministic():
-    model = load_pretrained()
+@packaged
+def test_seeded_sampling_is_deterministic(name):
+    model = load_pretrained(name)
     runs = [fastflow.sample(model, 4, steps=5, seed=3, size_distribution=model.size_counts) for _ in range(2)]
     for a, b in zip(runs[0].graphs, runs[1].graphs):
         assert a.atom_types.equal(b.atom_types) and a.bond_types.equal(b.bond_types)
