@@ -441,6 +441,23 @@ def _blocks(mode, mul1, mul2, mul_out, d_out, max_rows):
     return {"BLOCK_Z": BZ, "BLOCK_U": BU, "BLOCK_V": BV, "BLOCK_W": BW, "BLOCK_K": BK}
 
 
+def launch_options(dtype, *, deterministic: bool) -> dict:
+    """Launch options (num_warps, maxnreg) of the tp_conv kernels per variant and dtype.
+
+    Chosen with ``fastflow bench gpu-static`` (spills per target, NequIP l<=1 / l<=3 uvu and fc-8 uvw paths):
+    without them ptxas caps some variants below what they need for occupancy and spills 12-32 B. The
+    deterministic kernel gets maxnreg=255 (fp64 uvu paths were capped at 168 registers on sm_89 / sm_90a and
+    spilled 12 / 32 B, fp64 d1x1x1 12 B at 72 registers on sm_80, fc-8 fp32 d1x1x1 24 B on sm_80; none with
+    it). The atomic kernel in float64 runs 8 warps (fc-8 uvw d1x3x3 / d3x1x3 spilled 16-32 B at 168 registers
+    with 4; maxnreg=255 instead made the uvu d?x?x1 paths spill 16 B on sm_90a). Defaults (4 warps) otherwise.
+    """
+    if deterministic:
+        return {"maxnreg": 255}
+    if dtype == torch.float64:
+        return {"num_warps": 8}
+    return {}
+
+
 def _check(x1, x2, weights, n_rows):
     dtype = x1.dtype
     if dtype not in (torch.float32, torch.float64):
@@ -534,16 +551,19 @@ def tp_conv(
     if deterministic:
         perm = torch.argsort(dst, stable=True)  # edges by destination, ties in input order
         row_ptr = torch.cat([dst.new_zeros(1), torch.bincount(dst, minlength=n_nodes).cumsum(0)])
+    options = launch_options(x1.dtype, deterministic=deterministic)
     for p, row in enumerate(rows):
         args, consts = _path_args(row, cg, p)
         common = (x1.size(1), x2.size(1), stride_w, dim_out, *args)
         if deterministic:
             blocks = _blocks(row[0], row[2], row[5], row[8], row[9], DETERMINISTIC_CHUNK)
             _tp_conv_deterministic_kernel[(n_nodes,)](
-                x1, x2, weights, out, src, perm, row_ptr, *common, **consts, **blocks
+                x1, x2, weights, out, src, perm, row_ptr, *common, **consts, **blocks, **options
             )
         else:
             blocks = _blocks(row[0], row[2], row[5], row[8], row[9], MAX_ROWS)
             grid = (triton.cdiv(E, blocks["BLOCK_Z"]),)
-            _tp_conv_atomic_kernel[grid](x1, x2, weights, out, src, dst, E, *common, **consts, **blocks)
+            _tp_conv_atomic_kernel[grid](
+                x1, x2, weights, out, src, dst, E, *common, **consts, **blocks, **options
+            )
     return out
