@@ -399,7 +399,10 @@ def launch_config(F, S, H, D, P, E, EO, dtype, precision) -> dict:
     row i per program in float64 (twice the registers per value). The last layer in fp32 (ieee dots on FMA
     units, which hold a row of K values per thread of every operand) writes e' = [pairs, EO] besides the logits:
     F in chunks of 8 and 8 warps there (4 warps and chunks of 16 spilled 0.7-0.9 KB), and in float64 everywhere
-    (1.3-1.8 KB -> under 130 B in the semlaflow core and edge-input layers on sm_80 / sm_90a). maxnreg=255: without it
+    (1.3-1.8 KB -> under 130 B in the semlaflow core and edge-input layers on sm_80 / sm_90a). float64 also takes
+    j tiles of 8 (8 pairs per tile) and S and E in chunks of 4: the semlaflow core / edge-input layers spilled
+    36 / 36 B on sm_80 and 96 / 128 B on sm_90a with 16, 8 and 8 (fp64 mma operands on those targets), none
+    with 8, 4 and 4 (j tiles of 8 alone left 24 B in edge_in on sm_90a). maxnreg=255: without it
     ptxas caps some variants at 128 registers for occupancy and spills (the small preset's core layer on
     sm_90a: 48 B at 128 registers, none at 198).
     """
@@ -407,12 +410,13 @@ def launch_config(F, S, H, D, P, E, EO, dtype, precision) -> dict:
     # The last layer's ieee dots, and float64 (twice the registers per value) in every layer
     wide_fma = (EO > 0 and precision == "fp32") or dtype == torch.float64
     chunk = 8 if precision == "tf32" or wide_fma else 16
+    fp64 = dtype == torch.float64
     return dict(
-        BLOCK_I=1 if dtype == torch.float64 else 2,
-        BLOCK_J=16,
+        BLOCK_I=1 if fp64 else 2,
+        BLOCK_J=8 if fp64 else 16,
         BLOCK_FC=min(chunk, _dot_block(F)),
-        BLOCK_SC=8,
-        BLOCK_EC=32 if precision == "bf16" else 8,
+        BLOCK_SC=4 if fp64 else 8,
+        BLOCK_EC=32 if precision == "bf16" else 4 if fp64 else 8,
         num_warps=8 if wide_fma else 4,
         num_stages=1,
         maxnreg=255,
