@@ -115,6 +115,36 @@ def test_semla_attention_bf16_uses_tensor_cores(report, target):
     assert row["tensor_cores"] and row["ok"], row
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tp_conv_launches_carry_the_launch_options(deterministic, dtype):
+    # gpu-static compiles what the launcher launches (it records the launch's keyword arguments): tp_conv passes
+    # its per-dtype options (maxnreg, num_warps) to every path's launch, so the spill-free rows are the kernels
+    # a GPU would run.
+    import torch
+    from fastflow.triton_kernels import tensor_product as module
+
+    dtype = getattr(torch, dtype)
+    expected = module.launch_options(dtype, deterministic=deterministic)
+    descriptor = gpu_static.fully_connected_descriptor("2x0e+2x1o")
+    name = "_tp_conv_deterministic_kernel" if deterministic else "_tp_conv_atomic_kernel"
+    with gpu_static._recording(module, name) as (_, recorder):
+        module.tp_conv(
+            torch.ones(3, descriptor.dim_in1, dtype=dtype),
+            torch.ones(4, descriptor.dim_in2, dtype=dtype),
+            torch.ones(descriptor.weight_numel, dtype=dtype),
+            torch.tensor([0, 1, 2, 0]),
+            torch.tensor([1, 2, 0, 0]),
+            3,
+            *descriptor.tensors(dtype),
+            descriptor.dim_out,
+            deterministic=deterministic,
+        )
+    assert recorder.launches
+    for _, kwargs in recorder.launches:
+        assert {key: kwargs.get(key) for key in expected} == expected
+
+
 def test_semla_shapes_follow_the_model():
     """The F / E / EO of each layer kind match the layers a Semla model builds (first, core, last)."""
     from fastflow.models import Semla, SemlaConfig
