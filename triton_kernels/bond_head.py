@@ -23,7 +23,11 @@ import triton.language as tl
 
 MIN_DOT = 16  # smallest size of every tl.dot dimension
 BLOCK_A = 4  # atoms per block: a tile of 4 × 4 = 16 ordered pairs, tl.dot's minimum M
-CHUNK = {torch.float32: 32, torch.float64: 16}  # hidden columns per step of the F and G loops
+CHUNK = {torch.float32: 32, torch.float64: 8}  # hidden columns per step of the F and G loops
+# Per dtype (chosen with `fastflow bench gpu-static`): float64 in chunks of 16 spilled 304 B on sm_90a at 255
+# registers (semlaflow/refine); with chunks of 8, ptxas capped small/plain at 96 registers on sm_89 (8 B spilled)
+# unless allowed the full register file.
+LAUNCH_OPTIONS = {torch.float32: {}, torch.float64: {"maxnreg": 255}}
 
 
 @triton.jit
@@ -293,5 +297,6 @@ def bond_head(
         CHUNK_F=min(CHUNK[dtype], _dot_block(max(F, 1))),
         CHUNK_G=min(CHUNK[dtype], _dot_block(max(G, 1))),
         REFINE=refine,
+        **LAUNCH_OPTIONS[dtype],
     )
     return out
