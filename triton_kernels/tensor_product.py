@@ -27,13 +27,17 @@ Everything is computed in the input dtype (float32 or float64).
 Limits: the multiplicities are not tiled. A program holds [rows, mul1, mul2(, mul_out)] tiles in registers
 (rows shrink to 1 as the tile grows, see _blocks), which suits the channel-wise products of message passing
 (uvu with mul2 = 1) and small fully connected ones; a uvw path of 128 × 128 × 128 would need tiling over
-u, v and w. Each call reads the descriptor on the host (paths.tolist(), a sync on GPU), regroups its CG
-entries and launches one kernel per path.
+u, v and w. The descriptor is read on the host (paths.tolist(), a sync on GPU) and its CG entries regrouped once
+per descriptor, dtype and device (a plan, rebuilt only if a descriptor tensor is modified in place); each call
+launches one kernel per path.
 """
+
+import weakref
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 # Mode codes, as in fastflow.ops.tensor_product.MODES (constexprs: jit functions may read them).
 MODE_NAMES = ("uvw", "uvu", "uvv", "uuw", "uuu")
@@ -430,6 +434,27 @@ def _prepare(paths, cg_index, cg_value, cg_offsets, dtype):
     return rows, cg_i, cg_j, cg_value[order].to(dtype).contiguous(), k_start, k_stride
 
 
+# paths tensor -> {(dtype, device): (the other descriptor tensors (weak), versions of all four, _prepare's result)}
+_PLANS = WeakIdKeyDictionary()
+
+
+def _plan(paths, cg_index, cg_value, cg_offsets, dtype):
+    """_prepare's result, built on the first call with this descriptor, dtype and device and reused while its
+    four tensors are the same objects, unmodified (the host sync and the argsort stay off the hot path)."""
+    others = (cg_index, cg_value, cg_offsets)
+    versions = tuple(t._version for t in (paths, *others))
+    plans = _PLANS.setdefault(paths, {})
+    key = (dtype, cg_value.device)
+    cached = plans.get(key)
+    if cached is not None:
+        refs, cached_versions, plan = cached
+        if cached_versions == versions and all(ref() is t for ref, t in zip(refs, others)):
+            return plan
+    plan = _prepare(paths, cg_index, cg_value, cg_offsets, dtype)
+    plans[key] = (tuple(weakref.ref(t) for t in others), versions, plan)
+    return plan
+
+
 def _blocks(mode, mul1, mul2, mul_out, d_out, max_rows):
     """Constexpr block sizes of one path; BLOCK_Z shrinks so that the largest tile stays under MAX_TILE."""
     BU, BV, BW = (triton.next_power_of_2(m) for m in (mul1, mul2, mul_out))
@@ -511,7 +536,7 @@ def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_o
     if Z == 0 or paths.size(0) == 0:
         return out
     x1, x2, weights, stride_w = _operands(x1, x2, weights)
-    rows, *cg = _prepare(paths, cg_index, cg_value, cg_offsets, x1.dtype)
+    rows, *cg = _plan(paths, cg_index, cg_value, cg_offsets, x1.dtype)
     for p, row in enumerate(rows):
         args, consts = _path_args(row, cg, p)
         blocks = _blocks(row[0], row[2], row[5], row[8], row[9], MAX_ROWS)
@@ -547,7 +572,7 @@ def tp_conv(
     x1, x2, weights, stride_w = _operands(node_feats, edge_attrs, weights)
     src = edge_src.to(torch.int64).contiguous()
     dst = edge_dst.to(torch.int64).contiguous()
-    rows, *cg = _prepare(paths, cg_index, cg_value, cg_offsets, x1.dtype)
+    rows, *cg = _plan(paths, cg_index, cg_value, cg_offsets, x1.dtype)
     if deterministic:
         perm = torch.argsort(dst, stable=True)  # edges by destination, ties in input order
         row_ptr = torch.cat([dst.new_zeros(1), torch.bincount(dst, minlength=n_nodes).cumsum(0)])

@@ -256,6 +256,37 @@ def test_several_programs(triton_device, monkeypatch):
         )
 
 
+def test_descriptor_plan_is_built_once_and_rebuilt_after_an_in_place_change(triton_device, monkeypatch):
+    module = kernels()
+    prepared = []
+    original = module._prepare
+    monkeypatch.setattr(module, "_prepare", lambda *args: prepared.append(1) or original(*args))
+    tp = make_tp("uvu", shared=False, lmax=1)
+    g = torch.Generator().manual_seed(seed_of("plan"))
+    x1, x2, weights = randn(g, 3, tp.irreps_in1.dim), randn(g, 3, tp.irreps_in2.dim), weights_for(tp, g, 3)
+    paths, cg_index, cg_value, cg_offsets = (t.clone() for t in descriptor(tp))  # ours to modify
+    dims = (tp.irreps_out.dim,)
+
+    def run():
+        return module.tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, *dims)
+
+    first = run()
+    assert torch.equal(run(), first) and len(prepared) == 1  # the second call reuses the plan
+    module.tp_conv(
+        x1, x2, weights, torch.arange(3), torch.arange(3), 3, paths, cg_index, cg_value, cg_offsets, *dims
+    )
+    assert len(prepared) == 1  # the same descriptor, dtype and device: the same plan
+    cg_value.mul_(2)  # in place: the plan must not be reused
+    torch.testing.assert_close(run(), 2 * first, rtol=1e-12, atol=1e-12)
+    assert len(prepared) == 2
+    reference = tensor_product_reference(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, *dims)
+    check(run().double(), reference, torch.float64)
+    module.tensor_product(
+        x1.float(), x2.float(), weights.float(), paths, cg_index, cg_value, cg_offsets, *dims
+    )
+    assert len(prepared) == 3  # another dtype: its own plan
+
+
 def test_errors(triton_device):
     module = kernels()
     tp = make_tp("uuu", lmax=0)
