@@ -1274,7 +1274,7 @@ template <typename T>
 struct GemmPath {
   const Path& p;
   int64_t off1, off2, off_out, rows_per_block;
-  at::Tensor C, W;  // [d1, d2 · d_out], [mul1 · mul2, mul_out]
+  at::Tensor C, Ct, W;  // [d1, d2 · d_out], [d_out · d2, d1] (the backward's), [mul1 · mul2, mul_out]
 
   GemmPath(const Path& path, const Descriptor<T>& D, const at::Tensor& w)
       : p(path),
@@ -1288,6 +1288,7 @@ struct GemmPath {
       const Entry<T>& x = D.entries[e];
       c[(x.idx[I] * p.d2 + x.idx[J]) * p.d_out + x.idx[K]] += x.c;
     }
+    Ct = C.permute({2, 1, 0}).reshape({p.d_out * p.d2, p.d1});
     C = C.view({p.d1, p.d2 * p.d_out});
     W = w.narrow(0, p.w_off, p.w_size).view({p.mul1 * p.mul2, p.mul_out});
   }
@@ -1333,7 +1334,6 @@ struct GemmPath {
       const at::Tensor gt = at::mm(go, W.t()).view({n, p.d_out, p.mul1, p.mul2});
       // ga: H[r][(u, k)][j] = Σ_v gT[r][k][u][v] b[r][v][j], then Σ_{k,j} H C[i][j][k]
       const at::Tensor H = at::bmm(gt.transpose(1, 2).reshape({n, p.mul1 * p.d_out, p.mul2}), b);
-      const at::Tensor Ct = C.view({p.d1, p.d2, p.d_out}).permute({2, 1, 0}).reshape({p.d_out * p.d2, p.d1});
       const at::Tensor ga = at::mm(H.reshape({n * p.mul1, p.d_out * p.d2}), Ct);
       block(gx1, off1, p.mul1, p.d1, r0, n).add_(ga.view({n, p.mul1, p.d1}));
       // gb[r][v][j] = Σ_{(u, k)} gT[r][k][u][v] A[r][(u, k)][j]

@@ -7,9 +7,9 @@ baselines at the cached runs' evaluation counts; reuse, Taylor (m = 1, 2) and Ad
 D = 2…5; the same forecasters at D = 2 on the step-index clock of the paper's code (``clock="steps"``, rows
 ``… clock=steps``); the adaptive policy at several tolerances, with its error measure (``CacheConfig.error``)
 "sample" (rows ``adaptive tol=…``) and the former "relative" (rows ``adaptive relative tol=…``;
-``--only "adaptive tol"`` or ``--only "adaptive relative"`` picks one). Every run uses the same noise, so each molecule has an
-uncached twin in the base run: the table reports the coordinate RMSD between them. Prints a table, writes
-``--out`` (default bench/results/caching_pareto-<host>-<date>.json) and a speed–quality plot next to it
+``--only "adaptive tol"`` or ``--only "adaptive relative"`` picks one). Every run uses the same noise, so each
+molecule has an uncached twin in the base run: the table reports the coordinate RMSD between them. Prints a
+table, writes ``--out`` (default bench/results/caching_pareto-<host>-<date>.json) and a speed–quality plot next to it
 (PNG, when matplotlib is installed and ``--plot``). ``--quick``: fewer configurations, and by default
 32 molecules at 20 steps (a smoke test; ``--config tiny`` works without a trained model);
 ``--quick --n 200 --steps 100`` is the reduced measurement. ``--kernels`` (default "reference": every run
