@@ -465,6 +465,14 @@ def add_train_parser(commands) -> None:
         help="learning rate at the start of --lr-decay (default: --lr); with --resume, a warm "
         "restart of the annealing from this lower peak",
     )
+    train.add_argument(
+        "--bond-weight",
+        type=float,
+        default=None,
+        metavar="W",
+        help="weight of the bond-type loss (default: upstream's for the data set, 0.5 for qm9 and 1.0 for "
+        "moses3d); with --resume, changes the resumed run's objective from the next step",
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument(
         "--ot", action="store_true", help="equivariant OT between prior and data (Hungarian + Kabsch)"
@@ -528,11 +536,19 @@ def run_train(args) -> int:
             lr=args.lr,
             warmup_steps=args.warmup_steps,
             seed=args.seed,
-            objective=Objective(equivariant_ot=args.ot),
+            objective=Objective(
+                bond_weight=spec.bond_loss_weight if args.bond_weight is None else args.bond_weight,
+                equivariant_ot=args.ot,
+            ),
             val_minutes=args.val_minutes,
             checkpoint_minutes=args.checkpoint_minutes,
         )
         trainer = Trainer(config, dataset, args.out)
+    if args.resume and args.bond_weight is not None:
+        print(
+            f"bond-loss weight {trainer.config.objective.bond_weight} -> {args.bond_weight}", file=sys.stderr
+        )
+        trainer.set_objective(bond_weight=args.bond_weight)
     if args.lr_decay_peak is not None and args.lr_decay is None:
         raise ValueError("--lr-decay-peak needs --lr-decay START STEPS")
     if args.lr_decay is not None:

@@ -18,11 +18,12 @@ class DatasetSpec:
     ]  # load(cache_dir=None, progress=True) -> the cached dict (a MissingDataPackage if not)
     split: Callable[[dict, str], MolDataset]  # split(data, "train" | "val" | "test")
     bucket_limits: tuple[int, ...]  # size buckets of training batches
+    bond_loss_weight: float  # upstream's: 0.5 for QM9, 1.0 for GEOM-Drugs (the drug-size setting)
 
 
 DATASETS = {
-    "qm9": DatasetSpec("qm9", load_qm9, qm9_split, QM9_BUCKET_LIMITS),
-    "moses3d": DatasetSpec("moses3d", load_moses3d, moses3d_split, DRUG_BUCKET_LIMITS),
+    "qm9": DatasetSpec("qm9", load_qm9, qm9_split, QM9_BUCKET_LIMITS, 0.5),
+    "moses3d": DatasetSpec("moses3d", load_moses3d, moses3d_split, DRUG_BUCKET_LIMITS, 1.0),
 }
 
 

@@ -162,6 +162,15 @@ class Trainer:
             self.config, decay_start=start, decay_steps=steps, decay_peak_lr=peak_lr
         )
 
+    def set_objective(self, **changes) -> None:
+        """Change the objective's weights (e.g. ``bond_weight``), also for a resumed run."""
+        objective = dataclasses.replace(self.config.objective, **changes)
+        for name in ("coord_weight", "type_weight", "bond_weight", "charge_weight"):
+            value = getattr(objective, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.config = dataclasses.replace(self.config, objective=objective)
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
         for group in self.optimizer.param_groups:

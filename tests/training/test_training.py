@@ -119,6 +119,21 @@ def test_a_warm_restart_anneals_from_a_lower_peak():
     assert rates[4:] == pytest.approx([2e-4, 2e-4 * (0.1 + 0.9 * 0.5), 2e-5, 2e-5])
 
 
+def test_a_changed_loss_weight_is_used_and_saved(tmp_path):
+    trainer = Trainer(TrainConfig(**FAST), train_set(), tmp_path)
+    batch = trainer.dataset.batch(trainer.epoch_batches(0)[0])
+    assert trainer.train_step(batch)["bonds"] > 0
+    trainer.set_objective(bond_weight=0.0)
+    assert trainer.config.objective.bond_weight == 0.0 and trainer.config.objective.type_weight == 0.2
+    assert trainer.train_step(batch)["bonds"] == 0.0
+    trainer.run(max_steps=3, progress=False)
+    assert Trainer.resume(train_set(), tmp_path).config.objective.bond_weight == 0.0
+    with pytest.raises(ValueError, match="bond_weight must be a finite number"):
+        trainer.set_objective(bond_weight=float("nan"))
+    with pytest.raises(ValueError, match="type_weight must be a finite number"):
+        trainer.set_objective(type_weight=-1.0)
+
+
 def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no training checkpoint"):
         Trainer.resume(train_set(), tmp_path)
@@ -185,6 +200,8 @@ def test_cli_train_resume_export_and_eval(tmp_path, capsys):
                 "4",
                 "--lr-decay-peak",
                 "1e-4",
+                "--bond-weight",
+                "1.0",
                 *common,
             ]
         )
@@ -193,6 +210,7 @@ def test_cli_train_resume_export_and_eval(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 5
     resumed = Trainer.resume(train_set(), run).config  # the warm restart is saved with the run
     assert (resumed.decay_start, resumed.decay_steps, resumed.decay_peak_lr) == (3, 4, 1e-4)
+    assert resumed.objective.bond_weight == 1.0  # qm9's default was 0.5
     assert json.loads((tmp_path / "latest" / "training.json").read_text())["step"] == 5
     assert main(["train", "--export", str(tmp_path / "model"), "--out", str(run)]) == 0
     assert (
