@@ -340,6 +340,14 @@ def check_ops(report: Report, device, fused: str, tiny: bool) -> None:
             1e-4,
         )
 
+    # NequIP's self-interaction (shared weights, uvw): the tl.dot tiles of the tf32 / bf16 variants
+    for precision, tolerance in {"fp32": FP32, "tf32": 1e-2, "bf16": 3e-2}.items():
+        report.check(
+            f"tensor_product self-interaction {precision}",
+            partial(self_interaction_check, device, fused, tiny, precision),
+            tolerance,
+        )
+
     def forecast():
         g = torch.Generator().manual_seed(4)
         history = [torch.randn(B, N, N, 5, generator=g).to(device) for _ in range(3)]
@@ -373,6 +381,25 @@ def tensor_product_check(config: str, device, fused: str, tiny: bool, gradients:
     return _against_e3nn(
         tp, TensorProduct(tp, backend=fused), (x, data["edge_attrs"], data["weights"]), gradients
     )
+
+
+def self_interaction_check(device, fused: str, tiny: bool, precision: str) -> float:
+    """fastflow.nn.TensorProduct in ``precision`` against e3nn's FullyConnectedTensorProduct (features x one-hot
+    species) in float64 (tf32 / bf16 against the float32 definition, at their own tolerance)."""
+    from e3nn import o3
+
+    from fastflow.nn import TensorProduct
+
+    irreps = "16x0e+16x1o" if tiny else "64x0e+64x1o+64x2e"
+    tp = o3.FullyConnectedTensorProduct(irreps, "4x0e", irreps).to(device)
+    g = torch.Generator().manual_seed(5)
+    rows = 40 if tiny else 20000
+    x = torch.randn(rows, tp.irreps_in1.dim, generator=g).to(device)
+    species = torch.nn.functional.one_hot(torch.randint(4, (rows,), generator=g), 4).float().to(device)
+    with torch.no_grad():
+        got = TensorProduct(tp, backend=fused, precision=precision)(x, species)
+        expected = tp.double()(x.double(), species.double())
+    return relative_error(got, expected)
 
 
 def tp_conv_check(config: str, device, fused: str, tiny: bool, gradients: bool) -> float:
@@ -657,6 +684,31 @@ def bench_tensor_products(device, fused: str, options) -> list[dict]:
     return rows
 
 
+def bench_self_interaction(device, fused: str, options) -> list[dict]:
+    """NequIP's self-interaction (64x0e+64x1o+64x2e x 4x0e, shared weights) on the fused backend in each
+    precision (tf32 / bf16: tl.dot tiles on tensor cores) against e3nn."""
+    from e3nn import o3
+
+    from fastflow.nn import TensorProduct
+
+    irreps = "16x0e+16x1o" if options.tiny else "64x0e+64x1o+64x2e"
+    rows = 40 if options.tiny else 100_000
+    tp = o3.FullyConnectedTensorProduct(irreps, "4x0e", irreps).to(device)
+    x = torch.randn(rows, tp.irreps_in1.dim, device=device)
+    species = torch.nn.functional.one_hot(torch.randint(4, (rows,)), 4).float().to(device)
+    precisions = (
+        ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "tf32")
+    )  # interpreter: no bf16
+    variants = {f"{fused}_{p}": TensorProduct(tp, backend=fused, precision=p) for p in precisions}
+    variants["e3nn"] = tp
+    with torch.no_grad():
+        row = {
+            "rows": rows,
+            **timed({k: partial(f, x, species) for k, f in variants.items()}, options.repeats, "e3nn"),
+        }
+    return [row]
+
+
 def _other_libraries(tp, irreps: str, lmax: int, n_edges: int, device) -> tuple[dict, dict]:
     """cuEquivariance's and OpenEquivariance's version of ``tp`` as callables (x, sh, w) (their own output order
     and weight layout: timed, not compared), and the reasons for those missing."""
@@ -895,6 +947,16 @@ def main(argv=None) -> int:
                 "openequivariance_ms",
                 f"{fused}_speedup",
                 "max_rel_error_vs_e3nn",
+            ],
+        )
+        report.bench(
+            "self-interaction tensor product by precision",
+            partial(bench_self_interaction, device, fused, options),
+            [
+                "rows",
+                *(f"{fused}_{p}_ms" for p in ("fp32", "tf32", "bf16")),
+                "e3nn_ms",
+                f"{fused}_tf32_speedup",
             ],
         )
         report.bench(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import sys
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -69,6 +70,14 @@ class PatchHandle:
         if kernels != "reference":
             self.swaps, self.left_alone = _plan_swaps(model, self.backend, self.tp_backend, self.precision)
             self.fused_forward = _plan_forward(model, self.backend, self.swaps, self.left_alone)
+        if precision in ("tf32", "bf16") and any(
+            isinstance(swap.fused, TensorProduct) and swap.fused.precision == "fp32" for swap in self.swaps
+        ):
+            warnings.warn(
+                f"precision={precision!r}: the swapped tensor products compute in float32 here (their tf32 / "
+                "bf16 variants are the Triton kernels'); report()['precision'] says what runs",
+                stacklevel=3,
+            )
         self.embeds_edges = any(getattr(swap.fused, "embeds_edges", False) for swap in self.swaps)
         self._hook = None if cache is None else CacheHook(model, cache, self.backend, SemlaCacheAdapter())
         self._saved_forward = None
@@ -157,6 +166,15 @@ class PatchHandle:
                 "why": _precision_reason(self.requested_precision, self.precision, _device(self.model)),
             },
         }
+        tp_precisions = {swap.fused.precision for swap in self.swaps if isinstance(swap.fused, TensorProduct)}
+        if tp_precisions:
+            (used,) = tp_precisions
+            report["precision"]["tensor_products"] = (
+                f"{used}: operands of the shared-weight uvw products on tensor cores (Triton); other paths float32"
+                if used != "fp32"
+                else "fp32"
+                + (" (tf32 / bf16 tensor products are Triton's)" if self.precision != "fp32" else "")
+            )
         if self.cache is not None:
             hook = self._hook
             report["cache"] = {
@@ -289,6 +307,7 @@ def _plan_swaps(
     left alone."""
     swaps, left_alone, inside = [], [], []
     tp_classes = _tensor_product_classes()
+    tp_precision = None  # the tensor products' precision, resolved at the first one
     for path, module in model.named_modules():
         if any(path.startswith(prefix + ".") for prefix in inside):
             continue
@@ -319,7 +338,9 @@ def _plan_swaps(
                 if conv_reason is None:
                     fused, flags = EdgeIndexTPConv(module, backend=tp_backend), {"conv_fusion": "fastflow"}
                 else:
-                    fused = TensorProduct(module, backend=tp_backend)
+                    if tp_precision is None:
+                        tp_precision = _tensor_product_precision(precision, tp_backend, _device(model))
+                    fused = TensorProduct(module, backend=tp_backend, precision=tp_precision)
             except (TypeError, ValueError) as error:
                 left_alone.append({"module": path, "class": type(module).__name__, "reason": str(error)})
                 continue
@@ -371,6 +392,16 @@ def _plan_swaps(
         swaps.append(_Swap(path, parent, name, module, fused))
         inside.append(path)
     return swaps, left_alone
+
+
+def _tensor_product_precision(precision: str, tp_backend: str, device: torch.device) -> str:
+    """The swapped tensor products' precision: tf32 / bf16 where they run on Triton (on CPUs the C++ kernels
+    compute in float32, as the report says)."""
+    if precision == "fp32" or tp_backend not in ("auto", "triton"):
+        return "fp32"
+    from fastflow.ops.tensor_product import _resolve
+
+    return precision if _resolve(tp_backend, device) == "triton" else "fp32"
 
 
 def _is_nequip_tp_scatter(module: nn.Module, tp_classes: tuple[type, ...]) -> bool:

@@ -41,8 +41,10 @@ def test_gpu_check_runs_under_the_interpreter(tmp_path):
         "patched Semla 'tiny'",
     } <= checks
     skipped = {row["check"]: row["skipped"] for row in results["correctness"] if row["ok"] is None}
+    assert {f"tensor_product self-interaction {p}" for p in ("fp32", "tf32", "bf16")} <= checks
     # Skipped may be: an op without a Triton kernel, and the bf16 dots, which Triton's interpreter gets wrong.
     bf16 = {f"semla_attention {variant} bf16" for variant in ("core", "edge_in", "embed", "edge_out")}
+    bf16.add("tensor_product self-interaction bf16")
     assert set(skipped) <= {"bond_head"} | bf16, skipped
     assert all("TRITON_INTERPRET" in skipped[name] for name in bf16 & set(skipped))
 
@@ -55,6 +57,7 @@ def test_gpu_check_runs_under_the_interpreter(tmp_path):
         "tensor_product",
         "tp_conv",
     }
+    assert benchmarks["self-interaction tensor product by precision"][0]["triton_tf32_ms"] > 0
     sampling = benchmarks["sampling, packaged model"]
     assert [row["kernels"] for row in sampling] == ["reference", "triton"] * 2
     assert all(0 <= row["same_graphs"] <= 2 for row in sampling if row["kernels"] == "triton")

@@ -22,7 +22,11 @@ tp_conv, two variants:
                       program per destination node sums its edges in chunks, in a fixed order, and writes its
                       own row: bitwise reproducible, no atomics.
 
-Everything is computed in the input dtype (float32 or float64).
+Everything is computed in the input dtype (float32 or float64), except in the tf32 / bf16 variants (float32
+tensors): there a weighted uvw path with shared weights, whose weight step is a matrix product
+o[z, w] = Σ_(u,v) t[z, (u, v)] W[(u, v), w], runs it as tl.dot tiles over chunks of u (_uvw_dot_tile) on tensor
+cores: TF32, or bf16 operands, with float32 accumulation. Paths too small for tl.dot (a dimension under 16), per-row
+weights (message passing: no matrix product) and the other modes stay float32.
 
 Limits: the multiplicities are not tiled. A program holds [rows, mul1, mul2(, mul_out)] tiles in registers
 (rows shrink to 1 as the tile grows, see _blocks), which suits the channel-wise products of message passing
@@ -46,6 +50,8 @@ UVW, UVU, UVV, UUW, UUU = (tl.constexpr(code) for code in range(5))
 MAX_TILE = 4096  # elements of the largest register tile of a program ([rows, u, v, w] for uvw)
 MAX_ROWS = 64  # rows (samples or edges) per program at most
 DETERMINISTIC_CHUNK = 16  # edges per chunk of a node in the deterministic tp_conv
+DOT_DEPTH = 64  # (u, v) pairs per tl.dot of the tf32 / bf16 uvw paths
+DOT_WEIGHT_TILE = 8192  # elements of their [U_CHUNK·V, W] weight tile at most
 
 
 # ----------------------------------------------------------------------------------------------- device code
@@ -83,8 +89,41 @@ def _path_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    U_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """The path's contribution to the rows: a [BLOCK_Z, BLOCK_W, BLOCK_K] tile (output multiplicity, k)."""
+    if DOT:
+        return _uvw_dot_tile(
+            x1_ptr,
+            x2_ptr,
+            w_ptr + w_off,
+            row1,
+            row2,
+            mask_z,
+            stride1,
+            stride2,
+            cg_i,
+            cg_j,
+            cg_v,
+            k_start,
+            off1,
+            mul1,
+            d1,
+            off2,
+            mul2,
+            d2,
+            mul_out,
+            d_out,
+            BLOCK_Z,
+            BLOCK_V,
+            BLOCK_W,
+            BLOCK_K,
+            BLOCK_U // U_CHUNK,
+            U_CHUNK,
+            PRECISION,
+        )
     dtype = x1_ptr.dtype.element_ty
     offs_u = tl.arange(0, BLOCK_U)
     offs_v = tl.arange(0, BLOCK_V)
@@ -159,6 +198,74 @@ def _path_tile(
 
 
 @triton.jit
+def _uvw_dot_tile(
+    x1_ptr,
+    x2_ptr,
+    w_ptr,  # this path's weights W[u, v, w], shared by all rows
+    row1,
+    row2,
+    mask_z,
+    stride1,
+    stride2,
+    cg_i,
+    cg_j,
+    cg_v,
+    k_start,
+    off1,
+    mul1,
+    d1,
+    off2,
+    mul2,
+    d2,
+    mul_out,
+    d_out,
+    BLOCK_Z: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
+    U_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_path_tile of a uvw path with shared weights in float32 as matrix products, for the tf32 and bf16 variants:
+    for each k, o[z, w] = Σ_(u,v) t[z, (u, v)] W[(u, v), w] by tl.dot over chunks of U_CHUNK copies u, on tensor
+    cores (TF32, or bf16 operands), accumulated in float32."""
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_w = tl.arange(0, BLOCK_W)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, U_CHUNK)
+    offs_uv = tl.arange(0, U_CHUNK * BLOCK_V)  # (u, v) row-major: the order of t's reshape and of W's rows
+    uv_u, uv_v = offs_uv // BLOCK_V, offs_uv % BLOCK_V
+    x2_base = x2_ptr + row2[:, None] * stride2 + off2 + offs_v[None, :] * d2  # [Z, V]
+    x2_mask = mask_z[:, None] & (offs_v < mul2)[None, :]
+    acc = tl.zeros([BLOCK_Z, BLOCK_W, BLOCK_K], tl.float32)
+    for k in range(d_out):
+        o = tl.zeros([BLOCK_Z, BLOCK_W], tl.float32)
+        for chunk in tl.static_range(N_CHUNKS):
+            u = chunk * U_CHUNK + offs_c
+            x1_base = x1_ptr + row1[:, None] * stride1 + off1 + u[None, :] * d1  # [Z, U_CHUNK]
+            x1_mask = mask_z[:, None] & (u < mul1)[None, :]
+            t = tl.zeros([BLOCK_Z, U_CHUNK, BLOCK_V], tl.float32)
+            for e in range(tl.load(k_start + k), tl.load(k_start + k + 1)):
+                c = tl.load(cg_v + e)
+                a = tl.load(x1_base + tl.load(cg_i + e), mask=x1_mask, other=0.0)
+                b = tl.load(x2_base + tl.load(cg_j + e), mask=x2_mask, other=0.0)
+                t += c * a[:, :, None] * b[:, None, :]
+            rows_uv = chunk * U_CHUNK + uv_u
+            w_mask = ((rows_uv < mul1) & (uv_v < mul2))[:, None] & (offs_w < mul_out)[None, :]
+            W = tl.load(
+                w_ptr + (rows_uv * mul2 + uv_v)[:, None] * mul_out + offs_w[None, :], mask=w_mask, other=0.0
+            )  # [U_CHUNK * V, W]
+            t = tl.reshape(t, [BLOCK_Z, U_CHUNK * BLOCK_V])
+            if PRECISION == "bf16":
+                o = tl.dot(t.to(tl.bfloat16), W.to(tl.bfloat16), o)
+            else:
+                o = tl.dot(t, W, o, input_precision=PRECISION)
+        acc += tl.where(offs_k[None, None, :] == k, o[:, :, None], 0.0)
+    return acc
+
+
+@triton.jit
 def _out_tile(
     out_ptr, rows, mask_z, dim_out, off_out, mul_out, d_out, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr
 ):
@@ -204,6 +311,9 @@ def _tensor_product_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    U_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One program per block of samples: out[z] += path(x1[z], x2[z], W[z])."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_Z + tl.arange(0, BLOCK_Z)
@@ -239,6 +349,9 @@ def _tensor_product_kernel(
         BLOCK_V,
         BLOCK_W,
         BLOCK_K,
+        DOT,
+        U_CHUNK,
+        PRECISION,
     )
     # The program owns its rows; earlier launches (other paths) may already have written to them.
     ptrs, mask = _out_tile(out_ptr, rows, mask_z, dim_out, off_out, mul_out, d_out, BLOCK_W, BLOCK_K)
@@ -279,6 +392,9 @@ def _tp_conv_atomic_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    U_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One program per block of edges: out[dst[e]] += path(node_feats[src[e]], edge_attrs[e], W[e])."""
     edges = tl.program_id(0).to(tl.int64) * BLOCK_Z + tl.arange(0, BLOCK_Z)
@@ -316,6 +432,9 @@ def _tp_conv_atomic_kernel(
         BLOCK_V,
         BLOCK_W,
         BLOCK_K,
+        DOT,
+        U_CHUNK,
+        PRECISION,
     )
     ptrs, mask = _out_tile(out_ptr, dst, mask_z, dim_out, off_out, mul_out, d_out, BLOCK_W, BLOCK_K)
     tl.atomic_add(ptrs, acc, mask=mask)  # several edges (in this block or others) may share a destination
@@ -355,6 +474,9 @@ def _tp_conv_deterministic_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    U_CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One program per node n: out[n] += Σ of path(...) over its edges perm[row_ptr[n] : row_ptr[n + 1]]."""
     node = tl.program_id(0).to(tl.int64)
@@ -399,6 +521,9 @@ def _tp_conv_deterministic_kernel(
             BLOCK_V,
             BLOCK_W,
             BLOCK_K,
+            DOT,
+            U_CHUNK,
+            PRECISION,
         )
         total += tl.sum(acc, axis=0)  # masked edges contribute exact zeros
     offs_w = tl.arange(0, BLOCK_W)
@@ -455,18 +580,43 @@ def _plan(paths, cg_index, cg_value, cg_offsets, dtype):
     return plan
 
 
-def _blocks(mode, mul1, mul2, mul_out, d_out, max_rows):
-    """Constexpr block sizes of one path; BLOCK_Z shrinks so that the largest tile stays under MAX_TILE."""
+def _blocks(row, max_rows: int, precision: str = "fp32", shared: bool = False) -> dict:
+    """Constexprs of one path's launch: power-of-two blocks (BLOCK_Z shrinks so that the largest tile stays under
+    MAX_TILE) and, for a weighted uvw path with shared weights in the tf32 / bf16 variants, the tl.dot tiling
+    (_dot_blocks) where its blocks are big enough for tensor cores."""
+    mode, mul1, mul2, mul_out, d_out, has_weight = row[0], row[2], row[5], row[8], row[9], row[11]
     BU, BV, BW = (triton.next_power_of_2(m) for m in (mul1, mul2, mul_out))
-    tile = {"uvw": BU * BV * BW, "uvu": BU * BV, "uvv": BU * BV, "uuw": BU * BW, "uuu": BU}[MODE_NAMES[mode]]
-    tile = max(tile, BW * triton.next_power_of_2(d_out))  # the [rows, W, K] accumulator
-    BZ = max(1, min(max_rows, MAX_TILE // tile))
-    BZ = 1 << (BZ.bit_length() - 1)  # a power of two
     BK = triton.next_power_of_2(d_out)
-    return {"BLOCK_Z": BZ, "BLOCK_U": BU, "BLOCK_V": BV, "BLOCK_W": BW, "BLOCK_K": BK}
+    if precision != "fp32" and MODE_NAMES[mode] == "uvw" and shared and has_weight:
+        dot = _dot_blocks(BU, BV, BW, BK, max_rows, precision)
+        if dot is not None:
+            return dot
+    tile = {"uvw": BU * BV * BW, "uvu": BU * BV, "uvv": BU * BV, "uuw": BU * BW, "uuu": BU}[MODE_NAMES[mode]]
+    BZ = _rows(max(tile, BW * BK), max_rows)  # the [rows, W, K] accumulator counts too
+    blocks = {"BLOCK_Z": BZ, "BLOCK_U": BU, "BLOCK_V": BV, "BLOCK_W": BW, "BLOCK_K": BK}
+    return {**blocks, "DOT": False, "U_CHUNK": 1, "PRECISION": "ieee"}
 
 
-def launch_options(dtype, *, deterministic: bool) -> dict:
+def _rows(tile: int, max_rows: int) -> int:
+    """Rows per program: a power of two, at most max_rows, with rows × tile ≤ MAX_TILE (at least 1)."""
+    rows = max(1, min(max_rows, MAX_TILE // tile))
+    return 1 << (rows.bit_length() - 1)
+
+
+def _dot_blocks(BU, BV, BW, BK, max_rows, precision):
+    """_uvw_dot_tile's blocks: chunks of U_CHUNK copies u so that a product's depth U_CHUNK·V is about DOT_DEPTH;
+    None where a dimension of the product would be under 16 (tl.dot's minimum) or the weight tile over
+    DOT_WEIGHT_TILE elements (then the path runs the plain float32 tile)."""
+    u_chunk = min(BU, max(1, DOT_DEPTH // BV))
+    depth = u_chunk * BV
+    BZ = _rows(max(depth, BW * BK), max_rows)
+    if min(depth, BW, BZ) < 16 or depth * BW > DOT_WEIGHT_TILE:
+        return None
+    blocks = {"BLOCK_Z": BZ, "BLOCK_U": BU, "BLOCK_V": BV, "BLOCK_W": BW, "BLOCK_K": BK}
+    return {**blocks, "DOT": True, "U_CHUNK": u_chunk, "PRECISION": precision}
+
+
+def launch_options(dtype, *, deterministic: bool, dot: bool = False) -> dict:
     """Launch options (num_warps, maxnreg) of the tp_conv kernels per variant and dtype.
 
     Chosen with ``fastflow bench gpu-static`` (spills per target, NequIP l<=1 / l<=3 uvu and fc-8 uvw paths):
@@ -474,10 +624,14 @@ def launch_options(dtype, *, deterministic: bool) -> dict:
     deterministic kernel gets maxnreg=255 (fp64 uvu paths were capped at 168 registers on sm_89 / sm_90a and
     spilled 12 / 32 B, fp64 d1x1x1 12 B at 72 registers on sm_80, fc-8 fp32 d1x1x1 24 B on sm_80; none with
     it). The atomic kernel in float64 runs 8 warps (fc-8 uvw d1x3x3 / d3x1x3 spilled 16-32 B at 168 registers
-    with 4; maxnreg=255 instead made the uvu d?x?x1 paths spill 16 B on sm_90a). Defaults (4 warps) otherwise.
+    with 4; maxnreg=255 instead made the uvu d?x?x1 paths spill 16 B on sm_90a). The atomic kernel's tl.dot
+    paths (tf32 / bf16) get maxnreg=255 too (nequip-sc tf32 d3x1x3 spilled 32-48 B at 168 registers on sm_89 /
+    sm_90a). Defaults (4 warps) otherwise.
     """
     if deterministic:
         return {"maxnreg": 255}
+    if dot:
+        return {"num_warps": 8, "maxnreg": 255}
     if dtype == torch.float64:
         return {"num_warps": 8}
     return {}
@@ -528,8 +682,12 @@ def _path_args(row, cg, p):
     return args, {"MODE": mode, "HAS_WEIGHT": bool(has_weight)}
 
 
-def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int):
-    """out [Z, dim_out] = Σ over paths of the path's product of x1 [Z, dim1], x2 [Z, dim2] (forward only)."""
+def tensor_product(
+    x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int, precision: str = "fp32"
+):
+    """out [Z, dim_out] = Σ over paths of the path's product of x1 [Z, dim1], x2 [Z, dim2] (forward only).
+    precision: "fp32", or "tf32" / "bf16" for the matrix products of shared-weight uvw paths (float32 tensors;
+    checked by fastflow.ops.tensor_product)."""
     Z = x1.size(0)
     _check(x1, x2, weights, Z)
     out = torch.zeros((Z, dim_out), dtype=x1.dtype, device=x1.device)
@@ -539,7 +697,7 @@ def tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_o
     rows, *cg = _plan(paths, cg_index, cg_value, cg_offsets, x1.dtype)
     for p, row in enumerate(rows):
         args, consts = _path_args(row, cg, p)
-        blocks = _blocks(row[0], row[2], row[5], row[8], row[9], MAX_ROWS)
+        blocks = _blocks(row, MAX_ROWS, precision, shared=stride_w == 0)
         grid = (triton.cdiv(Z, blocks["BLOCK_Z"]),)
         _tensor_product_kernel[grid](
             x1, x2, weights, out, Z, x1.size(1), x2.size(1), stride_w, dim_out, *args, **consts, **blocks
@@ -561,9 +719,11 @@ def tp_conv(
     dim_out: int,
     *,
     deterministic: bool = False,
+    precision: str = "fp32",
 ):
     """out [n_nodes, dim_out] = Σ_{e: edge_dst[e] = n} tensor_product(node_feats[edge_src[e]], edge_attrs[e],
-    weights[e]) without the [E, dim_out] messages (forward only). deterministic: see the module docstring."""
+    weights[e]) without the [E, dim_out] messages (forward only). deterministic: see the module docstring;
+    precision: as tensor_product's."""
     E = edge_attrs.size(0)
     _check(node_feats, edge_attrs, weights, E)
     out = torch.zeros((n_nodes, dim_out), dtype=node_feats.dtype, device=node_feats.device)
@@ -576,17 +736,18 @@ def tp_conv(
     if deterministic:
         perm = torch.argsort(dst, stable=True)  # edges by destination, ties in input order
         row_ptr = torch.cat([dst.new_zeros(1), torch.bincount(dst, minlength=n_nodes).cumsum(0)])
-    options = launch_options(x1.dtype, deterministic=deterministic)
     for p, row in enumerate(rows):
         args, consts = _path_args(row, cg, p)
         common = (x1.size(1), x2.size(1), stride_w, dim_out, *args)
         if deterministic:
-            blocks = _blocks(row[0], row[2], row[5], row[8], row[9], DETERMINISTIC_CHUNK)
+            blocks = _blocks(row, DETERMINISTIC_CHUNK, precision, shared=stride_w == 0)
+            options = launch_options(x1.dtype, deterministic=True, dot=blocks["DOT"])
             _tp_conv_deterministic_kernel[(n_nodes,)](
                 x1, x2, weights, out, src, perm, row_ptr, *common, **consts, **blocks, **options
             )
         else:
-            blocks = _blocks(row[0], row[2], row[5], row[8], row[9], MAX_ROWS)
+            blocks = _blocks(row, MAX_ROWS, precision, shared=stride_w == 0)
+            options = launch_options(x1.dtype, deterministic=False, dot=blocks["DOT"])
             grid = (triton.cdiv(E, blocks["BLOCK_Z"]),)
             _tp_conv_atomic_kernel[grid](
                 x1, x2, weights, out, src, dst, E, *common, **consts, **blocks, **options

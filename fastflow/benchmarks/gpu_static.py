@@ -19,9 +19,11 @@ divisibility hints, integers equal to 1 turned into constants), with the launch'
                            layer: reads d_edge edge features, F = H + S) and edge_out (the last: writes d_edge
                            channels, F = H + S + d_edge); fp32 and fp64
     tensor_product,        NequIP convolutions nequip-l1 (32x0e+32x1o x SH l<=2) and nequip-l3
-    tp_conv_atomic,        (32x0e+32x1o+32x2e+32x3o x SH l<=3), uvu with per-edge weights, and a fully connected
-    tp_conv_deterministic  uvw product fc-8 (8x0e+8x1o x 8x0e+8x1o -> 8x0e+8x1o, shared weights); fp32 and fp64;
-                           one row per distinct specialisation of the per-path launches
+    tp_conv_atomic,        (32x0e+32x1o+32x2e+32x3o x SH l<=3), uvu with per-edge weights; fully connected uvw
+    tp_conv_deterministic  products with shared weights fc-8 (8x0e+8x1o x 8x0e+8x1o -> 8x0e+8x1o) and fc-16, and
+                           NequIP's self-interaction nequip-sc (32x0e+32x1o+32x2e x 4x0e); fp32 and fp64, and the
+                           tf32 / bf16 variants (tl.dot tiles) of fc-16 and nequip-sc; one row per distinct
+                           specialisation of the per-path launches
     cache_forecast         K = 3 history tensors, fp32 and fp64
     bond_head              presets semlaflow and small (E = G = d_edge, F = d_message, K = n_edge_types), with
                            and without BondRefine; fp32 and fp64
@@ -136,8 +138,12 @@ DTYPES = ("fp32", "fp64")
 TP_CASES = {
     "nequip-l1": ("32x0e+32x1o", 2),
     "nequip-l3": ("32x0e+32x1o+32x2e+32x3o", 3),
-    "fc-8": "8x0e+8x1o",
+    "fc-8": ("8x0e+8x1o",),
+    "fc-16": ("16x0e+16x1o",),
+    "nequip-sc": ("32x0e+32x1o+32x2e", "4x0e"),  # NequIP's self-interaction: features x one-hot species
 }
+TP_PRECISIONS = ("tf32", "bf16")  # tensor-core variants of the shared-weight uvw paths (float32 tensors)
+TP_PRECISION_CASES = ("fc-16", "nequip-sc")  # products whose uvw paths are big enough for tl.dot
 
 # --quick: the smallest case of each kernel, plus semla_attention's semlaflow core layer (fp32 and tf32).
 QUICK = {
@@ -292,25 +298,26 @@ def nequip_descriptor(irreps_node: str, lmax: int):
     )
 
 
-def fully_connected_descriptor(irreps: str):
-    """uvw between every pair of blocks of irreps x irreps that reaches a block of irreps (e3nn's
-    FullyConnectedTensorProduct(irreps, irreps, irreps))."""
+def fully_connected_descriptor(irreps: str, irreps2: str | None = None):
+    """uvw between every pair of blocks of irreps x irreps2 (default irreps) that reaches a block of irreps (e3nn's
+    FullyConnectedTensorProduct(irreps, irreps2, irreps))."""
     from fastflow.tp.descriptor import TPDescriptor, parse_irreps
 
-    blocks = parse_irreps(irreps)
+    irreps2 = irreps if irreps2 is None else irreps2
+    blocks, blocks2 = parse_irreps(irreps), parse_irreps(irreps2)
     instructions = [
         (i, j, k, "uvw", True)
         for i, a in enumerate(blocks)
-        for j, b in enumerate(blocks)
+        for j, b in enumerate(blocks2)
         for k, c in enumerate(blocks)
         if a.p * b.p == c.p and abs(a.l - b.l) <= c.l <= a.l + b.l
     ]
-    return TPDescriptor.create(irreps, irreps, irreps, instructions)
+    return TPDescriptor.create(irreps, irreps2, irreps, instructions)
 
 
 def _tp_descriptor(case: str):
     spec = TP_CASES[case]
-    return fully_connected_descriptor(spec) if isinstance(spec, str) else nequip_descriptor(*spec)
+    return nequip_descriptor(*spec) if isinstance(spec[-1], int) else fully_connected_descriptor(*spec)
 
 
 def _tp_cases(kernel: str, selection, quick: bool) -> list[Case]:
@@ -328,11 +335,12 @@ def _tp_cases(kernel: str, selection, quick: bool) -> list[Case]:
     cases = []
     for case, dtype_name in selection:
         descriptor = _tp_descriptor(case)
-        dtype = _torch_dtype(dtype_name)
+        precision = dtype_name if dtype_name in TP_PRECISIONS else "fp32"  # tf32 / bf16: float32 tensors
+        dtype = _torch_dtype("fp32" if precision != "fp32" else dtype_name)
         tensors = descriptor.tensors(dtype)
-        shared = case.startswith(
-            "fc"
-        )  # the fully connected product shares its weights; NequIP's are per edge
+        shared = not case.startswith(
+            "nequip-l"
+        )  # NequIP's convolutions have per-edge weights; the others share
         rows = EDGES
         weights = (
             torch.zeros(descriptor.weight_numel, dtype=dtype)
@@ -348,6 +356,7 @@ def _tp_cases(kernel: str, selection, quick: bool) -> list[Case]:
                     weights,
                     *tensors,
                     descriptor.dim_out,
+                    precision=precision,
                 )
             else:
                 g = torch.Generator().manual_seed(0)
@@ -362,6 +371,7 @@ def _tp_cases(kernel: str, selection, quick: bool) -> list[Case]:
                     *tensors,
                     descriptor.dim_out,
                     deterministic=kernel == "tp_conv_deterministic",
+                    precision=precision,
                 )
         groups = {}  # one case per kernel Triton would compile: launches with the same specialisation share one
         for args, kwargs in recorder.launches:
@@ -539,6 +549,7 @@ def selections(quick: bool) -> dict:
     if quick:
         return QUICK
     tp = [(case, dtype) for case in TP_CASES for dtype in DTYPES]
+    tp += [(case, precision) for case in TP_PRECISION_CASES for precision in TP_PRECISIONS]
     return {
         "semla_attention": [
             (p, layer, d)

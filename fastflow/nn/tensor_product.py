@@ -15,6 +15,11 @@ edges into each node of ``TP(node_feats[edge_src], edge_attrs, edge_weights)``, 
 backend: "auto" (C++ on CPU, Triton on CUDA, else the PyTorch reference with one warning), "cpp", "triton",
 "reference", or "cuequivariance" (cuequivariance's own CUDA kernels; needs ``cuequivariance_torch`` with
 ``cuequivariance_ops_torch`` and a CUDA device, else a RuntimeError saying which is missing).
+
+precision (``TensorProduct``, ``TPConv``): "fp32" (default), or "tf32" / "bf16": the shared-weight uvw paths'
+weight products as tensor-core matrix products in the Triton kernels (float32 modules; backend "triton", or "auto"
+on a GPU). Per-edge weights (the message-passing convolutions of MACE and NequIP) leave no matrix product, so the
+convolution modules below have no precision.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastflow.ops.backends import TP_BACKENDS, BackendUnavailable
+from fastflow.ops.backends import PRECISIONS, TP_BACKENDS, BackendUnavailable
 from fastflow.ops.tensor_product import cpp_unavailable_reason, tensor_product, tp_conv
 from fastflow.tp.descriptor import TPDescriptor
 
@@ -58,6 +63,16 @@ def _check_backend(backend: str, cue_method: str | None) -> None:
                 f"backend='cuequivariance' is not available here: {reason}. Use backend='auto' "
                 "(fastflow's C++ / Triton kernels)"
             )
+
+
+def _check_precision(precision: str, backend: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "fp32" and backend not in ("auto", "triton"):
+        raise ValueError(
+            f"precision {precision!r} runs on the Triton kernels (backend 'triton', or 'auto' on a GPU), not "
+            f"backend={backend!r}"
+        )
 
 
 _TENSOR_NAMES = ("_tp_paths", "_tp_cg_index", "_tp_cg_value", "_tp_cg_offsets")
@@ -103,9 +118,11 @@ class TensorProduct(nn.Module):
         shared_weights: bool | None = None,
         internal_weights: bool | None = None,
         _cue_method: str | None = None,
+        precision: str = "fp32",
     ):
         super().__init__()
         _check_backend(backend, _cue_method)
+        _check_precision(precision, backend)
         if isinstance(source, TPDescriptor):
             descriptor, original = source, None
         elif isinstance(source, nn.Module):
@@ -115,7 +132,7 @@ class TensorProduct(nn.Module):
                 f"TensorProduct needs a TPDescriptor or a tensor-product module, got {type(source).__name__}"
             )
         self.descriptor = descriptor
-        self.backend = backend
+        self.backend, self.precision = backend, precision
         self.flavour = "cuequivariance" if descriptor.source == "cuequivariance" else "e3nn"
         self._right = None
         if original is None:
@@ -176,6 +193,7 @@ class TensorProduct(nn.Module):
             f"{d.irreps_in1} x {d.irreps_in2} -> {d.irreps_out}, {d.weight_numel} weights, "
             f"shared_weights={self.shared_weights}, internal_weights={self.internal_weights}, "
             f"backend={self.backend!r}"
+            + (f", precision={self.precision!r}" if self.precision != "fp32" else "")
         )
 
     # ---- forward ----
@@ -263,7 +281,13 @@ class TensorProduct(nn.Module):
             out = self._cuequivariance(x1, x2, weight)
         else:
             out = tensor_product(
-                x1, x2, weight, *_descriptor_tensors(self, x1), d.dim_out, backend=self.backend
+                x1,
+                x2,
+                weight,
+                *_descriptor_tensors(self, x1),
+                d.dim_out,
+                backend=self.backend,
+                precision=self.precision,
             )
         return out.reshape(*batch, d.dim_out)
 
@@ -287,6 +311,7 @@ class TensorProduct(nn.Module):
                 *_descriptor_tensors(self, x1),
                 d.dim_out,
                 backend=self.backend,
+                precision=self.precision,
             )
         if indices_1 is not None:
             x1 = x1[indices_1]
@@ -323,10 +348,16 @@ class TPConv(nn.Module):
     """
 
     def __init__(
-        self, source, backend: str = "auto", internal_weights: bool = False, _cue_method: str | None = None
+        self,
+        source,
+        backend: str = "auto",
+        internal_weights: bool = False,
+        _cue_method: str | None = None,
+        precision: str = "fp32",
     ):
         super().__init__()
         _check_backend(backend, _cue_method)
+        _check_precision(precision, backend)
         if isinstance(source, TPDescriptor):
             self.descriptor = source
             if internal_weights and source.weight_numel > 0:
@@ -341,7 +372,7 @@ class TPConv(nn.Module):
             raise TypeError(
                 f"TPConv needs a TPDescriptor or a tensor-product module, got {type(source).__name__}"
             )
-        self.backend = backend
+        self.backend, self.precision = backend, precision
         _register_descriptor_tensors(self, self.descriptor, self.weight)
         self._cue = {} if backend == "cuequivariance" else None
         self._cue_method = _cue_method
@@ -403,6 +434,7 @@ class TPConv(nn.Module):
             *_descriptor_tensors(self, node_feats),
             d.dim_out,
             backend=self.backend,
+            precision=self.precision,
         )
 
 
@@ -536,6 +568,11 @@ def _require_cpp_for_script(module: nn.Module, unavailable_reason=cpp_unavailabl
     if module.backend not in ("auto", "cpp"):
         raise RuntimeError(
             f"{type(module).__name__}: torch.jit.script needs backend 'auto' or 'cpp', got {module.backend!r}"
+        )
+    if getattr(module, "precision", "fp32") != "fp32":
+        raise RuntimeError(
+            f"{type(module).__name__}: torch.jit.script runs the C++ ops (float32 products), not precision "
+            f"{module.precision!r}"
         )
     reason = unavailable_reason()
     if reason is not None:

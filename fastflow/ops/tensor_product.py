@@ -34,6 +34,11 @@ the loaded fastflow._C or fastflow.triton_kernels lacks these ops):
                n_nodes, paths, cg_index, cg_value, cg_offsets, dim_out); optionally tensor_product_backward and
                tp_conv_backward with the C++ schemas' arguments (else the backward is the reference's VJP)
 
+precision "fp32" (default); "tf32" / "bf16" (float32 tensors, Triton only): the weight step of each weighted uvw
+path with shared weights, Σ_(u,v) t[z, (u, v)] W[(u, v), w], as tensor-core products (TF32, or bf16 operands with
+float32 accumulation); everything else, and the backward, in float32. The C++ kernels have no such variant (a
+request for one raises).
+
 Autograd: the first backward runs the fused *_backward kernel (gradients of both inputs and the weights; where a
 backend has none, the reference's backward wrapped as an op); a backward that itself builds a graph
 (create_graph=True: forces, double backward) runs the reference's backward written out in einsums, itself
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -51,8 +57,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
+    BackendUnavailable,
     OpFamily,
     bind_cpp_ops,
+    check_precision,
     register_cpp_op,
 )
 from fastflow.tp.descriptor import MODES  # index = the mode code in paths[:, 0]
@@ -75,7 +83,16 @@ WEIGHT_INDICES = {"uvw": "uvw", "uvu": "uv", "uvv": "uv", "uuw": "uw", "uuu": "u
 
 
 def tensor_product(
-    x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out: int, backend: str | None = None
+    x1,
+    x2,
+    weights,
+    paths,
+    cg_index,
+    cg_value,
+    cg_offsets,
+    dim_out: int,
+    backend: str | None = None,
+    precision: str = "fp32",
 ):
     """Batched tensor product ``out[z] = TP(x1[z], x2[z]; W)`` (see the module docstring for the math).
 
@@ -84,16 +101,18 @@ def tensor_product(
         weights: ``[n_weights]`` shared, or ``[Z, n_weights]`` one row per sample (``[0]`` without weighted paths).
         paths, cg_index, cg_value, cg_offsets: the descriptor; dim_out: the output width.
         backend: "auto" (default), "cpp", "triton" or "reference".
+        precision: "fp32" (default), or "tf32" / "bf16" (float32 inputs, Triton only): see the module docstring.
     Return:
         ``[Z, dim_out]``, dtype of x1.
     """
     args = (x1, x2, weights, paths, cg_index, cg_value, cg_offsets)
     check_inputs(*args, int(dim_out))
     chosen = _resolve(backend, x1.device)
+    _check_precision("tensor_product", precision, x1.dtype, chosen)
     if chosen == "cpp":
         return _cpp_ops().tensor_product.default(*_contiguous(args), int(dim_out))
     if chosen == "triton":
-        return tensor_product_triton(*_contiguous(args), int(dim_out))
+        return tensor_product_triton(*_contiguous(args), int(dim_out), precision)
     return tensor_product_reference(*args, int(dim_out))
 
 
@@ -110,6 +129,7 @@ def tp_conv(
     cg_offsets,
     dim_out: int,
     backend: str | None = None,
+    precision: str = "fp32",
 ):
     """Fused gather–tensor product–scatter: ``out[n] = Σ_{e: edge_dst[e] = n} TP(node_feats[edge_src[e]],
     edge_attrs[e]; W_e)``, without the ``[E, dim_out]`` messages in the fused kernels.
@@ -121,6 +141,7 @@ def tp_conv(
             allowed; E = 0 gives zeros).
         n_nodes: rows of the output; paths, cg_index, cg_value, cg_offsets, dim_out: the descriptor.
         backend: "auto" (default), "cpp", "triton" or "reference".
+        precision: as tensor_product's.
     Return:
         ``[n_nodes, dim_out]``, dtype of node_feats.
     """
@@ -128,12 +149,15 @@ def tp_conv(
     descriptor = (paths, cg_index, cg_value, cg_offsets)
     check_conv_inputs(*args, int(n_nodes), *descriptor, int(dim_out))
     chosen = _resolve(backend, node_feats.device)
+    _check_precision("tp_conv", precision, node_feats.dtype, chosen)
     if chosen == "cpp":
         return _cpp_ops().tp_conv.default(
             *_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out)
         )
     if chosen == "triton":
-        return tp_conv_triton(*_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out))
+        return tp_conv_triton(
+            *_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out), precision
+        )
     return tp_conv_reference(*args, int(n_nodes), *descriptor, int(dim_out))
 
 
@@ -226,6 +250,19 @@ def _dense_paths(x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
 
 
 # ---- argument checks ----
+
+
+def _check_precision(op: str, precision: str, dtype: torch.dtype, backend: str) -> None:
+    """precision in the shared vocabulary, float32 for tf32 / bf16, and a backend that has those variants."""
+    check_precision(op, precision, dtype)
+    if precision != "fp32" and backend != "triton":
+        raise ValueError(f"{op}: precision {precision!r} runs on the triton backend only, not {backend!r}")
+    if precision == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's interpreter (3.9) returns garbage for bf16 tl.dot: refuse rather than mislead.
+        raise BackendUnavailable(
+            f"{op} (triton): precision 'bf16' cannot run under TRITON_INTERPRET=1 (the interpreter computes "
+            "bf16 dots wrongly); it runs on a GPU"
+        )
 
 
 def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: str = "tensor_product"):
@@ -439,7 +476,7 @@ _resolve = _FAMILY.resolve
 # The checks run here too: a meta or fake input sends even the C++ ops here instead of to their kernels.
 
 
-def _tensor_product_fake(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out):
+def _tensor_product_fake(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out, precision="fp32"):
     check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
     return x1.new_empty(x1.size(0), dim_out)
 
@@ -461,6 +498,7 @@ def _tp_conv_fake(
     cg_value,
     cg_offsets,
     dim_out,
+    precision="fp32",
 ):
     check_conv_inputs(
         node_feats,
@@ -546,7 +584,9 @@ def _tp_setup_context(ctx, inputs, output):
 
 
 def _conv_setup_context(ctx, inputs, output):
-    node_feats, edge_attrs, weights, edge_src, edge_dst, _, paths, cg_index, cg_value, cg_offsets, _ = inputs
+    node_feats, edge_attrs, weights, edge_src, edge_dst, _, paths, cg_index, cg_value, cg_offsets = inputs[
+        :10
+    ]
     ctx.save_for_backward(
         node_feats, edge_attrs, weights, edge_src, edge_dst, paths, cg_index, cg_value, cg_offsets
     )
@@ -669,10 +709,14 @@ def tensor_product_triton(
     cg_value: torch.Tensor,
     cg_offsets: torch.Tensor,
     dim_out: int,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     # Every Triton op checks before launching: a kernel launched on wrong shapes reads out of bounds.
     check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
-    return _triton_kernels().tensor_product(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
+    _check_precision("tensor_product", precision, x1.dtype, "triton")
+    return _triton_kernels().tensor_product(
+        x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out, precision=precision
+    )
 
 
 @torch.library.custom_op("fastflow::tensor_product_backward_triton", mutates_args=())
@@ -707,6 +751,7 @@ def tp_conv_triton(
     cg_value: torch.Tensor,
     cg_offsets: torch.Tensor,
     dim_out: int,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     check_conv_inputs(
         node_feats,
@@ -721,6 +766,7 @@ def tp_conv_triton(
         cg_offsets,
         dim_out,
     )
+    _check_precision("tp_conv", precision, node_feats.dtype, "triton")
     return _triton_kernels().tp_conv(
         node_feats,
         edge_attrs,
@@ -733,6 +779,7 @@ def tp_conv_triton(
         cg_value,
         cg_offsets,
         dim_out,
+        precision=precision,
     )
 
 
@@ -784,10 +831,10 @@ tensor_product_backward_triton.register_fake(_tensor_product_backward_fake)
 tp_conv_triton.register_fake(_tp_conv_fake)
 tp_conv_backward_triton.register_fake(_tp_conv_backward_fake)
 tensor_product_triton.register_autograd(
-    _make_backward(_triton_backward("tensor_product"), tensor_product_grads_reference, 8),
+    _make_backward(_triton_backward("tensor_product"), tensor_product_grads_reference, 9),
     setup_context=_tp_setup_context,
 )
 tp_conv_triton.register_autograd(
-    _make_backward(_triton_backward("tp_conv"), tp_conv_grads_reference, 11),
+    _make_backward(_triton_backward("tp_conv"), tp_conv_grads_reference, 12),
     setup_context=_conv_setup_context,
 )

@@ -11,6 +11,7 @@ import pytest
 import torch
 from e3nn import o3
 
+from fastflow.ops.backends import BackendUnavailable
 from fastflow.ops.tensor_product import MODES, tensor_product_reference, tp_conv_reference
 from fastflow.tp import TPDescriptor
 
@@ -333,3 +334,95 @@ def test_through_the_op(triton_device):
         backend="triton",
     )
     check(out, ref, dtype)
+
+
+# ---- tf32 / bf16: the shared-weight uvw paths as tl.dot tiles (tensor cores on a GPU) ----
+
+
+def wide_uvw(mul1=20, mul2=3, mul_out=17):
+    """A fully connected uvw product wide enough for tl.dot tiles: u in two chunks (the second masked past
+    mul1), v and w padded to powers of two."""
+    return TPDescriptor.create(
+        f"{mul1}x0e+{mul1}x1o",
+        f"{mul2}x0e+{mul2}x1o",
+        f"{mul_out}x0e+{mul_out}x1o",
+        [(0, 0, 0, "uvw", True), (0, 1, 1, "uvw", True), (1, 0, 1, "uvw", True), (1, 1, 0, "uvw", True)],
+    )
+
+
+def test_tf32_uses_dot_tiles_and_matches_the_reference(triton_device):
+    # Under the interpreter TF32 products are computed in float32, so the float32 tolerance holds; on a GPU
+    # bench/gpu_check.py checks them at TF32's.
+    module = kernels()
+    d = wide_uvw()
+    paths, cg_index, cg_value, cg_offsets = d.tensors(torch.float64)
+    rows = module._plan(paths, cg_index, cg_value, cg_offsets, torch.float32)[0]
+    blocks = [module._blocks(row, module.MAX_ROWS, "tf32", shared=True) for row in rows]
+    assert all(b["DOT"] and b["BLOCK_U"] // b["U_CHUNK"] == 2 for b in blocks)  # two chunks of u each
+    assert not any(module._blocks(row, module.MAX_ROWS, "tf32", shared=False)["DOT"] for row in rows)
+    g = torch.Generator().manual_seed(seed_of("tf32"))
+    Z = 37  # two programs of 32 rows, the second masked
+    x1, x2, weights = randn(g, Z, d.dim_in1), randn(g, Z, d.dim_in2), randn(g, d.weight_numel)
+    ref = tensor_product_reference(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, d.dim_out)
+    f32 = [t.to(triton_device, torch.float32) for t in (x1, x2, weights, cg_value)]
+    desc = (paths.to(triton_device), cg_index.to(triton_device), f32[3], cg_offsets.to(triton_device))
+    out = module.tensor_product(*f32[:3], *desc, d.dim_out, precision="tf32")
+    check(out, ref, torch.float32)
+    n_nodes, src, dst = 7, torch.randint(7, (Z,), generator=g), torch.randint(7, (Z,), generator=g)
+    nodes = randn(g, n_nodes, d.dim_in1)
+    ref = tp_conv_reference(
+        nodes, x2, weights, src, dst, n_nodes, paths, cg_index, cg_value, cg_offsets, d.dim_out
+    )
+    for deterministic in (False, True):
+        out = module.tp_conv(
+            nodes.to(triton_device, torch.float32),
+            *f32[1:3],
+            src.to(triton_device),
+            dst.to(triton_device),
+            n_nodes,
+            *desc,
+            d.dim_out,
+            deterministic=deterministic,
+            precision="tf32",
+        )
+        check(out, ref, torch.float32)
+
+
+def test_precision_through_the_op_and_its_refusals(triton_device):
+    from fastflow.ops.tensor_product import tensor_product, tensor_product_triton
+
+    d = wide_uvw(16, 1, 16)
+    g = torch.Generator().manual_seed(seed_of("op precision"))
+    x1, x2, weights = randn(g, 3, d.dim_in1), randn(g, 3, d.dim_in2), randn(g, d.weight_numel)
+    T64 = d.tensors(torch.float64)
+    ref = tensor_product_reference(x1, x2, weights, *T64, d.dim_out)
+    args = [t.to(triton_device, torch.float32) for t in (x1, x2, weights)]
+    T = d.tensors(torch.float32, triton_device)
+    out = tensor_product(*args, *T, d.dim_out, backend="triton", precision="tf32")
+    check(out, ref, torch.float32)
+    torch.library.opcheck(tensor_product_triton, (*args, *T, d.dim_out, "tf32"))
+    with pytest.raises(ValueError, match="triton backend only"):
+        tensor_product(
+            x1.float(),
+            x2.float(),
+            weights.float(),
+            *d.tensors(torch.float32),
+            d.dim_out,
+            backend="reference",
+            precision="tf32",
+        )
+    with pytest.raises(ValueError, match="needs float32"):
+        tensor_product(
+            x1,
+            x2,
+            weights,
+            *[t.to(triton_device) for t in T64],
+            d.dim_out,
+            backend="triton",
+            precision="tf32",
+        )
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tensor_product(*args, *T, d.dim_out, backend="triton", precision="fp16")
+    if triton_device == "cpu":  # the interpreter
+        with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+            tensor_product(*args, *T, d.dim_out, backend="triton", precision="bf16")

@@ -137,3 +137,40 @@ def test_patching_never_imports_e3nn_or_cuequivariance():
         [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_tensor_product_precision_on_modules_and_in_patch_model(monkeypatch):
+    import fastflow.runtime
+
+    tp = o3.FullyConnectedTensorProduct("16x0e+16x1o", "3x0e", "16x0e+16x1o")
+    for bad, match in (
+        (dict(backend="cpp", precision="tf32"), "runs on the Triton kernels"),
+        (dict(backend="reference", precision="bf16"), "runs on the Triton kernels"),
+        (dict(precision="fp16"), "precision must be one of"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TensorProduct(tp, **bad)
+    assert "precision='tf32'" in repr(TensorProduct(tp, backend="triton", precision="tf32"))
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the tensor products run Triton's bf16 variant")
+    # On a CPU (bf16 assumed present, as on AMX machines) Semla modules would take bf16, tensor products stay fp32:
+    # said in the report and, when asked for explicitly, once as a warning.
+    monkeypatch.setattr(fastflow.runtime, "cpu_isa", lambda: ("avx2", "avx512", "amx_bf16"))
+    model = TinyPotential()
+    with pytest.warns(UserWarning, match="tensor products compute in float32"):
+        handle = patch_model(model, precision="bf16")
+    assert model.layers[0].self_interaction.precision == "fp32"
+    assert handle.report()["precision"]["tensor_products"].startswith("fp32 (tf32 / bf16 tensor products")
+    handle.unpatch()
+    handle = patch_model(model)
+    assert handle.report()["precision"]["tensor_products"] == "fp32"
+    handle.unpatch()
+
+
+def test_tf32_module_on_triton_matches_e3nn(triton_device):
+    # Under the interpreter tf32 products are float32 ones: e3nn's float32 result to 1e-5.
+    torch.manual_seed(seed_of("tf32 module"))
+    tp = o3.FullyConnectedTensorProduct("16x0e+16x1o", "3x0e", "16x0e+16x1o").to(triton_device)
+    fused = TensorProduct(tp, backend="triton", precision="tf32")
+    x1, x2 = torch.randn(5, tp.irreps_in1.dim, device=triton_device), torch.randn(5, 3, device=triton_device)
+    assert_close(fused(x1, x2), tp(x1, x2), 1e-5, "tf32 TensorProduct")
