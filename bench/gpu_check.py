@@ -311,12 +311,14 @@ def check_ops(report: Report, device, fused: str, tiny: bool) -> None:
                 f"semla_attention {variant} {precision}", partial(semla, variant, precision), tolerance
             )
 
-    def bond():
+    def bond(precision):
         args = bond_head_args(config, B, N, device)
-        got = bond_head(**args, backend=fused)
+        got = bond_head(**args, backend=fused, precision=precision)
         return relative_error(got, bond_head(**{k: v.double() for k, v in args.items()}, backend="reference"))
 
-    report.check("bond_head", bond, FP32)
+    for precision, tolerance in {"fp32": FP32, "tf32": 1e-2, "bf16": 3e-2}.items():
+        name = "bond_head" if precision == "fp32" else f"bond_head {precision}"
+        report.check(name, partial(bond, precision), tolerance)
 
     for config_name in ("l1", "l3"):
         report.check(

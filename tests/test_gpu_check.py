@@ -42,9 +42,10 @@ def test_gpu_check_runs_under_the_interpreter(tmp_path):
     } <= checks
     skipped = {row["check"]: row["skipped"] for row in results["correctness"] if row["ok"] is None}
     assert {f"tensor_product self-interaction {p}" for p in ("fp32", "tf32", "bf16")} <= checks
+    assert {"bond_head tf32", "bond_head bf16"} <= checks
     # Skipped may be: an op without a Triton kernel, and the bf16 dots, which Triton's interpreter gets wrong.
     bf16 = {f"semla_attention {variant} bf16" for variant in ("core", "edge_in", "embed", "edge_out")}
-    bf16.add("tensor_product self-interaction bf16")
+    bf16 |= {"tensor_product self-interaction bf16", "bond_head bf16"}
     assert set(skipped) <= {"bond_head"} | bf16, skipped
     assert all("TRITON_INTERPRET" in skipped[name] for name in bf16 & set(skipped))
 

@@ -13,21 +13,25 @@ chunk, its SiLU and its share of the second linear, accumulated. LN_edge(e') is 
 of W_e from its row statistics, so the live tiles are s, the refinement accumulator and one weight chunk: no
 spills and <= 56 KB of shared memory at the SemlaFlow widths (E = F = G = 128) but fp64 on sm_90 (fastflow bench
 gpu-static). Every tl.dot dimension
-is a power of two >= 16 and masked; padded channels load as 0 and stay 0 through the LayerNorms. Dots use
-input_precision="ieee": TF32, the GPU default, would miss the fp32 tolerance of the tests.
+is a power of two >= 16 and masked; padded channels load as 0 and stay 0 through the LayerNorms. Dots run in the
+op's precision (triton_kernels.dots): "fp32" as input_precision="ieee" (TF32, the GPU default, would miss the fp32
+tolerance of the tests), "tf32" on TF32 tensor cores, "bf16" with bfloat16 operands and float32 accumulation (the
+LayerNorms, SiLU, the distance and dot terms and the accumulators stay float32).
 """
 
 import torch
 import triton
 import triton.language as tl
+from fastflow.triton_kernels.dots import dot as precise_dot
 
 MIN_DOT = 16  # smallest size of every tl.dot dimension
 BLOCK_A = 4  # atoms per block: a tile of 4 × 4 = 16 ordered pairs, tl.dot's minimum M
 CHUNK = {torch.float32: 32, torch.float64: 8}  # hidden columns per step of the F and G loops
 # Per dtype (chosen with `fastflow bench gpu-static`): float64 in chunks of 16 spilled 304 B on sm_90a at 255
 # registers (semlaflow/refine); with chunks of 8, ptxas capped small/plain at 96 registers on sm_89 (8 B spilled)
-# unless allowed the full register file.
-LAUNCH_OPTIONS = {torch.float32: {}, torch.float64: {"maxnreg": 255}}
+# unless allowed the full register file. The tf32 / bf16 variants get it too (capped at 168 registers, small/refine
+# tf32 spilled 32 B on sm_80 and semlaflow/refine bf16 32 B on sm_89).
+LAUNCH_OPTIONS = {torch.float32: {}, torch.float64: {"maxnreg": 255}, "tensor cores": {"maxnreg": 255}}
 
 
 @triton.jit
@@ -75,6 +79,7 @@ def _refined(
     BLOCK_E: tl.constexpr,
     CHUNK_F: tl.constexpr,
     REFINE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """r_pq = LN_bond(W2 · silu(hid_pq) + b2) (or LN_bond(e'_pq) without BondRefine) for the ordered pairs (p, q)
     of the tile: [M, BLOCK_E], 0 in padded channels."""
@@ -121,13 +126,13 @@ def _refined(
                     mask=mask_c[:, None] & mask_f[None, :],
                     other=0.0,
                 )  # W_e[f chunk, e chunk]^T
-                hidden += tl.dot(normed, we_t, input_precision="ieee")
+                hidden = precise_dot(normed, we_t, hidden, PRECISION)
             w2_t = tl.load(
                 w2_ptr + offs_e[None, :] * F + offs_f[:, None],
                 mask=mask_f[:, None] & mask_e[None, :],
                 other=0.0,
             )  # W2[:, f chunk]^T [CHUNK_F, BLOCK_E]
-            refined += tl.dot(_silu(hidden), w2_t, input_precision="ieee")
+            refined = precise_dot(_silu(hidden), w2_t, refined, PRECISION)
         feats = refined + tl.load(b2_ptr + offs_e, mask=mask_e, other=0.0)[None, :]
     return _layer_norm(feats, offs_e, mask_e, bn_w_ptr, bn_b_ptr, E, bond_norm_eps)
 
@@ -165,6 +170,7 @@ def _bond_head_kernel(
     CHUNK_F: tl.constexpr,
     CHUNK_G: tl.constexpr,
     REFINE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     block_i = tl.program_id(1)
     block_j = tl.program_id(2)
@@ -182,10 +188,12 @@ def _bond_head_kernel(
     s = _refined(
         e_ptr, bn_w_ptr, bn_b_ptr, a_ptr, c_ptr, x_ptr, en_w_ptr, en_b_ptr, we_ptr, wd_ptr, wo_ptr, w2_ptr,
         b2_ptr, atom_i, atom_j, j, real, N, E, F, edge_norm_eps, bond_norm_eps, BLOCK_E, CHUNK_F, REFINE,
+        PRECISION,
     )  # fmt: skip
     s += _refined(
         e_ptr, bn_w_ptr, bn_b_ptr, a_ptr, c_ptr, x_ptr, en_w_ptr, en_b_ptr, we_ptr, wd_ptr, wo_ptr, w2_ptr,
         b2_ptr, atom_j, atom_i, i, real, N, E, F, edge_norm_eps, bond_norm_eps, BLOCK_E, CHUNK_F, REFINE,
+        PRECISION,
     )  # fmt: skip
 
     # logits = Wh2 · silu(Wh1 · s + bh1) + bh2, G in chunks.
@@ -201,11 +209,12 @@ def _bond_head_kernel(
             wh1_ptr + offs_g[None, :] * E + offs_e[:, None], mask=mask_e[:, None] & mask_g[None, :], other=0.0
         )  # Wh1[chunk]^T [BLOCK_E, CHUNK_G]
         bh1 = tl.load(bh1_ptr + offs_g, mask=mask_g, other=0.0)
-        hidden = _silu(tl.dot(s, wh1_t, input_precision="ieee") + bh1[None, :])
+        hidden = precise_dot(s, wh1_t, tl.zeros([BLOCK_A * BLOCK_A, CHUNK_G], dtype=s.dtype), PRECISION)
+        hidden = _silu(hidden + bh1[None, :])
         wh2_t = tl.load(
             wh2_ptr + offs_k[None, :] * G + offs_g[:, None], mask=mask_g[:, None] & mask_k[None, :], other=0.0
         )  # Wh2[:, chunk]^T [CHUNK_G, BLOCK_K]
-        logits += tl.dot(hidden, wh2_t, input_precision="ieee")
+        logits = precise_dot(hidden, wh2_t, logits, PRECISION)
     logits += tl.load(bh2_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
 
     keep = (real & (i <= j))[:, None] & mask_k[None, :]
@@ -238,9 +247,11 @@ def bond_head(
     refine_bias,
     edge_norm_eps: float,
     bond_norm_eps: float,
+    precision: str = "fp32",
 ):
     """Launch on inputs validated by fastflow.ops.bond_head.check_inputs (shapes, dtype, device); the refinement
-    block is all tensors or all None."""
+    block is all tensors or all None. precision: "fp32", or "tf32" / "bf16" (float32 tensors; checked by
+    fastflow.ops.bond_head)."""
     dtype = edge_feats.dtype
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"bond_head (triton): tensors must be float32 or float64, got {dtype}")
@@ -297,6 +308,7 @@ def bond_head(
         CHUNK_F=min(CHUNK[dtype], _dot_block(max(F, 1))),
         CHUNK_G=min(CHUNK[dtype], _dot_block(max(G, 1))),
         REFINE=refine,
-        **LAUNCH_OPTIONS[dtype],
+        PRECISION="ieee" if precision == "fp32" else precision,
+        **LAUNCH_OPTIONS[dtype if precision == "fp32" else "tensor cores"],
     )
     return out

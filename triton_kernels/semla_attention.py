@@ -43,6 +43,7 @@ in fp32, as the op's reference defines it. The value and coordinate sums stay in
 import torch
 import triton
 import triton.language as tl
+from fastflow.triton_kernels.dots import dot as precise_dot
 
 MIN_DOT = 16  # padded size of a dot dimension: bf16 needs K >= 16, tensor-core N tiles are 8 or 16 wide
 
@@ -77,8 +78,8 @@ def _softmax_columns(adj_rows, offs_j, mask_i, no_edge, N):
 def _out_dot(x, y, acc, BF16_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc + x · y for the output linear: bf16 operands with fp32 accumulation, or in the dots' precision."""
     if BF16_OUT:
-        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16), acc, out_dtype=tl.float32)
-    return tl.dot(x, y, acc, input_precision=DOT_PRECISION)
+        return precise_dot(x, y, acc, "bf16")
+    return precise_dot(x, y, acc, DOT_PRECISION)
 
 
 @triton.jit

@@ -41,6 +41,7 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from fastflow.triton_kernels.dots import dot as precise_dot
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Mode codes, as in fastflow.ops.tensor_product.MODES (constexprs: jit functions may read them).
@@ -257,10 +258,7 @@ def _uvw_dot_tile(
                 w_ptr + (rows_uv * mul2 + uv_v)[:, None] * mul_out + offs_w[None, :], mask=w_mask, other=0.0
             )  # [U_CHUNK * V, W]
             t = tl.reshape(t, [BLOCK_Z, U_CHUNK * BLOCK_V])
-            if PRECISION == "bf16":
-                o = tl.dot(t.to(tl.bfloat16), W.to(tl.bfloat16), o)
-            else:
-                o = tl.dot(t, W, o, input_precision=PRECISION)
+            o = precise_dot(t, W, o, PRECISION)
         acc += tl.where(offs_k[None, None, :] == k, o[:, :, None], 0.0)
     return acc
 

@@ -26,7 +26,7 @@ divisibility hints, integers equal to 1 turned into constants), with the launch'
                            specialisation of the per-path launches
     cache_forecast         K = 3 history tensors, fp32 and fp64
     bond_head              presets semlaflow and small (E = G = d_edge, F = d_message, K = n_edge_types), with
-                           and without BondRefine; fp32 and fp64
+                           and without BondRefine; fp32 and fp64, and the tf32 / bf16 variants
     symmetric_contraction  MACE's product basis at the issue-15 widths (C = 128 channels, I = 16 components of
                            0e+1o+2e+3o, correlation 3, outputs 0e+1o): the forward kernel and the backward
                            (gradients of x and of the coefficients); fp32 and fp64
@@ -131,7 +131,10 @@ HISTORY, FORECAST_NUMEL = 3, 128 * 29 * 3  # cache_forecast: K history tensors o
 
 SEMLA_PRESETS = ("semlaflow", "small")
 SEMLA_LAYERS = ("core", "edge_in", "edge_out")
-SEMLA_PRECISIONS = ("tf32", "bf16")  # semla_attention's tensor-core variants (float32 tensors)
+SEMLA_PRECISIONS = (
+    "tf32",
+    "bf16",
+)  # semla_attention's and bond_head's tensor-core variants (float32 tensors)
 DTYPES = ("fp32", "fp64")
 # Tensor-product cases: (irreps_in1, lmax of the spherical harmonics) for NequIP convolutions, or an explicit
 # fully connected product.
@@ -483,12 +486,15 @@ def _bond_head_cases(selection) -> list[Case]:
     for preset, variant, dtype_name in selection:
         config = SemlaConfig.preset(preset)
         B, N, E, F, G, K = 1, ATOMS, config.d_edge, config.d_message, config.d_edge, config.n_edge_types
-        empty = partial(_zeros, dtype=_torch_dtype(dtype_name))
+        precision = dtype_name if dtype_name in SEMLA_PRECISIONS else "fp32"  # tf32 / bf16: float32 tensors
+        empty = partial(_zeros, dtype=_torch_dtype("fp32" if precision != "fp32" else dtype_name))
         head = (empty(B, N, N, E), empty(E), empty(E), empty(G, E), empty(G), empty(K, G), empty(K))
         refine = (empty(B, N, F), empty(B, N, F), empty(B, N, 3), empty(E), empty(E), empty(F, E))
         refine += (empty(F), empty(F), empty(E, F), empty(E))
         with _recording(module, "_bond_head_kernel") as (fn, recorder):
-            module.bond_head(*head, *(refine if variant == "refine" else (None,) * 10), 1e-5, 1e-5)
+            module.bond_head(
+                *head, *(refine if variant == "refine" else (None,) * 10), 1e-5, 1e-5, precision=precision
+            )
         ((args, kwargs),) = recorder.launches
         shape = f"E=G={E} K={K}" + (f" F={F}" if variant == "refine" else "")
         cases.append(
@@ -562,7 +568,9 @@ def selections(quick: bool) -> dict:
         "tp_conv_deterministic": tp,
         "cache_forecast": [(d,) for d in DTYPES],
         "discrete_flow_step": [(what, d) for what in STEP_CASES for d in DTYPES],
-        "bond_head": [(p, v, d) for p in SEMLA_PRESETS for v in BOND_HEAD_VARIANTS for d in DTYPES],
+        "bond_head": [
+            (p, v, d) for p in SEMLA_PRESETS for v in BOND_HEAD_VARIANTS for d in (*DTYPES, *SEMLA_PRECISIONS)
+        ],
         "symmetric_contraction": [(v, d) for v in SC_VARIANTS for d in DTYPES],
     }
 

@@ -238,12 +238,20 @@ def fused_semla_forward(
         embed_edges=not getattr(first_layer, "embeds_edges", False),
     )
     out_coords, feats, edges = self.dynamics.trunk(**inputs)
-    # The backend of the patched layers (patch_model plans this forward for cpp and triton only).
-    backend = next(
-        (layer.backend for layer in self.dynamics.layers if isinstance(layer, FusedSemlaLayer)), "auto"
-    )
+    # The backend and precision of the patched layers (patch_model plans this forward for cpp and triton only);
+    # bond_head's tf32 / bf16 variants are Triton's, on CPUs the pair tail stays float32.
+    layer = next((layer for layer in self.dynamics.layers if isinstance(layer, FusedSemlaLayer)), None)
+    backend = "auto" if layer is None else layer.backend
+    precision = layer.matmul.precision if backend == "triton" else "fp32"
     bond_logits = fused_bond_logits(
-        self.dynamics, self.edge_out_proj, out_coords, feats, inputs["atom_mask"], edges, backend=backend
+        self.dynamics,
+        self.edge_out_proj,
+        out_coords,
+        feats,
+        inputs["atom_mask"],
+        edges,
+        backend=backend,
+        precision=precision,
     )
     return self.outputs(out_coords, self.dynamics.feat_norm(feats), bond_logits, inputs["atom_mask"])
 
@@ -256,6 +264,7 @@ def fused_bond_logits(
     atom_mask: torch.Tensor,
     edge_feats: torch.Tensor,
     backend: str = "cpp",
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Bond logits ``[B, N, N, K]`` = head(r_ij + r_ji), r = bond_norm(refine(e')), from the modules' parameters:
     the refinement's first linear split into per-atom GEMMs (a_i, c_j) and its distance, dot and edge columns."""
@@ -289,4 +298,4 @@ def fused_bond_logits(
             refine_bias=second.bias,
             edge_norm_eps=refine.edge_norm.eps,
         )
-    return bond_head(edge_feats, **args, backend=backend)
+    return bond_head(edge_feats, **args, backend=backend, precision=precision)

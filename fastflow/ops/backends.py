@@ -192,6 +192,19 @@ def check_precision(op: str, precision: str, dtype: torch.dtype) -> None:
         raise ValueError(f"{op}: precision {precision!r} needs float32 inputs, got {dtype}")
 
 
+def check_triton_precision(op: str, precision: str, dtype: torch.dtype, backend: str) -> None:
+    """An op whose tf32 / bf16 variants are Triton kernels only (tensor products, bond_head): the precision, its
+    dtype, a backend that has the variant, and no bf16 under Triton's interpreter, whose bf16 dots are wrong."""
+    check_precision(op, precision, dtype)
+    if precision != "fp32" and backend != "triton":
+        raise ValueError(f"{op}: precision {precision!r} runs on the triton backend only, not {backend!r}")
+    if precision == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
+        raise BackendUnavailable(
+            f"{op} (triton): precision 'bf16' cannot run under TRITON_INTERPRET=1 (the interpreter computes "
+            "bf16 dots wrongly); it runs on a GPU"
+        )
+
+
 def resolve_precision(name: str, device: torch.device | str) -> str:
     """patch_model's `precision` → the one fused modules use on `device`. An explicit bf16 where the hardware has
     no bf16 instructions, or tf32 off a GPU, raises BackendUnavailable (it would run, emulated and slow)."""

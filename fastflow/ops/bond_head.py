@@ -22,6 +22,11 @@ once per unordered pair, writing the logits at (i, j) and (j, i). The logits are
 Every pair is computed, padding included, as in the model: the op is pair-local (logit_ij reads only the inputs
 of atoms i and j and the pairs ij, ji), so padding never changes a real pair's logits.
 
+precision: "fp32" (default), or "tf32" / "bf16" (float32 inputs, Triton only): the kernel's four matrix products
+(W_e · LN_edge, W2 · silu, Wh1 · s, Wh2 · silu) on tensor cores (TF32, or bf16 operands with float32
+accumulation); LayerNorms, the distance and dot terms and the accumulators stay float32. The C++ kernel has no such
+variant (a request for one raises).
+
 Inference op: the fused kernel has no backward. Autograd through this op recomputes the reference and
 differentiates it (memory of the reference path, exact gradients), so a patched model can still be trained.
 
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
     bind_cpp_ops,
+    check_triton_precision,
     recompute_vjp,
     register_cpp_op,
     resolve_backend,
@@ -92,6 +98,7 @@ def bond_head(
     edge_norm_eps: float = 1e-5,
     bond_norm_eps: float = 1e-5,
     backend: str | None = None,
+    precision: str = "fp32",
 ):
     """Fused bond head (see the module docstring for the math).
 
@@ -108,6 +115,7 @@ def bond_head(
             refine_weight W2 ``[E, F]``, refine_bias b2 ``[E]``.
         edge_norm_eps, bond_norm_eps: LayerNorm epsilons.
         backend: "auto" (default: cpp on CPU, triton on CUDA), "cpp", "triton" or "reference".
+        precision: "fp32" (default), or "tf32" / "bf16" (Triton only; see the module docstring).
     Return:
         logits ``[B, N, N, K]``, contiguous, symmetric in (i, j).
     """
@@ -132,10 +140,11 @@ def bond_head(
     )
     check_inputs(*inputs)
     chosen = resolve_backend(backend, edge_feats.device)
+    check_triton_precision("bond_head", precision, edge_feats.dtype, chosen)
     if chosen == "cpp":
         return _cpp_op()(*inputs, float(edge_norm_eps), float(bond_norm_eps))
     if chosen == "triton":
-        return bond_head_triton(*inputs, float(edge_norm_eps), float(bond_norm_eps))
+        return bond_head_triton(*inputs, float(edge_norm_eps), float(bond_norm_eps), precision)
     return bond_head_reference(*inputs, edge_norm_eps=edge_norm_eps, bond_norm_eps=bond_norm_eps)
 
 
@@ -326,6 +335,7 @@ def _bond_head_fake(
     refine_bias,
     edge_norm_eps,
     bond_norm_eps,
+    precision="fp32",
 ):
     # Output shape, so torch.compile and torch.export can trace the op; the checks also run here because a
     # meta or fake input sends even the C++ op to this function instead of its kernel.
@@ -355,11 +365,13 @@ def _bond_head_fake(
 # Autograd by recomputation: the fused kernel only runs forward; the gradient is the reference's vector-Jacobian
 # product, evaluated with torch.func so that it is itself traceable.
 def _setup_context(ctx, inputs, output):
-    ctx.inputs = inputs
+    ctx.inputs = inputs[: len(ARGUMENTS) + 2]  # the tensors and epsilons (not the Triton op's precision)
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, grad):
-    return recompute_vjp(bond_head_reference, ctx.inputs, len(ARGUMENTS), grad)
+    grads = recompute_vjp(bond_head_reference, ctx.inputs, len(ARGUMENTS), grad)
+    return grads + (None,) * (ctx.n_inputs - len(grads))
 
 
 def _cpp_op():
@@ -392,6 +404,7 @@ def bond_head_triton(
     refine_bias: torch.Tensor | None,
     edge_norm_eps: float,
     bond_norm_eps: float,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     from fastflow.triton_kernels import bond_head as kernel  # lazy: importing fastflow never needs triton
 
@@ -416,7 +429,8 @@ def bond_head_triton(
     )
     # Checked here too, not only in bond_head(): a kernel launched on wrong shapes reads out of bounds.
     check_inputs(*inputs)
-    return kernel.bond_head(*inputs, edge_norm_eps, bond_norm_eps)
+    check_triton_precision("bond_head", precision, edge_feats.dtype, "triton")
+    return kernel.bond_head(*inputs, edge_norm_eps, bond_norm_eps, precision)
 
 
 bond_head_triton.register_fake(_bond_head_fake)

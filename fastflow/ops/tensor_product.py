@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -57,10 +56,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
-    BackendUnavailable,
     OpFamily,
     bind_cpp_ops,
-    check_precision,
+    check_triton_precision,
     register_cpp_op,
 )
 from fastflow.tp.descriptor import MODES  # index = the mode code in paths[:, 0]
@@ -108,7 +106,7 @@ def tensor_product(
     args = (x1, x2, weights, paths, cg_index, cg_value, cg_offsets)
     check_inputs(*args, int(dim_out))
     chosen = _resolve(backend, x1.device)
-    _check_precision("tensor_product", precision, x1.dtype, chosen)
+    check_triton_precision("tensor_product", precision, x1.dtype, chosen)
     if chosen == "cpp":
         return _cpp_ops().tensor_product.default(*_contiguous(args), int(dim_out))
     if chosen == "triton":
@@ -149,7 +147,7 @@ def tp_conv(
     descriptor = (paths, cg_index, cg_value, cg_offsets)
     check_conv_inputs(*args, int(n_nodes), *descriptor, int(dim_out))
     chosen = _resolve(backend, node_feats.device)
-    _check_precision("tp_conv", precision, node_feats.dtype, chosen)
+    check_triton_precision("tp_conv", precision, node_feats.dtype, chosen)
     if chosen == "cpp":
         return _cpp_ops().tp_conv.default(
             *_contiguous(args), int(n_nodes), *_contiguous(descriptor), int(dim_out)
@@ -250,19 +248,6 @@ def _dense_paths(x1, x2, weights, paths, cg_index, cg_value, cg_offsets):
 
 
 # ---- argument checks ----
-
-
-def _check_precision(op: str, precision: str, dtype: torch.dtype, backend: str) -> None:
-    """precision in the shared vocabulary, float32 for tf32 / bf16, and a backend that has those variants."""
-    check_precision(op, precision, dtype)
-    if precision != "fp32" and backend != "triton":
-        raise ValueError(f"{op}: precision {precision!r} runs on the triton backend only, not {backend!r}")
-    if precision == "bf16" and os.environ.get("TRITON_INTERPRET") == "1":
-        # Triton's interpreter (3.9) returns garbage for bf16 tl.dot: refuse rather than mislead.
-        raise BackendUnavailable(
-            f"{op} (triton): precision 'bf16' cannot run under TRITON_INTERPRET=1 (the interpreter computes "
-            "bf16 dots wrongly); it runs on a GPU"
-        )
 
 
 def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: str = "tensor_product"):
@@ -713,7 +698,7 @@ def tensor_product_triton(
 ) -> torch.Tensor:
     # Every Triton op checks before launching: a kernel launched on wrong shapes reads out of bounds.
     check_inputs(x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out)
-    _check_precision("tensor_product", precision, x1.dtype, "triton")
+    check_triton_precision("tensor_product", precision, x1.dtype, "triton")
     return _triton_kernels().tensor_product(
         x1, x2, weights, paths, cg_index, cg_value, cg_offsets, dim_out, precision=precision
     )
@@ -766,7 +751,7 @@ def tp_conv_triton(
         cg_offsets,
         dim_out,
     )
-    _check_precision("tp_conv", precision, node_feats.dtype, "triton")
+    check_triton_precision("tp_conv", precision, node_feats.dtype, "triton")
     return _triton_kernels().tp_conv(
         node_feats,
         edge_attrs,

@@ -158,3 +158,34 @@ def test_patched_model_runs_the_triton_pair_tail(triton_device):
     real = mask[:, :, None] & mask[:, None, :]
     error = (got[2] - expected[2])[real].abs().max() / expected[2][real].abs().max()
     assert error <= 1e-5
+
+
+# ---- tf32 / bf16 (tensor cores on a GPU) ----
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_tf32_matches_reference_and_opchecks(triton_device, refine):
+    # Under the interpreter TF32 dots are float32 ones: the float32 tolerance; bench/gpu_check.py checks tf32 and
+    # bf16 on a GPU at their own.
+    from fastflow.ops.bond_head import bond_head_triton
+
+    args, _ = random_inputs("tiny", 2, 5, seed_of("triton tf32", refine), refine=refine)
+    out = bond_head(**on(args, torch.float32, triton_device), backend="triton", precision="tf32")
+    ref = bond_head_reference(**args)
+    assert (out.cpu().double() - ref).abs().max() <= TOLERANCE[torch.float32] * ref.abs().max()
+    assert torch.equal(out, out.transpose(1, 2))
+    positional_args = (*positional(on(args, torch.float32, triton_device)), "tf32")
+    torch.library.opcheck(bond_head_triton, positional_args)
+
+
+def test_precision_refusals(triton_device):
+    from fastflow.ops.backends import BackendUnavailable
+
+    args, _ = random_inputs("tiny", 1, 3, seed_of("precision refusals"))
+    with pytest.raises(ValueError, match="triton backend only"):
+        bond_head(**on(args, torch.float32, "cpu"), backend="reference", precision="bf16")
+    with pytest.raises(ValueError, match="needs float32"):
+        bond_head(**on(args, torch.float64, triton_device), backend="triton", precision="tf32")
+    if triton_device.type == "cpu":
+        with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+            bond_head(**on(args, torch.float32, triton_device), backend="triton", precision="bf16")
