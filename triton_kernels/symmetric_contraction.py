@@ -18,12 +18,12 @@ gradient g[r] · P adds up over the nodes of an element with atomic adds (summat
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
+
+from fastflow.memo import TensorMemo
 
 MAX_BLOCK_C = 128  # channels per program (MACE's widths are 32-256)
 
-# terms tensor -> (key, tables): modules pass the same plan tensors every call
-_TABLES = WeakIdKeyDictionary()
+_TABLES = TensorMemo()  # modules pass the same plan tensors every call
 
 
 @triton.jit
@@ -126,10 +126,12 @@ def _symmetric_contraction_backward_kernel(
 def _tables(monomials: torch.Tensor, terms: torch.Tensor, out_dims: list[int]):
     """(factors [S, DEGREE] int32, term_mono, row_ptr, row_offset, row_m, row_step, DEGREE) on the plan's device,
     built on the host once per plan (and again if a plan tensor changes)."""
-    key = (id(monomials), monomials._version, terms._version, tuple(out_dims))
-    cached = _TABLES.get(terms)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    return _TABLES.get(
+        (terms, monomials), lambda: _build_tables(monomials, terms, out_dims), key=tuple(out_dims)
+    )
+
+
+def _build_tables(monomials: torch.Tensor, terms: torch.Tensor, out_dims: list[int]):
     parents, indices = monomials[:, 0].tolist(), monomials[:, 1].tolist()
     chains = []
     for s in range(len(parents)):
@@ -160,7 +162,6 @@ def _tables(monomials: torch.Tensor, terms: torch.Tensor, out_dims: list[int]):
         torch.tensor(row_step, dtype=torch.int32, device=device),
         degree,
     )
-    _TABLES[terms] = (key, tables)
     return tables
 
 

@@ -36,13 +36,12 @@ per descriptor, dtype and device (a plan, rebuilt only if a descriptor tensor is
 launches one kernel per path.
 """
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 from fastflow.triton_kernels.dots import dot as precise_dot
-from torch.utils.weak import WeakIdKeyDictionary
+
+from fastflow.memo import TensorMemo
 
 # Mode codes, as in fastflow.ops.tensor_product.MODES (constexprs: jit functions may read them).
 MODE_NAMES = ("uvw", "uvu", "uvv", "uuw", "uuu")
@@ -557,25 +556,17 @@ def _prepare(paths, cg_index, cg_value, cg_offsets, dtype):
     return rows, cg_i, cg_j, cg_value[order].to(dtype).contiguous(), k_start, k_stride
 
 
-# paths tensor -> {(dtype, device): (the other descriptor tensors (weak), versions of all four, _prepare's result)}
-_PLANS = WeakIdKeyDictionary()
+_PLANS = TensorMemo()
 
 
 def _plan(paths, cg_index, cg_value, cg_offsets, dtype):
     """_prepare's result, built on the first call with this descriptor, dtype and device and reused while its
     four tensors are the same objects, unmodified (the host sync and the argsort stay off the hot path)."""
-    others = (cg_index, cg_value, cg_offsets)
-    versions = tuple(t._version for t in (paths, *others))
-    plans = _PLANS.setdefault(paths, {})
-    key = (dtype, cg_value.device)
-    cached = plans.get(key)
-    if cached is not None:
-        refs, cached_versions, plan = cached
-        if cached_versions == versions and all(ref() is t for ref, t in zip(refs, others)):
-            return plan
-    plan = _prepare(paths, cg_index, cg_value, cg_offsets, dtype)
-    plans[key] = (tuple(weakref.ref(t) for t in others), versions, plan)
-    return plan
+    return _PLANS.get(
+        (paths, cg_index, cg_value, cg_offsets),
+        lambda: _prepare(paths, cg_index, cg_value, cg_offsets, dtype),
+        key=(dtype, cg_value.device),
+    )
 
 
 def _blocks(row, max_rows: int, precision: str = "fp32", shared: bool = False) -> dict:

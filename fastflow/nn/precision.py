@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastflow.memo import TensorMemo
+from fastflow.ops.backends import PRECISIONS
+
 
 class MatmulPrecision:
     """Runs a module's linears in one precision; for "bf16" it holds bfloat16 copies of their parameters.
@@ -26,10 +29,10 @@ class MatmulPrecision:
     """
 
     def __init__(self, precision: str = "fp32"):
-        if precision not in ("fp32", "bf16", "tf32"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'tf32', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
-        self._copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._copies = TensorMemo()
 
     def weight(self, param: torch.Tensor | None) -> torch.Tensor | None:
         """``param`` in the GEMM operand dtype (bfloat16 for "bf16", else itself)."""
@@ -38,12 +41,7 @@ class MatmulPrecision:
         tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
         if tracing or (torch.is_grad_enabled() and param.requires_grad):
             return param.to(torch.bfloat16)
-        key = id(param)
-        cached = self._copies.get(key)
-        if cached is None or cached[0] is not param or cached[1] != param._version:
-            cached = (param, param._version, param.detach().to(torch.bfloat16))
-            self._copies[key] = cached
-        return cached[2]
+        return self._copies.get((param,), lambda: param.detach().to(torch.bfloat16))
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x · Wᵀ + b. "bf16": bfloat16 operands, float32 accumulation (ATen's CPU bf16 GEMM runs on AMX or

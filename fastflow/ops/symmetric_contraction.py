@@ -43,8 +43,8 @@ import importlib
 from typing import NamedTuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
+from fastflow.memo import TensorMemo, readable
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
     BackendUnavailable,
@@ -198,9 +198,7 @@ def symmetric_contraction_reference(
 
 # ---- argument checks ----
 
-_PLANS = (
-    WeakIdKeyDictionary()
-)  # terms tensor -> (versions, result of the value checks): modules pass the same plan
+_CHECKED_PLANS = TensorMemo()  # modules pass the same plan tensors every call
 
 
 def check_inputs(x, elements, coeffs, monomials, terms, out_dims: list[int]) -> None:
@@ -240,7 +238,7 @@ def check_inputs(x, elements, coeffs, monomials, terms, out_dims: list[int]) -> 
         raise ValueError(f"{OP}: out_dims must be a list of positive irrep dimensions, got {out_dims!r}")
     if N and coeffs.size(0) == 0:
         raise ValueError(f"{OP}: coeffs has no element rows (E = 0) for {N} nodes")
-    if N and _readable(elements):
+    if N and readable(elements):
         low, high = (int(v) for v in torch.aminmax(elements))
         if low < 0 or high >= coeffs.size(0):
             raise IndexError(
@@ -251,11 +249,14 @@ def check_inputs(x, elements, coeffs, monomials, terms, out_dims: list[int]) -> 
 
 def _check_plan(monomials, terms, in_dim: int, rows: int) -> None:
     """The plan's values (once per plan tensor and version; CPU plans only, no device sync)."""
-    if monomials.device.type != "cpu" or not _readable(monomials) or not _readable(terms):
+    if monomials.device.type != "cpu" or not readable(monomials) or not readable(terms):
         return
-    key = (monomials._version, id(monomials), terms._version, in_dim, rows)
-    if _PLANS.get(terms) == key:
-        return
+    _CHECKED_PLANS.get(
+        (terms, monomials), lambda: _check_plan_values(monomials, terms, in_dim, rows), key=(in_dim, rows)
+    )
+
+
+def _check_plan_values(monomials, terms, in_dim: int, rows: int) -> None:
     S = monomials.size(0)
     slots = torch.arange(S)
     parent, index = monomials[:, 0], monomials[:, 1]
@@ -271,16 +272,6 @@ def _check_plan(monomials, terms, in_dim: int, rows: int) -> None:
             raise ValueError(f"{OP}: terms[:, 1] must index the {rows} output rows (sum(out_dims))")
         if bool((row[1:] < row[:-1]).any()):
             raise ValueError(f"{OP}: terms must be sorted by output row (terms[:, 1])")
-    _PLANS[terms] = key
-
-
-def _readable(tensor: torch.Tensor) -> bool:
-    """Whether values can be read for a check: not for fake or meta tensors nor while torch.compile traces."""
-    return (
-        not torch.compiler.is_compiling()
-        and tensor.device.type != "meta"
-        and not torch._subclasses.fake_tensor.is_fake(tensor)
-    )
 
 
 def _check_backward(grad_out, x, elements, coeffs, monomials, terms, out_dims) -> None:

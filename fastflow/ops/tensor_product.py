@@ -52,8 +52,8 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
+from fastflow.memo import TensorMemo, readable
 from fastflow.ops.backends import (
     FLOAT_DTYPES,
     OpFamily,
@@ -279,19 +279,18 @@ def check_descriptor(paths, cg_index, cg_value, cg_offsets, dtype, device, op: s
         )
 
 
-_EXTENTS = (
-    WeakIdKeyDictionary()
-)  # paths tensor -> (its version, extents): modules pass the same buffer every call
+_EXTENTS = TensorMemo()  # modules pass the same paths buffer every call
 
 
 def _extents(paths) -> tuple[int, int, int, int]:
     """Widths the paths read or write: (x1, x2, out, weights); CPU descriptors only (no device sync). Computed
     once per paths tensor (and again if it is modified in place), not per call."""
-    if paths.device.type != "cpu" or paths.numel() == 0 or not _readable(paths):
+    if paths.device.type != "cpu" or paths.numel() == 0 or not readable(paths):
         return 0, 0, 0, 0
-    cached = _EXTENTS.get(paths)
-    if cached is not None and cached[0] == paths._version:
-        return cached[1]
+    return _EXTENTS.get((paths,), lambda: _widths(paths))
+
+
+def _widths(paths) -> tuple[int, int, int, int]:
     widths = [0, 0, 0, 0]
     for mode, off1, mul1, d1, off2, mul2, d2, off_out, mul_out, d_out, w_off, has_weight in paths.tolist():
         widths[0] = max(widths[0], off1 + mul1 * d1)
@@ -299,7 +298,6 @@ def _extents(paths) -> tuple[int, int, int, int]:
         widths[2] = max(widths[2], off_out + mul_out * d_out)
         if has_weight:
             widths[3] = max(widths[3], w_off + math.prod(_weight_shape(MODES[mode], mul1, mul2, mul_out)))
-    _EXTENTS[paths] = (paths._version, tuple(widths))
     return tuple(widths)
 
 
@@ -399,7 +397,7 @@ def check_conv_inputs(
             raise ValueError(
                 f"{op}: {name} is on {index.device}, expected {node_feats.device} like node_feats"
             )
-        if E and _readable(index):
+        if E and readable(index):
             low, high = (int(v) for v in torch.aminmax(index))
             if low < 0 or high >= bound:
                 raise IndexError(
@@ -421,16 +419,6 @@ def check_grad(op, grad_out, rows: int | None, like: torch.Tensor) -> None:
             f"{op}: grad_out is {grad_out.dtype} on {grad_out.device}, expected {like.dtype} on "
             f"{like.device} like the inputs"
         )
-
-
-def _readable(tensor: torch.Tensor) -> bool:
-    """Whether the values of ``tensor`` can be read for a check: not for fake or meta tensors (tracing, fake
-    kernels) nor while torch.compile traces."""
-    return (
-        not torch.compiler.is_compiling()
-        and tensor.device.type != "meta"
-        and not torch._subclasses.fake_tensor.is_fake(tensor)
-    )
 
 
 def _fail_2d(op, name, tensor):
