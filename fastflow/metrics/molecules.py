@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 from rdkit import Chem, rdBase
 
+from fastflow.chem import MolGraph
 from fastflow.chem.convert import canonical_smiles
 
 
@@ -45,6 +46,30 @@ def is_valid(mol: Chem.Mol | None, connected: bool = False) -> bool:
         except Exception:
             return False
     return not connected or len(Chem.GetMolFrags(mol)) == 1
+
+
+# Why a molecule fails RDKit sanitisation (sanitize_failure): a <PAD>/<MASK> token, an atom over its valence, aromatic
+# bonds outside any ring, an aromatic ring with no Kekulé structure, anything else.
+SANITIZE_FAILURES = ("unbuildable", "valence", "aromatic_outside_ring", "kekulize", "other")
+
+
+def sanitize_failure(graph: MolGraph) -> str | None:
+    """None if the graph's molecule sanitises, else the first failure RDKit reports (a SANITIZE_FAILURES kind)."""
+    mol = graph.to_rdkit(sanitize=False)
+    if mol is None:
+        return "unbuildable"
+    with rdBase.BlockLogs():
+        try:
+            Chem.SanitizeMol(mol)
+        except Chem.AtomValenceException:
+            return "valence"
+        except Chem.AtomKekulizeException as error:
+            return "aromatic_outside_ring" if "non-ring atom" in str(error) else "kekulize"
+        except Chem.KekulizeException:
+            return "kekulize"
+        except Exception:  # noqa: BLE001 — any other sanitisation error
+            return "other"
+    return None
 
 
 def validity(mols: Sequence[Chem.Mol | None], connected: bool = False) -> float:

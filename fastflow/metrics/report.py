@@ -13,7 +13,14 @@ from rdkit import Chem
 
 from fastflow.chem.graph import MolGraph
 from fastflow.metrics.energy import MAX_ITERS, MMFFResult, mmff_evaluate
-from fastflow.metrics.molecules import CanonicalSmilesSet, canonical_smiles_set, is_valid, molecule_key
+from fastflow.metrics.molecules import (
+    SANITIZE_FAILURES,
+    CanonicalSmilesSet,
+    canonical_smiles_set,
+    is_valid,
+    molecule_key,
+    sanitize_failure,
+)
 from fastflow.metrics.stability import atom_stabilities
 
 
@@ -38,7 +45,9 @@ def compute_metrics(
         posebusters: add the PoseBusters numbers (pb_valid, pb_valid_of_valid, pb_fail_<check>; see
             :mod:`fastflow.metrics.posebusters`; needs the posebusters package).
 
-    Keys: n, atom_stability, mol_stability, validity, connected_validity, uniqueness, [novelty], and with
+    Keys: n, atom_stability, mol_stability, validity, connected_validity, uniqueness, invalid_<kind> (why the
+    invalid molecules fail sanitisation: unbuildable, valence, aromatic_outside_ring, kekulize, other; they add up
+    to 1 − validity), [novelty], and with
     ``energy``: energy_validity, opt_energy_validity, energy, energy_per_atom, strain, strain_per_atom,
     opt_rmsd, and the standard errors of the per-atom means (energy_per_atom_sem, strain_per_atom_sem: strain
     is heavy-tailed, so two runs' means differ by several percent by chance). Validity-type fractions count
@@ -71,9 +80,17 @@ def molecule_records(
 ) -> dict[str, list]:
     """Per-molecule columns (JSON-ready) of everything the metrics count: n_atoms, stable_atoms, valid,
     connected, smiles (the uniqueness key of valid molecules, else None) and, with ``energy``, the MMFF
-    results (mmff_atoms, energy, opt_energy, opt_rmsd). Records of parts of a set, concatenated column by
+    results (mmff_atoms, energy, opt_energy, opt_rmsd); failure: why an invalid molecule fails sanitisation
+    (metrics invalid_<kind>, which add up to 1 − validity). Records of parts of a set, concatenated column by
     column, aggregate to the metrics of the whole set."""
-    records: dict[str, list] = {"n_atoms": [], "stable_atoms": [], "valid": [], "connected": [], "smiles": []}
+    records: dict[str, list] = {
+        "n_atoms": [],
+        "stable_atoms": [],
+        "valid": [],
+        "connected": [],
+        "smiles": [],
+        "failure": [],
+    }
     for graph, mol in zip(graphs, mols, strict=True):
         stable = atom_stabilities(graph, valence_table)
         valid = is_valid(mol)
@@ -82,6 +99,7 @@ def molecule_records(
         records["valid"].append(valid)
         records["connected"].append(valid and is_valid(mol, connected=True))
         records["smiles"].append(molecule_key(mol) if valid else None)
+        records["failure"].append(None if valid else sanitize_failure(graph))
     if energy:
         results = [mmff_evaluate(mol, max_iters) for mol in mols]
         records["mmff_atoms"] = [r.n_atoms for r in results]
@@ -108,6 +126,9 @@ def aggregate_metrics(
         "connected_validity": sum(records["connected"]) / n,
         "uniqueness": len(set(keys)) / len(keys) if keys else float("nan"),
     }
+    failures = records.get("failure", [])
+    if len(failures) == n:  # (absent from the records of shards written before it was recorded)
+        metrics.update({f"invalid_{kind}": failures.count(kind) / n for kind in SANITIZE_FAILURES})
     if train_smiles is not None:
         if not isinstance(train_smiles, CanonicalSmilesSet):
             train_smiles = canonical_smiles_set(train_smiles)

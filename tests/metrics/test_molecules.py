@@ -50,3 +50,22 @@ def test_novelty_against_training_smiles():
     assert novelty(mols, train) == 0.5
     assert novelty(mols + [mols[0], None], canonical_smiles_set(train)) == 2 / 5
     assert novelty(mols, []) == 1.0
+
+
+def test_sanitize_failure_names_why():
+    from fastflow.metrics.molecules import sanitize_failure
+
+    masked = star("C", 4)
+    masked.atom_types[0] = ATOM_INDEX["<MASK>"]
+    ring5 = {(i, (i + 1) % 5): 4 for i in range(5)}  # an all-aromatic 5-ring of carbons: no Kekulé structure
+    benzene = {(i, (i + 1) % 6): 4 for i in range(6)}
+    cases = {
+        "unbuildable": masked,
+        "valence": star("C", 5),
+        "aromatic_outside_ring": graph(["C", "C", "C"], {(0, 1): 4, (1, 2): 4}),
+        "kekulize": graph(["C"] * 5 + ["H"] * 5, {**ring5, **{(i, i + 5): 1 for i in range(5)}}),
+        None: graph(["C"] * 6 + ["H"] * 6, {**benzene, **{(i, i + 6): 1 for i in range(6)}}),
+    }
+    for expected, g in cases.items():
+        assert sanitize_failure(g) == expected, expected
+        assert is_valid(graph_to_mol(g)) == (expected is None)

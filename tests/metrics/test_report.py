@@ -14,9 +14,18 @@ from fastflow.metrics import (
     run_summary,
     summary_metrics,
 )
+from fastflow.metrics.molecules import SANITIZE_FAILURES
 from tests.chem.helpers import cdk2_mols, star
 
-GRAPH_KEYS = {"n", "atom_stability", "mol_stability", "validity", "connected_validity", "uniqueness"}
+FAILURE_KEYS = {f"invalid_{kind}" for kind in SANITIZE_FAILURES}
+GRAPH_KEYS = {
+    "n",
+    "atom_stability",
+    "mol_stability",
+    "validity",
+    "connected_validity",
+    "uniqueness",
+} | FAILURE_KEYS
 ENERGY_KEYS = {
     "energy_validity",
     "opt_energy_validity",
@@ -60,6 +69,7 @@ def test_failures_count_in_denominators_only():
     metrics = compute_metrics(graphs + [bad, graphs[0]])
     assert "novelty" not in metrics
     assert metrics["validity"] == metrics["energy_validity"] == 4 / 5
+    assert metrics["invalid_unbuildable"] == 1 / 5 and metrics["invalid_valence"] == 0
     assert metrics["mol_stability"] == 4 / 5
     assert metrics["uniqueness"] == 3 / 4
     full = compute_metrics(graphs + [graphs[0]])
