@@ -70,3 +70,14 @@ def test_cli_writes_json(tmp_path, capsys):
         for gpu, times in r["predicted_us"].items():
             rates = results["gpus"][gpu]
             assert times["fp32"] >= 1e6 * r["bytes"] / rates["bandwidth"] * (1 - 1e-9)
+
+
+def test_self_interaction_counts_by_hand():
+    # 64x0e+64x1o+64x2e x 4x0e: three uvw paths (l x 0e -> l), d = 1, 3, 5 CG nonzeros and output components each
+    r = row(roofline.self_interaction_rows(), "tensor_product", "self-interaction Z=20000")
+    Z, u, v, w, d = 20_000, 64, 4, 64, 1 + 3 + 5
+    assert r["matmul_flops"] == Z * 2 * d * u * v * w  # the weight step: tensor cores in tf32 / bf16
+    assert r["vector_flops"] == Z * 2 * d * u * v  # the CG contraction
+    assert r["bytes"] == 4 * (Z * (d * 64 + 4 + d * 64) + 3 * u * v * w)
+    times = r["predicted_us"]["A100-SXM4-80GB"]
+    assert times["tf32"] < times["fp32"] / 5

@@ -20,6 +20,10 @@ bench/bench_discrete_flow_step.py):
     tensor_product,      NequIP convolutions l1, l2, l3 (fastflow.benchmarks.tp) at 2k, 20k and 200k edges,
     tp_conv              N = E / 20 nodes, forward; one multiply-add per (Clebsch–Gordan nonzero, weight index
                          combination) per edge — the direct evaluation the kernels do
+    tensor_product       NequIP's self-interaction (64x0e+64x1o+64x2e x 4x0e, uvw with shared weights) at 20k
+    (self-interaction)   and 200k rows: the CG contraction t[z, (u, v)] as vector FLOPs, its weight step
+                         Σ_(u,v) t W (2 · mul1 · mul2 · mul_out per output component) as matmul FLOPs, which the
+                         tf32 / bf16 variants run on tensor cores
     cache_forecast       K = 3 history tensors of the predictive cache's outputs (32 molecules x 29 atoms)
     discrete_flow_step   64 molecules x 23 atoms: atom types (K = 18) and bonds (K = 5 on every ordered pair);
                          about 10 FLOPs per class element (softmax 5, jump weight 3, inverse-CDF draw 2): an
@@ -183,8 +187,34 @@ def discrete_flow_step_rows() -> list[dict]:
     return rows
 
 
+def self_interaction_rows(irreps: str = "64x0e+64x1o+64x2e", species: int = 4) -> list[dict]:
+    from fastflow.benchmarks.gpu_static import fully_connected_descriptor
+
+    descriptor = fully_connected_descriptor(irreps, f"{species}x0e")
+    paths, _, _, cg_offsets = descriptor.tensors()
+    contraction = weights = 0  # FLOPs per row
+    for path, nnz in zip(paths.tolist(), cg_offsets.diff().tolist()):
+        mul1, mul2, mul_out, d_out = path[2], path[5], path[8], path[9]
+        contraction += 2 * nnz * mul1 * mul2
+        weights += 2 * d_out * mul1 * mul2 * mul_out
+    rows = []
+    for Z in (20_000, 200_000):
+        nbytes = FLOAT * (
+            Z * (descriptor.dim_in1 + descriptor.dim_in2 + descriptor.dim_out) + descriptor.weight_numel
+        )
+        case = f"self-interaction Z={Z}"
+        rows.append(_row("tensor_product", case, Z * weights, Z * contraction, nbytes, True))
+    return rows
+
+
 def roofline() -> list[dict]:
-    return semla_attention_rows() + tensor_product_rows() + cache_forecast_rows() + discrete_flow_step_rows()
+    return (
+        semla_attention_rows()
+        + tensor_product_rows()
+        + self_interaction_rows()
+        + cache_forecast_rows()
+        + discrete_flow_step_rows()
+    )
 
 
 def print_table(rows: list[dict]) -> None:
