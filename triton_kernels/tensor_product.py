@@ -614,8 +614,9 @@ def launch_options(dtype, *, deterministic: bool, dot: bool = False) -> dict:
     spilled 12 / 32 B, fp64 d1x1x1 12 B at 72 registers on sm_80, fc-8 fp32 d1x1x1 24 B on sm_80; none with
     it). The atomic kernel in float64 runs 8 warps (fc-8 uvw d1x3x3 / d3x1x3 spilled 16-32 B at 168 registers
     with 4; maxnreg=255 instead made the uvu d?x?x1 paths spill 16 B on sm_90a). The atomic kernel's tl.dot
-    paths (tf32 / bf16) get maxnreg=255 too (nequip-sc tf32 d3x1x3 spilled 32-48 B at 168 registers on sm_89 /
-    sm_90a). Defaults (4 warps) otherwise.
+    paths (tf32 / bf16) run 8 warps with maxnreg=255 (with 4 warps: nequip-sc tf32 d3x1x3 spilled 32-48 B at 168
+    registers on sm_89 / sm_90a, fc-16 d1x3x3 24-40 B at 255 on sm_89), and the float32 atomic kernel takes maxnreg=255 (nequip-sc d5x1x5, a [1, 32, 4, 32] tile per row, spilled 16 B at 168
+    registers on sm_89; none of the 111 float32 atomic rows spill with it).
     """
     if deterministic:
         return {"maxnreg": 255}
@@ -623,7 +624,7 @@ def launch_options(dtype, *, deterministic: bool, dot: bool = False) -> dict:
         return {"num_warps": 8, "maxnreg": 255}
     if dtype == torch.float64:
         return {"num_warps": 8}
-    return {}
+    return {"maxnreg": 255}
 
 
 def _check(x1, x2, weights, n_rows):
