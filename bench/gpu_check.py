@@ -385,19 +385,25 @@ def tensor_product_check(config: str, device, fused: str, tiny: bool, gradients:
     )
 
 
-def self_interaction_check(device, fused: str, tiny: bool, precision: str) -> float:
-    """fastflow.nn.TensorProduct in ``precision`` against e3nn's FullyConnectedTensorProduct (features x one-hot
-    species) in float64 (tf32 / bf16 against the float32 definition, at their own tolerance)."""
+def self_interaction_case(device, tiny: bool, rows: int) -> tuple:
+    """NequIP's self-interaction (e3nn's FullyConnectedTensorProduct of features x one-hot species, shared
+    weights) and ``rows`` random inputs."""
     from e3nn import o3
-
-    from fastflow.nn import TensorProduct
 
     irreps = "16x0e+16x1o" if tiny else "64x0e+64x1o+64x2e"
     tp = o3.FullyConnectedTensorProduct(irreps, "4x0e", irreps).to(device)
     g = torch.Generator().manual_seed(5)
-    rows = 40 if tiny else 20000
     x = torch.randn(rows, tp.irreps_in1.dim, generator=g).to(device)
     species = torch.nn.functional.one_hot(torch.randint(4, (rows,), generator=g), 4).float().to(device)
+    return tp, x, species
+
+
+def self_interaction_check(device, fused: str, tiny: bool, precision: str) -> float:
+    """fastflow.nn.TensorProduct in ``precision`` against e3nn's FullyConnectedTensorProduct (features x one-hot
+    species) in float64 (tf32 / bf16 against the float32 definition, at their own tolerance)."""
+    from fastflow.nn import TensorProduct
+
+    tp, x, species = self_interaction_case(device, tiny, 40 if tiny else 20_000)
     with torch.no_grad():
         got = TensorProduct(tp, backend=fused, precision=precision)(x, species)
         expected = tp.double()(x.double(), species.double())
@@ -689,15 +695,10 @@ def bench_tensor_products(device, fused: str, options) -> list[dict]:
 def bench_self_interaction(device, fused: str, options) -> list[dict]:
     """NequIP's self-interaction (64x0e+64x1o+64x2e x 4x0e, shared weights) on the fused backend in each
     precision (tf32 / bf16: tl.dot tiles on tensor cores) against e3nn."""
-    from e3nn import o3
-
     from fastflow.nn import TensorProduct
 
-    irreps = "16x0e+16x1o" if options.tiny else "64x0e+64x1o+64x2e"
     rows = 40 if options.tiny else 100_000
-    tp = o3.FullyConnectedTensorProduct(irreps, "4x0e", irreps).to(device)
-    x = torch.randn(rows, tp.irreps_in1.dim, device=device)
-    species = torch.nn.functional.one_hot(torch.randint(4, (rows,)), 4).float().to(device)
+    tp, x, species = self_interaction_case(device, options.tiny, rows)
     precisions = (
         ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "tf32")
     )  # interpreter: no bf16

@@ -31,7 +31,8 @@ CHUNK = {torch.float32: 32, torch.float64: 8}  # hidden columns per step of the 
 # registers (semlaflow/refine); with chunks of 8, ptxas capped small/plain at 96 registers on sm_89 (8 B spilled)
 # unless allowed the full register file. The tf32 / bf16 variants get it too (capped at 168 registers, small/refine
 # tf32 spilled 32 B on sm_80 and semlaflow/refine bf16 32 B on sm_89).
-LAUNCH_OPTIONS = {torch.float32: {}, torch.float64: {"maxnreg": 255}, "tensor cores": {"maxnreg": 255}}
+LAUNCH_OPTIONS = {torch.float32: {}, torch.float64: {"maxnreg": 255}}
+DOT_LAUNCH_OPTIONS = {"maxnreg": 255}  # the tf32 / bf16 variants
 
 
 @triton.jit
@@ -309,6 +310,6 @@ def bond_head(
         CHUNK_G=min(CHUNK[dtype], _dot_block(max(G, 1))),
         REFINE=refine,
         PRECISION="ieee" if precision == "fp32" else precision,
-        **LAUNCH_OPTIONS[dtype if precision == "fp32" else "tensor cores"],
+        **(LAUNCH_OPTIONS[dtype] if precision == "fp32" else DOT_LAUNCH_OPTIONS),
     )
     return out

@@ -131,10 +131,7 @@ HISTORY, FORECAST_NUMEL = 3, 128 * 29 * 3  # cache_forecast: K history tensors o
 
 SEMLA_PRESETS = ("semlaflow", "small")
 SEMLA_LAYERS = ("core", "edge_in", "edge_out")
-SEMLA_PRECISIONS = (
-    "tf32",
-    "bf16",
-)  # semla_attention's and bond_head's tensor-core variants (float32 tensors)
+TENSOR_CORE_PRECISIONS = ("tf32", "bf16")  # the ops' tensor-core variants (float32 tensors)
 DTYPES = ("fp32", "fp64")
 # Tensor-product cases: (irreps_in1, lmax of the spherical harmonics) for NequIP convolutions, or an explicit
 # fully connected product.
@@ -145,7 +142,6 @@ TP_CASES = {
     "fc-16": ("16x0e+16x1o",),
     "nequip-sc": ("32x0e+32x1o+32x2e", "4x0e"),  # NequIP's self-interaction: features x one-hot species
 }
-TP_PRECISIONS = ("tf32", "bf16")  # tensor-core variants of the shared-weight uvw paths (float32 tensors)
 TP_PRECISION_CASES = ("fc-16", "nequip-sc")  # products whose uvw paths are big enough for tl.dot
 
 # --quick: the smallest case of each kernel, plus semla_attention's semlaflow core layer (fp32 and tf32).
@@ -236,6 +232,13 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp64": torch.float64}[name]
 
 
+def _precision_and_dtype(name: str):
+    """A case's dtype name → (the op's precision, the tensors' dtype): "tf32" and "bf16" are matrix-product
+    precisions on float32 tensors, "fp32" / "fp64" plain dtypes."""
+    precision = name if name in TENSOR_CORE_PRECISIONS else "fp32"
+    return precision, _torch_dtype("fp32" if precision != "fp32" else name)
+
+
 def _semla_cases(selection) -> list[Case]:
     import torch
 
@@ -246,9 +249,7 @@ def _semla_cases(selection) -> list[Case]:
     for preset, layer, dtype_name in selection:
         s = semla_layer_shapes(SemlaConfig.preset(preset), layer)
         B, N, F, S, P, H, D, E, EO = 1, ATOMS, s["F"], s["S"], s["P"], s["H"], s["D"], s["E"], s["EO"]
-        # "tf32" and "bf16" are the op's matrix-product precisions, on float32 tensors
-        precision = dtype_name if dtype_name in SEMLA_PRECISIONS else "fp32"
-        dtype = _torch_dtype("fp32" if precision != "fp32" else dtype_name)
+        precision, dtype = _precision_and_dtype(dtype_name)
 
         empty = partial(_zeros, dtype=dtype)
 
@@ -338,8 +339,7 @@ def _tp_cases(kernel: str, selection, quick: bool) -> list[Case]:
     cases = []
     for case, dtype_name in selection:
         descriptor = _tp_descriptor(case)
-        precision = dtype_name if dtype_name in TP_PRECISIONS else "fp32"  # tf32 / bf16: float32 tensors
-        dtype = _torch_dtype("fp32" if precision != "fp32" else dtype_name)
+        precision, dtype = _precision_and_dtype(dtype_name)
         tensors = descriptor.tensors(dtype)
         shared = not case.startswith(
             "nequip-l"
@@ -486,8 +486,8 @@ def _bond_head_cases(selection) -> list[Case]:
     for preset, variant, dtype_name in selection:
         config = SemlaConfig.preset(preset)
         B, N, E, F, G, K = 1, ATOMS, config.d_edge, config.d_message, config.d_edge, config.n_edge_types
-        precision = dtype_name if dtype_name in SEMLA_PRECISIONS else "fp32"  # tf32 / bf16: float32 tensors
-        empty = partial(_zeros, dtype=_torch_dtype("fp32" if precision != "fp32" else dtype_name))
+        precision, dtype = _precision_and_dtype(dtype_name)
+        empty = partial(_zeros, dtype=dtype)
         head = (empty(B, N, N, E), empty(E), empty(E), empty(G, E), empty(G), empty(K, G), empty(K))
         refine = (empty(B, N, F), empty(B, N, F), empty(B, N, 3), empty(E), empty(E), empty(F, E))
         refine += (empty(F), empty(F), empty(E, F), empty(E))
@@ -555,13 +555,13 @@ def selections(quick: bool) -> dict:
     if quick:
         return QUICK
     tp = [(case, dtype) for case in TP_CASES for dtype in DTYPES]
-    tp += [(case, precision) for case in TP_PRECISION_CASES for precision in TP_PRECISIONS]
+    tp += [(case, precision) for case in TP_PRECISION_CASES for precision in TENSOR_CORE_PRECISIONS]
     return {
         "semla_attention": [
             (p, layer, d)
             for p in SEMLA_PRESETS
             for layer in SEMLA_LAYERS
-            for d in (*DTYPES, *SEMLA_PRECISIONS)
+            for d in (*DTYPES, *TENSOR_CORE_PRECISIONS)
         ],
         "tensor_product": tp,
         "tp_conv_atomic": tp,
@@ -569,7 +569,10 @@ def selections(quick: bool) -> dict:
         "cache_forecast": [(d,) for d in DTYPES],
         "discrete_flow_step": [(what, d) for what in STEP_CASES for d in DTYPES],
         "bond_head": [
-            (p, v, d) for p in SEMLA_PRESETS for v in BOND_HEAD_VARIANTS for d in (*DTYPES, *SEMLA_PRECISIONS)
+            (p, v, d)
+            for p in SEMLA_PRESETS
+            for v in BOND_HEAD_VARIANTS
+            for d in (*DTYPES, *TENSOR_CORE_PRECISIONS)
         ],
         "symmetric_contraction": [(v, d) for v in SC_VARIANTS for d in DTYPES],
     }
