@@ -473,6 +473,12 @@ def add_train_parser(commands) -> None:
         help="weight of the bond-type loss (default: upstream's for the data set, 0.5 for qm9 and 1.0 for "
         "moses3d); with --resume, changes the resumed run's objective from the next step",
     )
+    train.add_argument(
+        "--kekulize",
+        action="store_true",
+        help="train on Kekulé structures: aromatic bonds become RDKit's single/double bonds, so sampled "
+        "rings need no Kekulé assignment (FlowMol-style); with --resume, switches the resumed run over",
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument(
         "--ot", action="store_true", help="equivariant OT between prior and data (Hungarian + Kabsch)"
@@ -542,6 +548,7 @@ def run_train(args) -> int:
             ),
             val_minutes=args.val_minutes,
             checkpoint_minutes=args.checkpoint_minutes,
+            kekulize=args.kekulize,
         )
         trainer = Trainer(config, dataset, args.out)
     if args.resume and args.bond_weight is not None:
@@ -549,6 +556,9 @@ def run_train(args) -> int:
             f"bond-loss weight {trainer.config.objective.bond_weight} -> {args.bond_weight}", file=sys.stderr
         )
         trainer.set_objective(bond_weight=args.bond_weight)
+    if args.resume and args.kekulize and not trainer.config.kekulize:
+        print("switching the run to Kekulé bonds", file=sys.stderr)
+        trainer.set_kekulize()
     if args.lr_decay_peak is not None and args.lr_decay is None:
         raise ValueError("--lr-decay-peak needs --lr-decay START STEPS")
     if args.lr_decay is not None:

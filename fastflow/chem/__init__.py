@@ -1,6 +1,6 @@
 """Chemistry: vocabularies, tensors ⇄ RDKit molecules, SDF I/O."""
 
-from fastflow.chem.convert import canonical_smiles, mol_to_graph
+from fastflow.chem.convert import canonical_smiles, kekulize_graph, mol_to_graph
 from fastflow.chem.graph import MolGraph, graph_to_mol
 from fastflow.chem.sdf import read_sdf, write_sdf
 from fastflow.chem.vocab import (

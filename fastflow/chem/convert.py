@@ -52,6 +52,30 @@ def mol_to_graph(mol: Chem.Mol) -> MolGraph:
     )
 
 
+def kekulize_graph(graph: MolGraph) -> MolGraph:
+    """The same molecule with its aromatic bonds (class 4) written as RDKit's Kekulé single and double bonds.
+
+    For training on Kekulé structures (FlowMol-style): the model then never predicts an aromatic ring that has
+    no Kekulé form. Raises ``ValueError`` if the graph does not sanitise or has no Kekulé structure.
+    """
+    bonds = graph.symmetric_bonds()
+    if not (bonds == BOND_CLASS[Chem.BondType.AROMATIC]).any():
+        return graph
+    mol = graph.to_rdkit(sanitize=True)
+    if mol is None:
+        raise ValueError("the molecule does not sanitise, so it has no Kekulé structure")
+    with rdBase.BlockLogs():
+        try:
+            Chem.Kekulize(mol, clearAromaticFlags=True)
+        except Exception as error:  # noqa: BLE001 — RDKit's kekulize errors have several types
+            raise ValueError(f"the molecule has no Kekulé structure: {error}") from error
+    kekule = torch.zeros_like(bonds)
+    for bond in mol.GetBonds():
+        i, j = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
+        kekule[i, j] = kekule[j, i] = BOND_CLASS[bond.GetBondType()]
+    return MolGraph(graph.coords, graph.atom_types, kekule, graph.charges)
+
+
 def canonical_smiles(mol: Chem.Mol | None, explicit_hs: bool = False, isomeric: bool = True) -> str | None:
     """Canonical SMILES, or None if ``mol`` is None or RDKit fails.
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from rdkit import Chem
 
-from fastflow.chem import MolGraph
-from fastflow.chem.graph import strict_lower
+from fastflow.chem import MolGraph, kekulize_graph
+from fastflow.chem.graph import BOND_CLASS, strict_lower
 from fastflow.chem.vocab import QM9_COORD_STD
 from fastflow.sampling.prior import zero_com
 
@@ -80,6 +81,25 @@ class MolDataset:
             bond_types,
             self.tensors["charges"][atoms].long(),
         )
+
+    def kekulized(self) -> MolDataset:
+        """The subset with aromatic bonds written as Kekulé single/double bonds (:func:`kekulize_graph`); the
+        packed tensors are copied, so ``self`` is unchanged. Raises ``ValueError`` naming a molecule that has no
+        Kekulé structure."""
+        bonds = self.tensors["bonds"].clone()
+        aromatic = int(BOND_CLASS[Chem.BondType.AROMATIC])
+        for i in range(len(self)):
+            _, bond_rows = self._slices(i)
+            edges = bonds[bond_rows]
+            if not (edges[:, 2] == aromatic).any():
+                continue
+            try:
+                kekule = kekulize_graph(self.graph(i)).bond_types
+            except ValueError as error:
+                raise ValueError(f"molecule {int(self.indices[i])}: {error}") from None
+            edges[:, 2] = kekule[edges[:, 0].long(), edges[:, 1].long()].to(edges.dtype)
+            bonds[bond_rows] = edges
+        return MolDataset({**self.tensors, "bonds": bonds}, self.indices, self.coord_std)
 
     def batch(self, batch_indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Padded batch of subset molecules: coords ``[B,N,3]`` (model units, zero CoM), atom_types ``[B,N]``,

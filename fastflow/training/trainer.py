@@ -38,6 +38,7 @@ class TrainConfig:
 
     preset: str = "small"
     data: str = "qm9"  # training set name ("qm9", "moses3d"): what `fastflow train --resume` reloads
+    kekulize: bool = False  # aromatic bonds as Kekulé single/double bonds (the model never sees class 4)
     batch_cost: int = 1024  # padded atoms per batch (upstream: 4096 on a GPU)
     lr: float = 3e-4
     warmup_steps: int = 2000  # linear warm-up from 1% of lr (upstream QM9)
@@ -74,7 +75,8 @@ class Trainer:
         out: str | os.PathLike,
         model_config: SemlaConfig | None = None,
     ):
-        self.config, self.dataset, self.out = config, dataset, Path(out)
+        self.config, self.out = config, Path(out)
+        self.dataset = dataset.kekulized() if config.kekulize else dataset
         torch.manual_seed(config.seed)
         if model_config is None:  # the preset, in the dataset's coordinate units and large enough for it
             model_config = SemlaConfig.preset(config.preset, coord_std=float(dataset.coord_std))
@@ -161,6 +163,12 @@ class Trainer:
         self.config = dataclasses.replace(
             self.config, decay_start=start, decay_steps=steps, decay_peak_lr=peak_lr
         )
+
+    def set_kekulize(self) -> None:
+        """Train on Kekulé structures from the next step (also for a resumed run: a fine-tune)."""
+        if not self.config.kekulize:
+            self.config = dataclasses.replace(self.config, kekulize=True)
+            self.dataset = self.dataset.kekulized()
 
     def set_objective(self, **changes) -> None:
         """Change the objective's weights (e.g. ``bond_weight``), also for a resumed run."""

@@ -4,9 +4,9 @@ import torch
 from rdkit import Chem
 from rdkit.Chem import AllChem
 
-from fastflow.chem import ATOM_INDEX, canonical_smiles, graph_to_mol, mol_to_graph
+from fastflow.chem import ATOM_INDEX, canonical_smiles, graph_to_mol, kekulize_graph, mol_to_graph
 
-from .helpers import cdk2_mols, graph_from_smiles, star
+from .helpers import cdk2_mols, graph, graph_from_smiles, star
 
 
 def test_round_trip_keeps_molecules():
@@ -27,6 +27,26 @@ def test_mol_to_graph_keeps_aromatic_bonds_as_class_4():
     assert (ring == 4).sum() == 12 and torch.equal(ring, ring.T)
     kekule = graph_from_smiles("c1ccccc1", kekulize=True)
     assert sorted(kekule.bond_types[:6, :6].unique().tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("smiles", ["c1ccccc1O", "c1cc[nH]c1", "c1ccc2ccccc2c1", "Cc1nc(-c2ccsc2)co1"])
+def test_kekulize_graph_writes_single_and_double_bonds_for_the_same_molecule(smiles):
+    aromatic = graph_from_smiles(smiles)
+    kekule = kekulize_graph(aromatic)
+    assert (aromatic.bond_types == 4).any() and not (kekule.bond_types == 4).any()
+    assert torch.equal(kekule.bond_types, kekule.bond_types.T)
+    assert torch.equal((kekule.bond_types > 0), (aromatic.bond_types > 0))  # same bonds, new orders
+    assert kekule.coords is aromatic.coords and torch.equal(kekule.atom_types, aromatic.atom_types)
+    assert canonical_smiles(graph_to_mol(kekule)) == canonical_smiles(graph_to_mol(aromatic))
+
+
+def test_kekulize_graph_keeps_graphs_without_aromatic_bonds_and_refuses_impossible_rings():
+    ethanol = graph_from_smiles("CCO")
+    assert kekulize_graph(ethanol) is ethanol
+    ring = {(i, (i + 1) % 5): 4 for i in range(5)}  # an all-carbon aromatic 5-ring, each C with one H
+    cyclopentadienyl = graph(["C"] * 5 + ["H"] * 5, {**ring, **{(i, i + 5): 1 for i in range(5)}})
+    with pytest.raises(ValueError, match="no Kekulé structure"):
+        kekulize_graph(cyclopentadienyl)
 
 
 def test_aromatic_bond_classes_sanitise_like_upstream():

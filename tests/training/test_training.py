@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from fastflow.cli import main
-from fastflow.data import qm9_split
+from fastflow.data import MolDataset, qm9_split
+from fastflow.data.dataset import pack_graphs
 from fastflow.models import SemlaConfig
 from fastflow.models.checkpoint import CheckpointError, load_pretrained_dir
 from fastflow.training import Objective, TrainConfig, Trainer, equivariant_ot, interpolate, random_rotations
 from fastflow.training.export import export_pretrained
 from fastflow.training.trainer import CHECKPOINT, LOG
+from tests.chem.helpers import graph_from_smiles
 from tests.data.helpers import fixture_data, write_fixture_cache
 
 FAST = {
@@ -134,6 +136,21 @@ def test_a_changed_loss_weight_is_used_and_saved(tmp_path):
         trainer.set_objective(type_weight=-1.0)
 
 
+def test_kekule_training_rewrites_the_data_and_is_kept_on_resume(tmp_path):
+    def aromatic_set():
+        return MolDataset(pack_graphs([graph_from_smiles(s) for s in ("c1ccccc1", "c1ccncc1", "c1cc[nH]c1")]))
+
+    trainer = Trainer(TrainConfig(**{**FAST, "batch_cost": 40}), aromatic_set(), tmp_path)
+    trainer.run(max_steps=2, progress=False)
+    assert (trainer.dataset.tensors["bonds"][:, 2] == 4).any()
+    trainer.set_kekulize()
+    assert trainer.config.kekulize and not (trainer.dataset.tensors["bonds"][:, 2] == 4).any()
+    trainer.run(max_steps=3, progress=False)
+    resumed = Trainer.resume(aromatic_set(), tmp_path)
+    assert resumed.config.kekulize and resumed.step == 3
+    assert torch.equal(resumed.dataset.tensors["bonds"], trainer.dataset.tensors["bonds"])
+
+
 def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no training checkpoint"):
         Trainer.resume(train_set(), tmp_path)
@@ -202,6 +219,7 @@ def test_cli_train_resume_export_and_eval(tmp_path, capsys):
                 "1e-4",
                 "--bond-weight",
                 "1.0",
+                "--kekulize",
                 *common,
             ]
         )
@@ -211,6 +229,7 @@ def test_cli_train_resume_export_and_eval(tmp_path, capsys):
     resumed = Trainer.resume(train_set(), run).config  # the warm restart is saved with the run
     assert (resumed.decay_start, resumed.decay_steps, resumed.decay_peak_lr) == (3, 4, 1e-4)
     assert resumed.objective.bond_weight == 1.0  # qm9's default was 0.5
+    assert resumed.kekulize
     assert json.loads((tmp_path / "latest" / "training.json").read_text())["step"] == 5
     assert main(["train", "--export", str(tmp_path / "model"), "--out", str(run)]) == 0
     assert (
