@@ -50,9 +50,11 @@ def evaluate(
     progress: bool | None = None,
     dataset: str = "qm9",
     posebusters: bool = False,
+    data_row: bool = True,
 ) -> dict[str, dict]:
-    """``{"generated": metrics, "data": metrics}`` (the data row only when ``data``, the loaded ``dataset``, is
-    given); the generated row also holds the sampler's nfe, seconds and molecules/s."""
+    """``{"generated": metrics, "data": metrics}`` (the data row only with ``data_row`` and ``data``, the loaded
+    ``dataset``; ``data`` alone gives novelty); the generated row also holds the sampler's nfe, seconds and
+    molecules/s."""
     novelty_set = train_smiles(data) if data is not None else None
     sizes = getattr(model, "size_counts", None)
     if sizes is None and data is not None:
@@ -69,6 +71,6 @@ def evaluate(
         molecules_per_second=result.stats["molecules_per_second"],
     )
     rows = {"generated": generated}
-    if data is not None:
+    if data is not None and data_row:
         rows["data"] = data_metrics(data, n, seed, energy, novelty_set, dataset, posebusters)
     return rows

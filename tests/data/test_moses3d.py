@@ -266,3 +266,9 @@ def test_eval_on_moses3d_with_posebusters(tiny_cache, tmp_path):
     assert summary["data"] == "moses3d"
     assert summary["data_pb_valid"] == 1.0 and summary["data_pb_checked"] == 2
     assert 0.0 <= summary["pb_valid"] <= summary["validity"]
+    command = result.args + ["--no-data-row"]
+    without = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert without.returncode == 0, without.stderr[-2000:]
+    generated_only = json.loads(without.stdout)
+    assert not any(key.startswith("data_") for key in generated_only) and "novelty" in generated_only
+    assert generated_only["pb_valid"] == summary["pb_valid"]  # same seed, same molecules
